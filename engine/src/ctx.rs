@@ -1,0 +1,1104 @@
+//! `Ctx`: the workflow author's handle, and the replayer behind it.
+//!
+//! Every durable call (`step`, `gate`, `ask`, `now`, `uuid`, `random`, `sleep`) takes
+//! the next *position*. If the journal has a record at that position the call is
+//! answered from it (replay) after checking that the code asks for the same thing;
+//! past the journal's end the call runs live and appends.
+//!
+//! **Architecture Invariant:** engine-level failures (nondeterminism, a lost lease, a
+//! storage error, cancellation) never surface in author code. The call that meets one
+//! records it and never resolves; the driver notices and drops the whole workflow
+//! future. Authors only ever see [`Failure`]s of their own steps, so they cannot catch
+//! and ignore a nondeterminism error and carry on wrongly.
+
+use crate::clock::Clock;
+use crate::error::{Failure, Nondeterminism};
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use holdpoint_journal::{
+    self as journal, AppendConflict, Appended, Decision, DecisionKind, Event, EventKind, GateKind, Position,
+    Principal, RunId, Seq, ValueSource,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::future::{Future, IntoFuture};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Where a `Ctx` appends: the store under a lease, or nowhere (replay checks).
+pub(crate) trait Sink: Send + Sync {
+    fn append(
+        &self,
+        expected: Seq,
+        events: Vec<EventKind>,
+    ) -> BoxFuture<'_, journal::Result<Result<Appended, AppendConflict>>>;
+    fn read_from(&self, from: Seq) -> BoxFuture<'_, journal::Result<Vec<Event>>>;
+}
+
+/// Why an activation stopped early.
+#[derive(Debug)]
+pub(crate) enum Abort {
+    Nondeterminism(Nondeterminism),
+    /// Another worker appended to the run: this activation no longer owns it.
+    LeaseLost,
+    /// The run was cancelled (or otherwise ended) while being driven.
+    Ended,
+    Store(journal::Error),
+    /// The journal itself does not make sense (events of two kinds at one position).
+    Inconsistent(String),
+}
+
+/// Marker: this call met an abort and must never resolve.
+pub(crate) struct Parked;
+
+/// What a gate or question received.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct DecisionInfo {
+    pub decision: Decision,
+    pub by: Principal,
+    pub comment: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum StepOutcome {
+    Completed(Value),
+    Failed(String),
+}
+
+/// What the journal holds at one position.
+#[derive(Clone, Debug)]
+pub(crate) enum Recorded {
+    Step {
+        seq: Seq,
+        name: String,
+        attempts: u32,
+        failures: u32,
+        outcome: Option<StepOutcome>,
+    },
+    Gate {
+        seq: Seq,
+        kind: GateKind,
+        action: String,
+        args: Value,
+        decision: Option<DecisionInfo>,
+    },
+    Value {
+        seq: Seq,
+        source: ValueSource,
+        value: Value,
+    },
+    Timer {
+        seq: Seq,
+        fire_at: DateTime<Utc>,
+        fired: bool,
+    },
+}
+
+impl Recorded {
+    fn seq(&self) -> Seq {
+        match self {
+            Recorded::Step { seq, .. }
+            | Recorded::Gate { seq, .. }
+            | Recorded::Value { seq, .. }
+            | Recorded::Timer { seq, .. } => *seq,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Recorded::Step { name, .. } => format!("step {name:?}"),
+            Recorded::Gate {
+                kind: GateKind::Approval,
+                action,
+                ..
+            } => format!("gate {action:?}"),
+            Recorded::Gate {
+                kind: GateKind::Question,
+                ..
+            } => "ask".to_string(),
+            Recorded::Value { source, .. } => format!("{source}()"),
+            Recorded::Timer { .. } => "sleep".to_string(),
+        }
+    }
+
+    fn matches(&self, call: &Call<'_>) -> bool {
+        match (self, call) {
+            (Recorded::Step { name, .. }, Call::Step(n)) => name == n,
+            (Recorded::Gate { kind, action, .. }, Call::Gate(k, a)) => kind == k && action == a,
+            (Recorded::Value { source, .. }, Call::Value(s)) => source == s,
+            (Recorded::Timer { .. }, Call::Timer) => true,
+            _ => false,
+        }
+    }
+}
+
+/// What code asks for at a position.
+pub(crate) enum Call<'a> {
+    Step(&'a str),
+    Gate(GateKind, &'a str),
+    Value(ValueSource),
+    Timer,
+}
+
+impl Call<'_> {
+    fn describe(&self) -> String {
+        match self {
+            Call::Step(n) => format!("step {n:?}"),
+            Call::Gate(GateKind::Approval, a) => format!("gate {a:?}"),
+            Call::Gate(GateKind::Question, _) => "ask".to_string(),
+            Call::Value(s) => format!("{s}()"),
+            Call::Timer => "sleep".to_string(),
+        }
+    }
+}
+
+/// A run's journal, indexed by position for replay.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct History {
+    pub by_position: BTreeMap<Position, Recorded>,
+    pub next_seq: Seq,
+    /// The terminal event, if the run has ended.
+    pub ended: Option<EventKind>,
+}
+
+impl History {
+    pub fn build(events: &[Event]) -> Result<History, String> {
+        let mut h = History::default();
+        for e in events {
+            h.add(e)?;
+            h.next_seq = e.seq.next();
+        }
+        Ok(h)
+    }
+
+    fn add(&mut self, e: &Event) -> Result<(), String> {
+        let inconsistent = |p: Position| {
+            format!(
+                "seq {} ({}) is at position {p}, which the journal already uses for something else",
+                e.seq,
+                e.event.tag()
+            )
+        };
+        match &e.event {
+            EventKind::StepStarted {
+                position,
+                name,
+                attempt,
+            } => match self.by_position.entry(*position).or_insert_with(|| Recorded::Step {
+                seq: e.seq,
+                name: name.clone(),
+                attempts: 0,
+                failures: 0,
+                outcome: None,
+            }) {
+                Recorded::Step { attempts, name: n, .. } if n == name => *attempts = (*attempts).max(*attempt),
+                _ => return Err(inconsistent(*position)),
+            },
+            EventKind::StepCompleted { position, output } => match self.by_position.get_mut(position) {
+                Some(Recorded::Step { outcome, .. }) => *outcome = Some(StepOutcome::Completed(output.clone())),
+                _ => return Err(inconsistent(*position)),
+            },
+            EventKind::StepFailed {
+                position,
+                error,
+                will_retry,
+                ..
+            } => match self.by_position.get_mut(position) {
+                Some(Recorded::Step {
+                    failures, outcome, ..
+                }) => {
+                    *failures += 1;
+                    if !will_retry {
+                        *outcome = Some(StepOutcome::Failed(error.clone()));
+                    }
+                }
+                _ => return Err(inconsistent(*position)),
+            },
+            EventKind::ApprovalRequested {
+                gate,
+                kind,
+                action,
+                args,
+                ..
+            } => {
+                if self.by_position.contains_key(&gate.position()) {
+                    return Err(inconsistent(gate.position()));
+                }
+                self.by_position.insert(
+                    gate.position(),
+                    Recorded::Gate {
+                        seq: e.seq,
+                        kind: *kind,
+                        action: action.clone(),
+                        args: args.clone(),
+                        decision: None,
+                    },
+                );
+            }
+            EventKind::DecisionRecorded {
+                gate,
+                decision,
+                by,
+                comment,
+                ..
+            } => match self.by_position.get_mut(&gate.position()) {
+                Some(Recorded::Gate { decision: d, .. }) => {
+                    // The first decision wins; the store's callers never record a second.
+                    if d.is_none() {
+                        *d = Some(DecisionInfo {
+                            decision: decision.clone(),
+                            by: by.clone(),
+                            comment: comment.clone(),
+                        });
+                    }
+                }
+                _ => return Err(format!("seq {} decides gate {gate}, which was never opened", e.seq)),
+            },
+            EventKind::ValueRecorded {
+                position,
+                source,
+                value,
+            } => {
+                if self.by_position.contains_key(position) {
+                    return Err(inconsistent(*position));
+                }
+                self.by_position.insert(
+                    *position,
+                    Recorded::Value {
+                        seq: e.seq,
+                        source: *source,
+                        value: value.clone(),
+                    },
+                );
+            }
+            EventKind::TimerStarted { position, fire_at } => {
+                if self.by_position.contains_key(position) {
+                    return Err(inconsistent(*position));
+                }
+                self.by_position.insert(
+                    *position,
+                    Recorded::Timer {
+                        seq: e.seq,
+                        fire_at: *fire_at,
+                        fired: false,
+                    },
+                );
+            }
+            EventKind::TimerFired { position } => match self.by_position.get_mut(position) {
+                Some(Recorded::Timer { fired, .. }) => *fired = true,
+                _ => return Err(inconsistent(*position)),
+            },
+            EventKind::RunCompleted { .. } | EventKind::RunFailed { .. } | EventKind::RunCancelled { .. } => {
+                self.ended = Some(e.event.clone())
+            }
+            EventKind::RunStarted { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+struct State {
+    history: History,
+    next_position: u32,
+    /// The store's next seq for this run (events appended so far).
+    journal_len: Seq,
+    /// Events produced but not yet appended.
+    buffer: Vec<EventKind>,
+    /// Steps whose body is running (or about to).
+    in_flight: u32,
+    /// Calls waiting for a person or a timer.
+    blocked: u32,
+    /// Earliest timer among the blocked calls.
+    wake_at: Option<DateTime<Utc>>,
+    abort: Option<Abort>,
+}
+
+pub(crate) struct Inner {
+    run: RunId,
+    clock: Arc<dyn Clock>,
+    sink: Box<dyn Sink>,
+    max_event_bytes: usize,
+    state: Mutex<State>,
+    /// Serializes appends so events reach the journal in the order they were produced.
+    append_lock: tokio::sync::Mutex<()>,
+    /// Wakes the driver when the run blocks, aborts, or a step finishes.
+    pub(crate) signal: Notify,
+}
+
+/// The author's handle on a run. Cheap to clone; clones share the run.
+#[derive(Clone)]
+pub struct Ctx {
+    pub(crate) inner: Arc<Inner>,
+}
+
+tokio::task_local! {
+    static STEP: StepInfo;
+}
+
+/// Facts about the step attempt that is running, available inside a step's body via
+/// [`StepInfo::current`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepInfo {
+    pub run: RunId,
+    pub position: Position,
+    pub attempt: u32,
+    /// `"{run}/{position}"`: the same for every attempt of this step, so an external
+    /// system given it can deduplicate retries.
+    pub idempotency_key: String,
+}
+
+impl StepInfo {
+    /// The running step's info, or `None` outside a step body.
+    pub fn current() -> Option<StepInfo> {
+        STEP.try_with(|s| s.clone()).ok()
+    }
+}
+
+/// How a step is retried after a retryable failure.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included. A crash mid-attempt counts as one.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub multiplier: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            multiplier: 2.0,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Run once; never retry.
+    pub fn never() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        }
+    }
+
+    pub fn attempts(max_attempts: u32) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: max_attempts.max(1),
+            ..RetryPolicy::default()
+        }
+    }
+
+    pub fn with_backoff(mut self, initial: Duration) -> RetryPolicy {
+        self.initial_backoff = initial;
+        self
+    }
+
+    /// Wait after failed attempt `attempt` (1-based).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = self.multiplier.max(1.0).powi(attempt.saturating_sub(1).min(30) as i32);
+        self.initial_backoff.mul_f64(factor).min(self.max_backoff)
+    }
+}
+
+/// A step to run; `.await` it. Built by [`Ctx::step`].
+#[must_use = "a step does nothing until awaited"]
+pub struct Step<'a, F> {
+    ctx: &'a Ctx,
+    name: String,
+    f: F,
+    retry: RetryPolicy,
+}
+
+impl<F> Step<'_, F> {
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+}
+
+impl<'a, T, F, Fut> IntoFuture for Step<'a, F>
+where
+    F: FnMut() -> Fut + Send + 'a,
+    Fut: Future<Output = Result<T, Failure>> + Send + 'a,
+    T: Serialize + DeserializeOwned + Send + 'a,
+{
+    type Output = Result<T, Failure>;
+    type IntoFuture = BoxFuture<'a, Result<T, Failure>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.ctx.clone().run_step(self.name, self.f, self.retry))
+    }
+}
+
+/// The outcome of an approval gate. The approved (or edited) arguments are the only
+/// handle to the action's input that the gate gives back, so running the action on a
+/// rejection takes deliberate code.
+#[derive(Clone, Debug, PartialEq)]
+#[must_use = "a gate's outcome says whether the action may run"]
+pub enum Gated<A> {
+    Approved {
+        args: A,
+        by: Principal,
+        comment: Option<String>,
+    },
+    Edited {
+        args: A,
+        by: Principal,
+        comment: Option<String>,
+    },
+    Rejected {
+        reason: String,
+        by: Principal,
+    },
+}
+
+impl<A> Gated<A> {
+    /// The arguments to run the action with, or the rejection's reason.
+    pub fn into_args(self) -> Result<A, String> {
+        match self {
+            Gated::Approved { args, .. } | Gated::Edited { args, .. } => Ok(args),
+            Gated::Rejected { reason, .. } => Err(reason),
+        }
+    }
+}
+
+/// The outcome of [`Ctx::ask`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer<T> {
+    Responded { value: T, by: Principal },
+    Declined { reason: String, by: Principal },
+}
+
+/// Decisions an approval gate accepts.
+pub const APPROVAL_DECISIONS: [DecisionKind; 3] = [DecisionKind::Approve, DecisionKind::Edit, DecisionKind::Reject];
+/// Decisions a question accepts.
+pub const QUESTION_DECISIONS: [DecisionKind; 2] = [DecisionKind::Respond, DecisionKind::Reject];
+
+impl Ctx {
+    pub(crate) fn new(
+        run: RunId,
+        history: History,
+        sink: Box<dyn Sink>,
+        clock: Arc<dyn Clock>,
+        max_event_bytes: usize,
+    ) -> Ctx {
+        let journal_len = history.next_seq;
+        Ctx {
+            inner: Arc::new(Inner {
+                run,
+                clock,
+                sink,
+                max_event_bytes,
+                state: Mutex::new(State {
+                    history,
+                    next_position: 0,
+                    journal_len,
+                    buffer: Vec::new(),
+                    in_flight: 0,
+                    blocked: 0,
+                    wake_at: None,
+                    abort: None,
+                }),
+                append_lock: tokio::sync::Mutex::new(()),
+                signal: Notify::new(),
+            }),
+        }
+    }
+
+    /// The run this context drives.
+    pub fn run_id(&self) -> RunId {
+        self.inner.run
+    }
+
+    /// A journaled step: `f` runs until it succeeds, fails terminally, or its retries
+    /// are spent; its output is journaled and every replay returns it without running
+    /// `f` again. Inside `f`, [`StepInfo::current`] gives the idempotency key.
+    pub fn step<F>(&self, name: &str, f: F) -> Step<'_, F> {
+        Step {
+            ctx: self,
+            name: name.to_string(),
+            f,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// An approval gate before `action`: the run pauses (durably, holding nothing in
+    /// memory) until a person approves, edits or rejects. `context` is what the reviewer
+    /// needs to decide.
+    pub async fn gate<A>(&self, action: &str, args: A, context: impl Serialize) -> Result<Gated<A>, Failure>
+    where
+        A: Serialize + DeserializeOwned + Send,
+    {
+        let args = encode(&args, "gate arguments")?;
+        let context = encode(&context, "gate context")?;
+        let (recorded_args, info) = self
+            .open_gate(
+                GateKind::Approval,
+                action,
+                args,
+                context,
+                "explicit gate in workflow code".to_string(),
+                APPROVAL_DECISIONS.to_vec(),
+            )
+            .await?;
+        let decode = |v: Value| {
+            serde_json::from_value::<A>(v)
+                .map_err(|e| Failure::terminal(format!("arguments for {action:?} do not fit its type: {e}")))
+        };
+        match info.decision {
+            Decision::Approve => Ok(Gated::Approved {
+                args: decode(recorded_args)?,
+                by: info.by,
+                comment: info.comment,
+            }),
+            Decision::Edit { args } => Ok(Gated::Edited {
+                args: decode(args)?,
+                by: info.by,
+                comment: info.comment,
+            }),
+            Decision::Reject { reason } => Ok(Gated::Rejected { reason, by: info.by }),
+            Decision::Respond { .. } => Err(Failure::terminal(format!(
+                "gate {action:?} received a respond decision, which approval gates do not take"
+            ))),
+        }
+    }
+
+    /// Pauses for a person's answer to `question` (decided with `respond`, or declined
+    /// with `reject`).
+    pub async fn ask<T: DeserializeOwned>(&self, question: &str) -> Result<Answer<T>, Failure> {
+        let (_, info) = self
+            .open_gate(
+                GateKind::Question,
+                "ask",
+                serde_json::json!({ "question": question }),
+                Value::Null,
+                "the agent asked a question".to_string(),
+                QUESTION_DECISIONS.to_vec(),
+            )
+            .await?;
+        match info.decision {
+            Decision::Respond { input } => Ok(Answer::Responded {
+                value: serde_json::from_value(input)
+                    .map_err(|e| Failure::terminal(format!("the answer does not fit the expected type: {e}")))?,
+                by: info.by,
+            }),
+            Decision::Reject { reason } => Ok(Answer::Declined { reason, by: info.by }),
+            other => Err(Failure::terminal(format!("a question received {other}"))),
+        }
+    }
+
+    /// The current time, journaled: replay returns the same instant.
+    pub async fn now(&self) -> DateTime<Utc> {
+        let clock = self.inner.clock.clone();
+        self.value(ValueSource::Now, move |_, _| serde_json::json!(clock.now()))
+            .await
+    }
+
+    /// A fresh UUID (v7), journaled.
+    pub async fn uuid(&self) -> uuid::Uuid {
+        self.value(ValueSource::Uuid, |_, _| serde_json::json!(uuid::Uuid::now_v7()))
+            .await
+    }
+
+    /// A random `u64`, journaled (derived from the run id and position, so even a lost
+    /// record would be re-derived identically).
+    pub async fn random(&self) -> u64 {
+        self.value(ValueSource::Random, |run, position| {
+            let mut h = Sha256::new();
+            h.update(run.as_bytes());
+            h.update(position.0.to_be_bytes());
+            let d = h.finalize();
+            let mut b = [0; 8];
+            b.copy_from_slice(&d[..8]);
+            serde_json::json!(u64::from_be_bytes(b))
+        })
+        .await
+    }
+
+    /// A durable timer: the run sleeps (holding nothing in memory) and resumes on any
+    /// worker once `duration` has passed, across restarts.
+    pub async fn sleep(&self, duration: Duration) {
+        let (position, recorded) = match self.begin(Call::Timer) {
+            Ok(x) => x,
+            Err(Parked) => return self.park().await,
+        };
+        let fire_at = match recorded {
+            Some(Recorded::Timer { fired: true, .. }) => return,
+            Some(Recorded::Timer { fire_at, .. }) => fire_at,
+            _ => {
+                let d = chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX);
+                let now = self.inner.clock.now();
+                let fire_at = now.checked_add_signed(d).unwrap_or(now);
+                self.push(EventKind::TimerStarted { position, fire_at });
+                fire_at
+            }
+        };
+        if self.inner.clock.now() >= fire_at {
+            self.push(EventKind::TimerFired { position });
+            return;
+        }
+        self.block(Some(fire_at)).await
+    }
+
+    async fn value<T: DeserializeOwned>(&self, source: ValueSource, live: impl FnOnce(RunId, Position) -> Value) -> T {
+        let (position, recorded) = match self.begin(Call::Value(source)) {
+            Ok(x) => x,
+            Err(Parked) => return self.park().await,
+        };
+        let value = match recorded {
+            Some(Recorded::Value { value, .. }) => value,
+            _ => {
+                let value = live(self.inner.run, position);
+                self.push(EventKind::ValueRecorded {
+                    position,
+                    source,
+                    value: value.clone(),
+                });
+                value
+            }
+        };
+        match serde_json::from_value(value.clone()) {
+            Ok(v) => v,
+            Err(e) => {
+                self.fail(Abort::Inconsistent(format!(
+                    "recorded {source}() value {value} at position {position} does not decode: {e}"
+                )));
+                self.park().await
+            }
+        }
+    }
+
+    async fn run_step<T, F, Fut>(self, name: String, mut f: F, retry: RetryPolicy) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+        T: Serialize + DeserializeOwned,
+    {
+        let (position, recorded) = match self.begin(Call::Step(&name)) {
+            Ok(x) => x,
+            Err(Parked) => return self.park().await,
+        };
+        let _in_flight = InFlight::enter(&self);
+        let mut attempt = 0;
+        if let Some(Recorded::Step {
+            seq,
+            attempts,
+            failures,
+            outcome,
+            ..
+        }) = recorded
+        {
+            match outcome {
+                Some(StepOutcome::Completed(output)) => {
+                    return match serde_json::from_value::<T>(output.clone()) {
+                        Ok(v) => Ok(v),
+                        Err(e) => {
+                            self.nondeterminism(
+                                position,
+                                seq,
+                                format!("step {name:?} with output {}", preview(&output)),
+                                format!("step {name:?} whose output type no longer reads it ({e})"),
+                            );
+                            self.park().await
+                        }
+                    };
+                }
+                Some(StepOutcome::Failed(error)) => return Err(Failure::terminal(error)),
+                None => {
+                    attempt = attempts;
+                    if attempts > failures {
+                        // The last attempt started but never reported: the process
+                        // stopped mid-step. Its effect may or may not have happened.
+                        let will_retry = attempts < retry.max_attempts;
+                        let error = format!("attempt {attempts} was interrupted (the process stopped before it finished)");
+                        self.push(EventKind::StepFailed {
+                            position,
+                            error: error.clone(),
+                            retryable: true,
+                            attempt: attempts,
+                            will_retry,
+                        });
+                        if !will_retry {
+                            return Err(Failure::terminal(error));
+                        }
+                    }
+                }
+            }
+        }
+        loop {
+            attempt += 1;
+            self.push(EventKind::StepStarted {
+                position,
+                name: name.clone(),
+                attempt,
+            });
+            // The body may have effects: its start must be durable first, so a crash
+            // during it is seen (and counted) on recovery.
+            if self.flush().await.is_err() {
+                return self.park().await;
+            }
+            let info = StepInfo {
+                run: self.inner.run,
+                position,
+                attempt,
+                idempotency_key: format!("{}/{}", self.inner.run, position),
+            };
+            let result = AssertUnwindSafe(STEP.scope(info, f())).catch_unwind().await;
+            let failure = match result {
+                Ok(Ok(value)) => match self.encode_output(&value) {
+                    Ok(output) => {
+                        self.push(EventKind::StepCompleted {
+                            position,
+                            output: output.clone(),
+                        });
+                        // Return what replay will return: the value as read back from JSON.
+                        return serde_json::from_value(output).map_err(|e| {
+                            Failure::terminal(format!("step {name:?} output does not read back from JSON: {e}"))
+                        });
+                    }
+                    Err(f) => f,
+                },
+                Ok(Err(failure)) => failure,
+                Err(panic) => Failure::retryable(format!("step {name:?} panicked: {}", panic_message(&panic))),
+            };
+            let will_retry = failure.is_retryable() && attempt < retry.max_attempts;
+            self.push(EventKind::StepFailed {
+                position,
+                error: failure.message().to_string(),
+                retryable: failure.is_retryable(),
+                attempt,
+                will_retry,
+            });
+            if !will_retry {
+                return Err(failure);
+            }
+            if self.flush().await.is_err() {
+                return self.park().await;
+            }
+            tokio::time::sleep(retry.backoff(attempt)).await;
+        }
+    }
+
+    fn encode_output<T: Serialize>(&self, value: &T) -> Result<Value, Failure> {
+        let output =
+            serde_json::to_value(value).map_err(|e| Failure::terminal(format!("step output could not be encoded: {e}")))?;
+        self.check_size(&output, "step output")?;
+        Ok(output)
+    }
+
+    /// Refuses values that would make an event over the store's limit, as a terminal
+    /// failure the workflow sees, instead of an append error that would stop the run.
+    fn check_size(&self, v: &Value, what: &str) -> Result<(), Failure> {
+        let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+        // Room for the envelope and the other fields of the event.
+        let limit = self.inner.max_event_bytes.saturating_sub(1024);
+        if size > limit {
+            return Err(Failure::terminal(format!(
+                "{what} is {size} bytes; the journal takes at most {limit} per value"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn open_gate(
+        &self,
+        kind: GateKind,
+        action: &str,
+        args: Value,
+        context: Value,
+        reason: String,
+        allowed: Vec<DecisionKind>,
+    ) -> Result<(Value, DecisionInfo), Failure> {
+        let (position, recorded) = match self.begin(Call::Gate(kind, action)) {
+            Ok(x) => x,
+            Err(Parked) => return self.park().await,
+        };
+        match recorded {
+            Some(Recorded::Gate {
+                seq,
+                args: recorded_args,
+                decision,
+                ..
+            }) => {
+                // A decision is bound to the exact arguments the reviewer saw.
+                if recorded_args != args {
+                    self.nondeterminism(
+                        position,
+                        seq,
+                        format!("gate {action:?} with args {}", preview(&recorded_args)),
+                        format!("gate {action:?} with args {}", preview(&args)),
+                    );
+                    return self.park().await;
+                }
+                match decision {
+                    Some(info) => Ok((recorded_args, info)),
+                    None => self.block(None).await,
+                }
+            }
+            _ => {
+                self.check_size(&args, "gate arguments")?;
+                self.check_size(&context, "gate context")?;
+                self.push(EventKind::ApprovalRequested {
+                    gate: position.into(),
+                    kind,
+                    action: action.to_string(),
+                    args,
+                    context,
+                    reason,
+                    allowed,
+                    deadline: None,
+                });
+                self.block(None).await
+            }
+        }
+    }
+
+    // ---- replay machinery -------------------------------------------------------
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the next position and checks it against the journal.
+    fn begin(&self, call: Call<'_>) -> Result<(Position, Option<Recorded>), Parked> {
+        let mut s = self.state();
+        if s.abort.is_some() {
+            return Err(Parked);
+        }
+        let position = Position(s.next_position);
+        s.next_position += 1;
+        match s.history.by_position.get(&position) {
+            Some(rec) if rec.matches(&call) => Ok((position, Some(rec.clone()))),
+            Some(rec) => {
+                let nd = Nondeterminism {
+                    run: self.inner.run,
+                    seq: rec.seq(),
+                    position,
+                    expected: rec.describe(),
+                    found: call.describe(),
+                };
+                drop(s);
+                self.fail(Abort::Nondeterminism(nd));
+                Err(Parked)
+            }
+            None => {
+                if let Some((later, rec)) = s.history.by_position.range(position..).next() {
+                    let nd = Nondeterminism {
+                        run: self.inner.run,
+                        seq: rec.seq(),
+                        position,
+                        expected: format!("nothing at this position (next record: {} at position {later})", rec.describe()),
+                        found: call.describe(),
+                    };
+                    drop(s);
+                    self.fail(Abort::Nondeterminism(nd));
+                    return Err(Parked);
+                }
+                Ok((position, None))
+            }
+        }
+    }
+
+    fn push(&self, event: EventKind) {
+        self.state().buffer.push(event);
+    }
+
+    pub(crate) fn fail(&self, abort: Abort) {
+        let mut s = self.state();
+        if s.abort.is_none() {
+            s.abort = Some(abort);
+        }
+        drop(s);
+        self.inner.signal.notify_one();
+    }
+
+    fn nondeterminism(&self, position: Position, seq: Seq, expected: String, found: String) {
+        self.fail(Abort::Nondeterminism(Nondeterminism {
+            run: self.inner.run,
+            seq,
+            position,
+            expected,
+            found,
+        }));
+    }
+
+    /// Never resolves: the driver drops the workflow.
+    async fn park<T>(&self) -> T {
+        self.inner.signal.notify_one();
+        std::future::pending().await
+    }
+
+    /// Waits for something from outside this activation (a decision, a timer): never
+    /// resolves within it; the next activation replays past it.
+    async fn block<T>(&self, wake: Option<DateTime<Utc>>) -> T {
+        {
+            let mut s = self.state();
+            s.blocked += 1;
+            if let Some(w) = wake {
+                s.wake_at = Some(s.wake_at.map_or(w, |c| c.min(w)));
+            }
+        }
+        self.park().await
+    }
+
+    pub(crate) fn take_abort(&self) -> Option<Abort> {
+        self.state().abort.take()
+    }
+
+    /// `Some(wake)` once every live branch waits on a person or a timer and no step is
+    /// running: the activation can end. `wake` is the earliest timer, if any.
+    pub(crate) fn suspension(&self) -> Option<Option<DateTime<Utc>>> {
+        let s = self.state();
+        (s.blocked > 0 && s.in_flight == 0).then_some(s.wake_at)
+    }
+
+    /// Positions the journal records that the code never reached.
+    pub(crate) fn unreached(&self) -> Option<Nondeterminism> {
+        let s = self.state();
+        let (position, rec) = s.history.by_position.range(Position(s.next_position)..).next()?;
+        Some(Nondeterminism {
+            run: self.inner.run,
+            seq: rec.seq(),
+            position: *position,
+            expected: rec.describe(),
+            found: "the workflow returned without reaching it".to_string(),
+        })
+    }
+
+    pub(crate) fn ended(&self) -> Option<EventKind> {
+        self.state().history.ended.clone()
+    }
+
+    pub(crate) fn next_position(&self) -> Position {
+        Position(self.state().next_position)
+    }
+
+    pub(crate) fn push_final(&self, event: EventKind) {
+        self.push(event)
+    }
+
+    pub(crate) fn value_fits(&self, v: &Value) -> Result<(), Failure> {
+        self.check_size(v, "workflow output")
+    }
+
+    /// Appends everything produced so far (durably). On a seq conflict, events that came
+    /// from outside (decisions, cancellation) are taken in and the append retried; any
+    /// other writer means this activation lost the run.
+    pub(crate) async fn flush(&self) -> Result<(), Parked> {
+        let _order = self.inner.append_lock.lock().await;
+        let (events, mut expected) = {
+            let mut s = self.state();
+            if s.abort.is_some() {
+                return Err(Parked);
+            }
+            if s.buffer.is_empty() {
+                return Ok(());
+            }
+            (std::mem::take(&mut s.buffer), s.journal_len)
+        };
+        loop {
+            match self.inner.sink.append(expected, events.clone()).await {
+                Ok(Ok(appended)) => {
+                    self.state().journal_len = appended.next;
+                    return Ok(());
+                }
+                Ok(Err(_conflict)) => {
+                    let new = match self.inner.sink.read_from(expected).await {
+                        Ok(new) => new,
+                        Err(e) => {
+                            self.fail(Abort::Store(e));
+                            return Err(Parked);
+                        }
+                    };
+                    if new.is_empty() {
+                        self.fail(Abort::LeaseLost);
+                        return Err(Parked);
+                    }
+                    let mut s = self.state();
+                    for e in &new {
+                        let outcome = match &e.event {
+                            EventKind::DecisionRecorded { .. } => s.history.add(e).map_err(Abort::Inconsistent),
+                            EventKind::RunCancelled { .. } => Err(Abort::Ended),
+                            _ => Err(Abort::LeaseLost),
+                        };
+                        if let Err(abort) = outcome {
+                            drop(s);
+                            self.fail(abort);
+                            return Err(Parked);
+                        }
+                    }
+                    expected = expected.plus(new.len() as u64);
+                    s.journal_len = expected;
+                }
+                Err(journal::Error::LeaseLost(_)) => {
+                    self.fail(Abort::LeaseLost);
+                    return Err(Parked);
+                }
+                Err(journal::Error::RunEnded(_)) => {
+                    self.fail(Abort::Ended);
+                    return Err(Parked);
+                }
+                Err(e) => {
+                    self.fail(Abort::Store(e));
+                    return Err(Parked);
+                }
+            }
+        }
+    }
+}
+
+/// Counts a step as running from before its start is appended until it returns (or is
+/// dropped), so the driver never ends an activation under a running step.
+struct InFlight<'a>(&'a Ctx);
+
+impl<'a> InFlight<'a> {
+    fn enter(ctx: &'a Ctx) -> InFlight<'a> {
+        ctx.state().in_flight += 1;
+        InFlight(ctx)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.state();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        let wake = s.in_flight == 0 && s.blocked > 0;
+        drop(s);
+        if wake {
+            self.0.inner.signal.notify_one();
+        }
+    }
+}
+
+fn encode<T: Serialize>(v: &T, what: &str) -> Result<Value, Failure> {
+    serde_json::to_value(v).map_err(|e| Failure::terminal(format!("{what} could not be encoded: {e}")))
+}
+
+/// A value shortened for one line of a diff.
+pub(crate) fn preview(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 120 {
+        format!("{}…", s.chars().take(120).collect::<String>())
+    } else {
+        s
+    }
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-text payload".to_string()
+    }
+}

@@ -1,0 +1,891 @@
+//! `Engine`: starting runs, recording decisions, queries, and the workers that drive
+//! runs by replaying their journals.
+//!
+//! **Write path of an activation.** A worker claims a ready run (a lease), reads and
+//! verifies its whole journal, and calls the workflow with a fresh [`Ctx`] over it.
+//! Recorded calls are answered from the journal; live ones buffer events, which are
+//! appended (durably, under the lease) before any step body runs and when the
+//! activation ends. The activation ends when the workflow returns, or when every live
+//! branch waits on a person or a timer: then the workflow future is dropped and the
+//! lease released. A paused run holds no task, no memory and no lease.
+
+use crate::clock::{Clock, SystemClock};
+use crate::ctx::{Abort, Ctx, History, Sink};
+use crate::error::{Error, Failure, Nondeterminism, Result};
+use crate::fold::{fold, RunState};
+use crate::registry::Registry;
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use holdpoint_journal::{
+    self as journal, Append, AppendConflict, Appended, Decision, Event, EventKind, GateId, Lease, NewRun,
+    PendingGate, Principal, RecordedDecision, RunId, RunStatus, RunSummary, Seq, Store, WorkerId,
+};
+use serde::Serialize;
+use serde_json::Value;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+/// Tuning of an engine's workers.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Activations driven at once by [`Engine::spawn_workers`].
+    pub concurrency: usize,
+    /// How long a lease lasts without renewal. Activations renew at half-life.
+    pub lease_ttl: Duration,
+    /// Delay before a run whose activation met a storage error is tried again.
+    pub retry_after: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            concurrency: 256,
+            lease_ttl: Duration::from_secs(30),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A decision to record at a gate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecisionRequest {
+    pub gate: GateId,
+    pub decision: Decision,
+    /// Who decides: the authenticated principal, never a name taken from a request body.
+    pub by: Principal,
+    pub comment: Option<String>,
+    /// A retry with the same key (and the same decision) is a no-op success.
+    pub idempotency_key: Option<String>,
+}
+
+impl DecisionRequest {
+    pub fn new(gate: GateId, decision: Decision, by: Principal) -> Self {
+        DecisionRequest {
+            gate,
+            decision,
+            by,
+            comment: None,
+            idempotency_key: None,
+        }
+    }
+    pub fn approve(gate: GateId, by: Principal) -> Self {
+        Self::new(gate, Decision::Approve, by)
+    }
+    pub fn edit(gate: GateId, args: Value, by: Principal) -> Self {
+        Self::new(gate, Decision::Edit { args }, by)
+    }
+    pub fn reject(gate: GateId, reason: impl Into<String>, by: Principal) -> Self {
+        Self::new(gate, Decision::Reject { reason: reason.into() }, by)
+    }
+    pub fn respond(gate: GateId, input: Value, by: Principal) -> Self {
+        Self::new(gate, Decision::Respond { input }, by)
+    }
+    pub fn comment(mut self, comment: impl Into<String>) -> Self {
+        self.comment = Some(comment.into());
+        self
+    }
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+}
+
+/// A decision that stands, durably.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decided {
+    /// Recorded now.
+    Recorded(RecordedDecision),
+    /// The same decision with the same idempotency key was recorded before.
+    AlreadyRecorded(RecordedDecision),
+}
+
+impl Decided {
+    pub fn decision(&self) -> &RecordedDecision {
+        match self {
+            Decided::Recorded(d) | Decided::AlreadyRecorded(d) => d,
+        }
+    }
+}
+
+/// A run as queries see it: the index summary and the state folded from its journal.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunView {
+    pub summary: RunSummary,
+    pub state: RunState,
+}
+
+/// What re-running workflow code over a journal found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Replay {
+    /// The code matches the journal. `would_append` lists what it would do next past the
+    /// journal's end (empty for an ended or paused run).
+    Consistent { would_append: Vec<EventKind> },
+    /// The code no longer matches.
+    Nondeterministic(Nondeterminism),
+    /// The journal or the code could not be replayed at all (unknown workflow, a panic,
+    /// a journal that contradicts itself).
+    Broken(String),
+}
+
+/// The engine: one store, one registry, a clock.
+pub struct Engine<S: Store> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S: Store> Clone for Engine<S> {
+    fn clone(&self) -> Self {
+        Engine {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<S> {
+    store: S,
+    registry: Registry,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    worker: WorkerId,
+}
+
+/// Builds an [`Engine`].
+pub struct EngineBuilder<S> {
+    store: S,
+    registry: Registry,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+}
+
+impl<S: Store> EngineBuilder<S> {
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+    pub fn build(self) -> Result<Engine<S>> {
+        self.registry.validate()?;
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                store: self.store,
+                registry: self.registry,
+                clock: self.clock,
+                config: self.config,
+                worker: WorkerId::new(),
+            }),
+        })
+    }
+}
+
+fn journal_err(e: journal::Error) -> Error {
+    match e {
+        journal::Error::UnknownRun(r) => Error::UnknownRun(r),
+        journal::Error::RunEnded(r) => Error::RunEnded(r),
+        other => Error::Journal(other),
+    }
+}
+
+impl<S: Store> Engine<S> {
+    pub fn new(store: S, registry: Registry) -> Result<Engine<S>> {
+        Self::builder(store, registry).build()
+    }
+
+    pub fn builder(store: S, registry: Registry) -> EngineBuilder<S> {
+        EngineBuilder {
+            store,
+            registry,
+            clock: Arc::new(SystemClock),
+            config: EngineConfig::default(),
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
+    }
+
+    /// Starts a run of the newest registered version of `workflow`. Returns once
+    /// `run-started` is durable. A retry with the same `idempotency_key` (and the same
+    /// workflow and input) returns the first run instead of starting another.
+    pub async fn start<I: Serialize + ?Sized>(
+        &self,
+        workflow: &str,
+        input: &I,
+        idempotency_key: Option<&str>,
+    ) -> Result<RunId> {
+        let registry = &self.inner.registry;
+        let version = registry.latest_version(workflow).ok_or_else(|| Error::UnknownWorkflow {
+            name: workflow.to_string(),
+            version: None,
+        })?;
+        let registered = registry.get(workflow, version).ok_or_else(|| Error::UnknownWorkflow {
+            name: workflow.to_string(),
+            version: Some(version),
+        })?;
+        let input = serde_json::to_value(input)?;
+        (registered.check_input)(&input).map_err(|reason| Error::InvalidInput {
+            workflow: workflow.to_string(),
+            reason,
+        })?;
+        let created = self
+            .inner
+            .store
+            .create_run(NewRun {
+                id: RunId::new(),
+                workflow: workflow.to_string(),
+                version,
+                input,
+                idempotency_key: idempotency_key.map(str::to_string),
+                at: self.inner.clock.now(),
+            })
+            .await
+            .map_err(journal_err)?;
+        Ok(created.run())
+    }
+
+    /// Records a decision at a gate, durably, after checking it against the journal:
+    /// the gate must exist and be open, accept this kind of decision, and an edit must
+    /// fit the action's argument type. The first decision wins; a later different one
+    /// is a [`Error::DecisionConflict`] naming it.
+    pub async fn decide(&self, run: RunId, req: DecisionRequest) -> Result<Decided> {
+        if let Decision::Reject { reason } = &req.decision {
+            if reason.trim().is_empty() {
+                return Err(Error::InvalidDecision(
+                    "a rejection needs a reason: the agent is told why".into(),
+                ));
+            }
+        }
+        loop {
+            let events = self.inner.store.read(run, Seq::ZERO).await.map_err(journal_err)?;
+            let state = fold(&events);
+            let gate = state.gates.get(&req.gate).ok_or(Error::UnknownGate { run, gate: req.gate })?;
+            if let Some(recorded) = &gate.decision {
+                let same_retry = req.idempotency_key.is_some()
+                    && recorded.idempotency_key == req.idempotency_key
+                    && recorded.decision == req.decision
+                    && recorded.by == req.by;
+                return if same_retry {
+                    Ok(Decided::AlreadyRecorded(recorded.clone()))
+                } else {
+                    Err(Error::DecisionConflict {
+                        run,
+                        gate: req.gate,
+                        recorded: Box::new(recorded.clone()),
+                    })
+                };
+            }
+            if state.status.is_terminal() {
+                return Err(Error::RunEnded(run));
+            }
+            let kind = req.decision.kind();
+            if !gate.allowed.contains(&kind) {
+                return Err(Error::DecisionNotAllowed {
+                    run,
+                    gate: req.gate,
+                    kind,
+                    allowed: gate.allowed.clone(),
+                });
+            }
+            if let Decision::Edit { args } = &req.decision {
+                self.inner
+                    .registry
+                    .check_edit(&gate.action, &gate.args, args)
+                    .map_err(|reason| Error::InvalidEdit {
+                        run,
+                        gate: req.gate,
+                        action: gate.action.clone(),
+                        reason,
+                    })?;
+            }
+            let at = self.inner.clock.now();
+            let appended = self
+                .inner
+                .store
+                .append(Append {
+                    run,
+                    expected: state.next_seq,
+                    at,
+                    events: vec![EventKind::DecisionRecorded {
+                        gate: req.gate,
+                        decision: req.decision.clone(),
+                        by: req.by.clone(),
+                        comment: req.comment.clone(),
+                        idempotency_key: req.idempotency_key.clone(),
+                    }],
+                    lease: None,
+                })
+                .await
+                .map_err(journal_err)?;
+            match appended {
+                Ok(_) => {
+                    return Ok(Decided::Recorded(RecordedDecision {
+                        gate: req.gate,
+                        decision: req.decision,
+                        by: req.by,
+                        comment: req.comment,
+                        idempotency_key: req.idempotency_key,
+                        seq: state.next_seq,
+                        at,
+                    }))
+                }
+                // The run moved on (a worker appended): look again.
+                Err(_conflict) => continue,
+            }
+        }
+    }
+
+    /// Cancels a run, durably. A step running at that moment finishes, but nothing
+    /// more of the run is recorded or run.
+    pub async fn cancel(&self, run: RunId, by: Principal, reason: Option<String>) -> Result<()> {
+        loop {
+            let summary = self
+                .inner
+                .store
+                .summary(run)
+                .await
+                .map_err(journal_err)?
+                .ok_or(Error::UnknownRun(run))?;
+            if summary.status.is_terminal() {
+                return Err(Error::RunEnded(run));
+            }
+            let appended = self
+                .inner
+                .store
+                .append(Append {
+                    run,
+                    expected: summary.next_seq,
+                    at: self.inner.clock.now(),
+                    events: vec![EventKind::RunCancelled {
+                        by: by.clone(),
+                        reason: reason.clone(),
+                    }],
+                    lease: None,
+                })
+                .await
+                .map_err(journal_err)?;
+            if appended.is_ok() {
+                return Ok(());
+            }
+        }
+    }
+
+    pub async fn get(&self, run: RunId) -> Result<RunView> {
+        let summary = self
+            .inner
+            .store
+            .summary(run)
+            .await
+            .map_err(journal_err)?
+            .ok_or(Error::UnknownRun(run))?;
+        let events = self.events(run).await?;
+        Ok(RunView {
+            summary,
+            state: fold(&events),
+        })
+    }
+
+    /// The run's verified journal.
+    pub async fn events(&self, run: RunId) -> Result<Vec<Event>> {
+        self.inner.store.read(run, Seq::ZERO).await.map_err(journal_err)
+    }
+
+    pub async fn list(&self, status: Option<RunStatus>, after: Option<RunId>, limit: usize) -> Result<Vec<RunSummary>> {
+        self.inner
+            .store
+            .list_runs(status, after, limit)
+            .await
+            .map_err(journal_err)
+    }
+
+    pub async fn pending(&self, after: Option<(RunId, GateId)>, limit: usize) -> Result<Vec<PendingGate>> {
+        self.inner.store.pending(after, limit).await.map_err(journal_err)
+    }
+
+    /// Waits (by notification, not polling) until the run is quiet: ended, stuck, or
+    /// paused at a gate or a future timer with no worker on it.
+    pub async fn settled(&self, run: RunId) -> Result<RunSummary> {
+        let store = &self.inner.store;
+        let mut changes = store.changes();
+        loop {
+            changes.borrow_and_update();
+            let first = store.summary(run).await.map_err(journal_err)?.ok_or(Error::UnknownRun(run))?;
+            let leased = store.is_leased(run).await.map_err(journal_err)?;
+            let again = store.summary(run).await.map_err(journal_err)?.ok_or(Error::UnknownRun(run))?;
+            let quiet = again.status.is_terminal()
+                || again.status == RunStatus::Stuck
+                || (!leased && again.wake_at.is_none_or(|w| w > self.inner.clock.now()));
+            if quiet && first == again {
+                return Ok(again);
+            }
+            if changes.changed().await.is_err() {
+                return Ok(again);
+            }
+        }
+    }
+
+    /// Drives every run that is due now, one activation at a time, until none is due.
+    /// Deterministic; for tests and one-shot tools. Returns the number of activations.
+    pub async fn drain(&self) -> Result<usize> {
+        let mut n = 0;
+        loop {
+            let leases = self
+                .inner
+                .store
+                .claim(self.inner.worker, self.inner.clock.now(), self.inner.config.lease_ttl, 64)
+                .await
+                .map_err(journal_err)?;
+            if leases.is_empty() {
+                return Ok(n);
+            }
+            for lease in leases {
+                self.activate(lease).await;
+                n += 1;
+            }
+        }
+    }
+
+    /// Starts workers on the current tokio runtime: they claim ready runs (woken by
+    /// store notifications and due timers, never by polling) and drive up to
+    /// `config.concurrency` at once.
+    pub fn spawn_workers(&self) -> Workers {
+        let (stop, mut stop_rx) = watch::channel(Stop::Run);
+        let engine = self.clone();
+        let handle = tokio::spawn(async move {
+            let inner = &engine.inner;
+            let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
+            let mut tasks = JoinSet::new();
+            let mut changes = inner.store.changes();
+            loop {
+                if *stop_rx.borrow_and_update() != Stop::Run {
+                    break;
+                }
+                changes.borrow_and_update();
+                while tasks.try_join_next().is_some() {}
+                let free = slots.available_permits();
+                let mut claimed = 0;
+                if free > 0 {
+                    match inner.store.claim(inner.worker, inner.clock.now(), inner.config.lease_ttl, free).await {
+                        Ok(leases) => {
+                            for lease in leases {
+                                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                                    let _ = inner.store.release(&lease, Some(inner.clock.now())).await;
+                                    continue;
+                                };
+                                claimed += 1;
+                                let engine = engine.clone();
+                                tasks.spawn(async move {
+                                    engine.activate(lease).await;
+                                    drop(permit);
+                                });
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "claiming ready runs failed"),
+                    }
+                }
+                if claimed > 0 {
+                    continue;
+                }
+                let next = if free > 0 {
+                    inner.store.next_wake().await.ok().flatten()
+                } else {
+                    None
+                };
+                let timer: BoxFuture<'static, ()> = match next {
+                    Some(at) => inner.clock.sleep_until(at),
+                    None => Box::pin(std::future::pending()),
+                };
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { break },
+                    _ = timer => {}
+                    _ = stop_rx.changed() => {}
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                }
+            }
+            if *stop_rx.borrow() == Stop::Kill {
+                tasks.abort_all();
+            }
+            while tasks.join_next().await.is_some() {}
+        });
+        Workers {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// One activation: read, replay, run live until the run ends or pauses, release.
+    async fn activate(&self, lease: Lease) {
+        let run = lease.run;
+        let store = &self.inner.store;
+        let events = match store.read(run, Seq::ZERO).await {
+            Ok(events) => events,
+            Err(e @ (journal::Error::Corrupt { .. } | journal::Error::UnknownFormat { .. })) => {
+                tracing::error!(%run, error = %e, "journal is corrupt; run quarantined");
+                self.stuck(&lease, format!("quarantined: {e}")).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%run, error = %e, "reading journal failed; will retry");
+                self.release(&lease, Some(self.retry_at())).await;
+                return;
+            }
+        };
+        let prepared = match prepare(&self.inner.registry, &events) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                self.release(&lease, None).await;
+                return;
+            }
+            Err(reason) => {
+                self.stuck(&lease, reason).await;
+                return;
+            }
+        };
+        let sink = LeasedSink {
+            engine: self.inner.clone(),
+            run,
+            token: lease.token,
+        };
+        let ctx = Ctx::new(
+            run,
+            prepared.history,
+            Box::new(sink),
+            self.inner.clock.clone(),
+            store.max_event_bytes(),
+        );
+        let workflow = (prepared.run)(ctx.clone(), prepared.input);
+        let outcome = tokio::select! {
+            outcome = drive(&ctx, workflow) => outcome,
+            never = self.keep_lease(&ctx, lease.clone()) => never,
+        };
+        match conclude(&ctx, outcome).await {
+            Conclusion::Suspended(wake) => self.release(&lease, wake).await,
+            Conclusion::Ended | Conclusion::Abort(Abort::Ended) | Conclusion::Abort(Abort::LeaseLost) => {
+                self.release(&lease, None).await
+            }
+            Conclusion::Abort(Abort::Nondeterminism(nd)) => {
+                tracing::error!(%run, "{nd}");
+                self.stuck(&lease, nd.to_string()).await;
+            }
+            Conclusion::Abort(Abort::Inconsistent(msg)) => self.stuck(&lease, format!("journal inconsistent: {msg}")).await,
+            Conclusion::Abort(Abort::Store(e @ (journal::Error::Corrupt { .. } | journal::Error::EventTooLarge { .. }))) => {
+                self.stuck(&lease, e.to_string()).await
+            }
+            Conclusion::Abort(Abort::Store(e)) => {
+                tracing::warn!(%run, error = %e, "append failed; run will be retried");
+                self.release(&lease, Some(self.retry_at())).await;
+            }
+            Conclusion::Panicked(msg) => {
+                self.stuck(&lease, format!("workflow code panicked outside a step: {msg}")).await
+            }
+        }
+    }
+
+    /// Renews the lease at half-life for as long as the activation runs. Never returns;
+    /// if the lease is lost it stops the activation through the ctx.
+    async fn keep_lease(&self, ctx: &Ctx, mut lease: Lease) -> Outcome {
+        let ttl = self.inner.config.lease_ttl;
+        let half = chrono::Duration::from_std(ttl / 2).unwrap_or(chrono::Duration::seconds(15));
+        loop {
+            self.inner.clock.sleep_until(lease.expires_at - half).await;
+            match self.inner.store.renew(&lease, self.inner.clock.now(), ttl).await {
+                Ok(Some(renewed)) => lease = renewed,
+                Ok(None) => {
+                    ctx.fail(Abort::LeaseLost);
+                    return std::future::pending().await;
+                }
+                Err(e) => tracing::warn!(run = %lease.run, error = %e, "renewing lease failed"),
+            }
+        }
+    }
+
+    fn retry_at(&self) -> DateTime<Utc> {
+        self.inner.clock.now() + chrono::Duration::from_std(self.inner.config.retry_after).unwrap_or_default()
+    }
+
+    async fn release(&self, lease: &Lease, wake: Option<DateTime<Utc>>) {
+        if let Err(e) = self.inner.store.release(lease, wake).await {
+            tracing::error!(run = %lease.run, error = %e, "releasing lease failed");
+        }
+    }
+
+    async fn stuck(&self, lease: &Lease, reason: String) {
+        if let Err(e) = self.inner.store.mark_stuck(lease, reason).await {
+            tracing::error!(run = %lease.run, error = %e, "marking run stuck failed");
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Run,
+    Drain,
+    Kill,
+}
+
+/// Running workers. Dropping this without [`Workers::shutdown`] asks them to stop.
+pub struct Workers {
+    stop: watch::Sender<Stop>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Graceful: stop claiming, let running activations reach their end or pause.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(Stop::Drain);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.await;
+        }
+    }
+
+    /// Abrupt, like a crash: every activation is dropped wherever it is. Leases are left
+    /// behind (recovered when the store is reopened, or taken over after expiry).
+    pub async fn kill(mut self) {
+        let _ = self.stop.send(Stop::Kill);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.await;
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let _ = self.stop.send_if_modified(|s| {
+            if *s == Stop::Run {
+                *s = Stop::Drain;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+struct Prepared {
+    run: crate::registry::RunFn,
+    input: Value,
+    history: History,
+}
+
+/// Finds the workflow for a journal. `Ok(None)`: the run has ended, nothing to do.
+fn prepare(registry: &Registry, events: &[Event]) -> std::result::Result<Option<Prepared>, String> {
+    let Some(EventKind::RunStarted {
+        workflow,
+        version,
+        input,
+        ..
+    }) = events.first().map(|e| &e.event)
+    else {
+        return Err("journal does not begin with run-started".into());
+    };
+    let history = History::build(events).map_err(|e| format!("journal inconsistent: {e}"))?;
+    if history.ended.is_some() {
+        return Ok(None);
+    }
+    let registered = registry.get(workflow, *version).ok_or_else(|| {
+        format!("workflow {workflow:?} version {version} is not registered in this process; register it to resume this run")
+    })?;
+    Ok(Some(Prepared {
+        run: registered.run.clone(),
+        input: input.clone(),
+        history,
+    }))
+}
+
+/// How a workflow future came to stop.
+enum Outcome {
+    Returned(std::result::Result<Value, Failure>),
+    Suspended(Option<DateTime<Utc>>),
+    Aborted(Abort),
+    Panicked(String),
+}
+
+/// Polls the workflow until it returns, pauses everywhere, or aborts.
+async fn drive(ctx: &Ctx, workflow: BoxFuture<'static, std::result::Result<Value, Failure>>) -> Outcome {
+    let mut workflow = AssertUnwindSafe(workflow).catch_unwind();
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut workflow => return match r {
+                Ok(result) => Outcome::Returned(result),
+                Err(panic) => Outcome::Panicked(crate::ctx::panic_message(&panic)),
+            },
+            _ = ctx.inner.signal.notified() => {
+                if let Some(abort) = ctx.take_abort() {
+                    return Outcome::Aborted(abort);
+                }
+                if let Some(wake) = ctx.suspension() {
+                    return Outcome::Suspended(wake);
+                }
+            }
+        }
+    }
+}
+
+enum Conclusion {
+    Suspended(Option<DateTime<Utc>>),
+    Ended,
+    Abort(Abort),
+    Panicked(String),
+}
+
+/// Records how the activation ended (if the journal does not say so already) and makes
+/// everything durable.
+async fn conclude(ctx: &Ctx, outcome: Outcome) -> Conclusion {
+    let conclusion = match outcome {
+        Outcome::Aborted(a) => return Conclusion::Abort(a),
+        Outcome::Panicked(msg) => return Conclusion::Panicked(msg),
+        Outcome::Suspended(wake) => Conclusion::Suspended(wake),
+        Outcome::Returned(result) => {
+            if let Some(nd) = ctx.unreached() {
+                return Conclusion::Abort(Abort::Nondeterminism(nd));
+            }
+            let last = match result.and_then(|v| ctx.value_fits(&v).map(|_| v)) {
+                Ok(output) => EventKind::RunCompleted { output },
+                Err(f) => EventKind::RunFailed {
+                    error: f.message().to_string(),
+                },
+            };
+            match ctx.ended() {
+                None => ctx.push_final(last),
+                Some(recorded) if recorded == last => {}
+                Some(EventKind::RunCancelled { .. }) => {}
+                Some(recorded) => {
+                    return Conclusion::Abort(Abort::Nondeterminism(Nondeterminism {
+                        run: ctx.run_id(),
+                        seq: Seq::ZERO,
+                        position: ctx.next_position(),
+                        expected: describe_end(&recorded),
+                        found: describe_end(&last),
+                    }))
+                }
+            }
+            Conclusion::Ended
+        }
+    };
+    if ctx.flush().await.is_err() {
+        return match ctx.take_abort() {
+            Some(a) => Conclusion::Abort(a),
+            None => Conclusion::Abort(Abort::LeaseLost),
+        };
+    }
+    conclusion
+}
+
+fn describe_end(e: &EventKind) -> String {
+    match e {
+        EventKind::RunCompleted { output } => format!("run completed with {}", crate::ctx::preview(output)),
+        EventKind::RunFailed { error } => format!("run failed: {error}"),
+        other => other.tag().to_string(),
+    }
+}
+
+/// Appends under a lease.
+struct LeasedSink<S> {
+    engine: Arc<Inner<S>>,
+    run: RunId,
+    token: journal::LeaseToken,
+}
+
+impl<S: Store> Sink for LeasedSink<S> {
+    fn append(
+        &self,
+        expected: Seq,
+        events: Vec<EventKind>,
+    ) -> BoxFuture<'_, journal::Result<std::result::Result<Appended, AppendConflict>>> {
+        Box::pin(self.engine.store.append(Append {
+            run: self.run,
+            expected,
+            at: self.engine.clock.now(),
+            events,
+            lease: Some(self.token),
+        }))
+    }
+
+    fn read_from(&self, from: Seq) -> BoxFuture<'_, journal::Result<Vec<Event>>> {
+        Box::pin(self.engine.store.read(self.run, from))
+    }
+}
+
+/// Refuses every append and remembers what it was offered: replay checks never write
+/// and never run a step body.
+struct ReplaySink {
+    offered: Arc<Mutex<Vec<EventKind>>>,
+}
+
+impl Sink for ReplaySink {
+    fn append(
+        &self,
+        _expected: Seq,
+        events: Vec<EventKind>,
+    ) -> BoxFuture<'_, journal::Result<std::result::Result<Appended, AppendConflict>>> {
+        self.offered.lock().unwrap_or_else(|p| p.into_inner()).extend(events);
+        Box::pin(async { Err(journal::Error::Storage("replay check: appends are refused".into())) })
+    }
+
+    fn read_from(&self, _from: Seq) -> BoxFuture<'_, journal::Result<Vec<Event>>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+/// Re-runs the registered workflow code over a journal without a store: every recorded
+/// call is answered from it, nothing is appended and no step body runs. The check to
+/// run before deploying changed workflow code.
+pub async fn replay(registry: &Registry, events: &[Event]) -> Replay {
+    let prepared = match prepare(registry, events) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            // Ended runs replay too: the code must reach the same end.
+            let Some(EventKind::RunStarted { workflow, version, input, .. }) = events.first().map(|e| &e.event) else {
+                return Replay::Broken("journal does not begin with run-started".into());
+            };
+            let Some(registered) = registry.get(workflow, *version) else {
+                return Replay::Broken(format!("workflow {workflow:?} version {version} is not registered"));
+            };
+            match History::build(events) {
+                Ok(history) => Prepared {
+                    run: registered.run.clone(),
+                    input: input.clone(),
+                    history,
+                },
+                Err(e) => return Replay::Broken(e),
+            }
+        }
+        Err(reason) => return Replay::Broken(reason),
+    };
+    if let Some(EventKind::RunCancelled { .. }) = prepared.history.ended {
+        return Replay::Consistent { would_append: vec![] };
+    }
+    let run = events.first().map(|e| e.run).unwrap_or_default();
+    let offered = Arc::new(Mutex::new(Vec::new()));
+    let ctx = Ctx::new(
+        run,
+        prepared.history,
+        Box::new(ReplaySink {
+            offered: offered.clone(),
+        }),
+        Arc::new(SystemClock),
+        usize::MAX,
+    );
+    let outcome = drive(&ctx, (prepared.run)(ctx.clone(), prepared.input)).await;
+    let conclusion = conclude(&ctx, outcome).await;
+    let would_append = std::mem::take(&mut *offered.lock().unwrap_or_else(|p| p.into_inner()));
+    match conclusion {
+        Conclusion::Abort(Abort::Nondeterminism(nd)) => Replay::Nondeterministic(nd),
+        Conclusion::Abort(Abort::Inconsistent(msg)) => Replay::Broken(msg),
+        Conclusion::Panicked(msg) => Replay::Broken(format!("workflow code panicked: {msg}")),
+        _ => Replay::Consistent { would_append },
+    }
+}

@@ -1,0 +1,229 @@
+//! `fold`: a run's state from its events alone, without running workflow code.
+//!
+//! Pure and total: any list of events gives a state (events that do not make sense are
+//! skipped, never a panic). Queries use it; so do decisions, which must see the durable
+//! journal rather than anyone's memory of it.
+
+use holdpoint_journal::{
+    DecisionKind, Event, EventKind, GateId, GateKind, Position, Principal, RecordedDecision, RunId, RunStatus,
+    Seq,
+};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A run's state as its journal tells it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunState {
+    pub run: Option<RunId>,
+    pub workflow: Option<String>,
+    pub version: Option<u32>,
+    pub input: Value,
+    /// Derived from events: never `Stuck` (that mark lives in the store's index).
+    pub status: RunStatus,
+    /// Number of events folded.
+    pub next_seq: Seq,
+    /// One past the highest position any event names.
+    pub next_position: Position,
+    pub steps: BTreeMap<Position, StepState>,
+    pub gates: BTreeMap<GateId, GateState>,
+    pub open_timers: BTreeSet<Position>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub cancelled_by: Option<Principal>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepState {
+    pub name: String,
+    pub attempts: u32,
+    pub output: Option<Value>,
+    /// The last failure's message.
+    pub error: Option<String>,
+    /// Completed, or failed with no retry to come.
+    pub done: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GateState {
+    pub gate: GateId,
+    pub kind: GateKind,
+    pub action: String,
+    pub args: Value,
+    pub context: Value,
+    pub reason: String,
+    pub allowed: Vec<DecisionKind>,
+    pub deadline: Option<DateTime<Utc>>,
+    pub requested_at: DateTime<Utc>,
+    pub requested_seq: Seq,
+    pub decision: Option<RecordedDecision>,
+}
+
+impl RunState {
+    /// Gates still waiting for a decision (none once the run has ended).
+    pub fn open_gates(&self) -> impl Iterator<Item = &GateState> {
+        let ended = self.status.is_terminal();
+        self.gates.values().filter(move |g| g.decision.is_none() && !ended)
+    }
+}
+
+impl Default for RunState {
+    fn default() -> Self {
+        RunState {
+            run: None,
+            workflow: None,
+            version: None,
+            input: Value::Null,
+            status: RunStatus::Running,
+            next_seq: Seq::ZERO,
+            next_position: Position(0),
+            steps: BTreeMap::new(),
+            gates: BTreeMap::new(),
+            open_timers: BTreeSet::new(),
+            output: None,
+            error: None,
+            cancelled_by: None,
+        }
+    }
+}
+
+/// Folds events (in seq order) into a [`RunState`].
+pub fn fold(events: &[Event]) -> RunState {
+    let mut st = RunState::default();
+    for e in events {
+        apply(&mut st, e);
+    }
+    st
+}
+
+fn apply(st: &mut RunState, e: &Event) {
+    st.next_seq = e.seq.next();
+    if st.run.is_none() {
+        st.run = Some(e.run);
+    }
+    if let Some(p) = e.event.position() {
+        st.next_position = st.next_position.max(Position(p.0.saturating_add(1)));
+    }
+    if st.status.is_terminal() {
+        return;
+    }
+    match &e.event {
+        EventKind::RunStarted {
+            workflow,
+            version,
+            input,
+            ..
+        } => {
+            st.workflow = Some(workflow.clone());
+            st.version = Some(*version);
+            st.input = input.clone();
+        }
+        EventKind::StepStarted {
+            position,
+            name,
+            attempt,
+        } => {
+            let s = st.steps.entry(*position).or_insert_with(|| StepState {
+                name: name.clone(),
+                attempts: 0,
+                output: None,
+                error: None,
+                done: false,
+            });
+            s.attempts = s.attempts.max(*attempt);
+        }
+        EventKind::StepCompleted { position, output } => {
+            if let Some(s) = st.steps.get_mut(position) {
+                s.output = Some(output.clone());
+                s.done = true;
+            }
+        }
+        EventKind::StepFailed {
+            position,
+            error,
+            will_retry,
+            ..
+        } => {
+            if let Some(s) = st.steps.get_mut(position) {
+                s.error = Some(error.clone());
+                s.done = !will_retry;
+            }
+        }
+        EventKind::ApprovalRequested {
+            gate,
+            kind,
+            action,
+            args,
+            context,
+            reason,
+            allowed,
+            deadline,
+        } => {
+            st.gates.entry(*gate).or_insert_with(|| GateState {
+                gate: *gate,
+                kind: *kind,
+                action: action.clone(),
+                args: args.clone(),
+                context: context.clone(),
+                reason: reason.clone(),
+                allowed: allowed.clone(),
+                deadline: *deadline,
+                requested_at: e.at,
+                requested_seq: e.seq,
+                decision: None,
+            });
+        }
+        EventKind::DecisionRecorded {
+            gate,
+            decision,
+            by,
+            comment,
+            idempotency_key,
+        } => {
+            if let Some(g) = st.gates.get_mut(gate) {
+                if g.decision.is_none() {
+                    g.decision = Some(RecordedDecision {
+                        gate: *gate,
+                        decision: decision.clone(),
+                        by: by.clone(),
+                        comment: comment.clone(),
+                        idempotency_key: idempotency_key.clone(),
+                        seq: e.seq,
+                        at: e.at,
+                    });
+                }
+            }
+        }
+        EventKind::ValueRecorded { .. } => {}
+        EventKind::TimerStarted { position, .. } => {
+            st.open_timers.insert(*position);
+        }
+        EventKind::TimerFired { position } => {
+            st.open_timers.remove(position);
+        }
+        EventKind::RunCompleted { output } => {
+            st.output = Some(output.clone());
+            st.status = RunStatus::Completed;
+            st.open_timers.clear();
+            return;
+        }
+        EventKind::RunFailed { error } => {
+            st.error = Some(error.clone());
+            st.status = RunStatus::Failed;
+            st.open_timers.clear();
+            return;
+        }
+        EventKind::RunCancelled { by, .. } => {
+            st.cancelled_by = Some(by.clone());
+            st.status = RunStatus::Cancelled;
+            st.open_timers.clear();
+            return;
+        }
+    }
+    st.status = if st.gates.values().any(|g| g.decision.is_none()) || !st.open_timers.is_empty() {
+        RunStatus::Waiting
+    } else {
+        RunStatus::Running
+    };
+}

@@ -1,0 +1,22 @@
+//! `holdpoint-engine`: runs workflows durably over their journals.
+//!
+//! Authors write plain async functions that take a [`Ctx`]; the [`Registry`] names
+//! them; the [`Engine`] starts runs, records decisions, and drives runs with workers
+//! that replay each journal. No HTTP, no CLI here.
+
+pub mod clock;
+pub mod ctx;
+pub mod engine;
+pub mod error;
+pub mod fold;
+pub mod registry;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use ctx::{Answer, Ctx, Gated, RetryPolicy, Step, StepInfo, APPROVAL_DECISIONS, QUESTION_DECISIONS};
+pub use engine::{replay, Decided, DecisionRequest, Engine, EngineBuilder, EngineConfig, Replay, RunView, Workers};
+pub use error::{Error, Failure, Nondeterminism, Result};
+pub use fold::{fold, GateState, RunState, StepState};
+pub use registry::Registry;
+
+/// The journal types authors and operators meet through the engine.
+pub use holdpoint_journal as journal;

@@ -1,0 +1,22 @@
+//! `holdpoint-journal`: the append-only journal of every run.
+//!
+//! Event types ([`event`]), their stored form with checksum and hash chain ([`codec`]),
+//! the [`Store`] trait every backend implements, and [`SledStore`], the embedded
+//! default. This crate knows nothing of workflows.
+
+pub mod codec;
+pub mod error;
+pub mod event;
+pub mod ids;
+pub mod sled_store;
+pub mod store;
+
+pub use codec::ChainHash;
+pub use error::{Error, Result};
+pub use event::{Decision, DecisionKind, Event, EventKind, GateKind, ValueSource, FORMAT_VERSION};
+pub use ids::{GateId, LeaseToken, Position, Principal, RunId, Seq, WorkerId};
+pub use sled_store::{SledOptions, SledStore, DEFAULT_MAX_EVENT_BYTES};
+pub use store::{
+    Append, AppendConflict, Appended, Created, IndexChange, Lease, NewRun, PendingGate, RecordedDecision,
+    RunStatus, RunSummary, Store,
+};

@@ -1,0 +1,948 @@
+//! `SledStore`: the embedded default store, on sled 0.34.7.
+//!
+//! Trees (all keys big-endian so sled's byte order is the logical order):
+//!
+//! | tree        | key                          | value                     |
+//! |-------------|------------------------------|---------------------------|
+//! | `events`    | run (16) ++ seq (8)          | record (see `codec`)      |
+//! | `runs`      | run (16)                     | `RunSummary` JSON         |
+//! | `by_status` | status (1) ++ run (16)       | empty                     |
+//! | `pending`   | run (16) ++ gate (4)         | `PendingGate` JSON        |
+//! | `ready`     | wake ms (8) ++ run (16)      | empty                     |
+//! | `leases`    | run (16)                     | `Lease` JSON              |
+//! | `starts`    | idempotency key              | run (16) ++ request hash  |
+//!
+//! **Write path.** An append encodes its records outside any transaction (sled retries
+//! transaction closures, so they must stay pure and cheap), then one multi-tree
+//! transaction checks the expected seq and the lease, inserts the records and applies
+//! [`RunSummary::apply`]'s index changes. Then the caller joins the next group commit:
+//! one flusher thread runs `Db::flush` (which writes sled's buffers with
+//! `sync_file_range`) and then `fdatasync` on sled's data file through our own handle,
+//! and wakes every append that was waiting when the flush began. So an acknowledged
+//! append survives a process crash, a kernel crash and a power loss (given a disk that
+//! honours flushes), and concurrent appends share one sync.
+//!
+//! **Recovery.** Events and indexes are written in one transaction, so they never
+//! disagree. Leases die with their process: on open, every lease left in the file is
+//! turned back into a ready entry, so an activation a crash interrupted is driven again.
+
+use crate::codec::{self, ChainHash};
+use crate::error::{Error, Result};
+use crate::event::{Event, EventKind, FORMAT_VERSION};
+use crate::ids::{GateId, LeaseToken, RunId, Seq, WorkerId};
+use crate::store::{
+    Append, AppendConflict, Appended, Created, IndexChange, Lease, NewRun, PendingGate, RunStatus,
+    RunSummary, Store,
+};
+use chrono::{DateTime, TimeZone, Utc};
+use sha2::{Digest, Sha256};
+use sled::Transactional;
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+/// Default cap on one encoded event.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
+
+/// Options for [`SledStore::open_with`].
+#[derive(Clone, Debug)]
+pub struct SledOptions {
+    /// Largest encoded event accepted (default 64 KiB; sled stores larger values in
+    /// separate blob files, which we avoid).
+    pub max_event_bytes: usize,
+    /// sled's page cache size.
+    pub cache_bytes: u64,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions {
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The sled-backed [`Store`]. Cheap to clone (shares one database).
+#[derive(Clone)]
+pub struct SledStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    db: sled::Db,
+    trees: Trees,
+    flusher: GroupCommit,
+    changes: watch::Sender<u64>,
+    options: SledOptions,
+}
+
+#[derive(Clone)]
+struct Trees {
+    events: sled::Tree,
+    runs: sled::Tree,
+    by_status: sled::Tree,
+    pending: sled::Tree,
+    ready: sled::Tree,
+    leases: sled::Tree,
+    starts: sled::Tree,
+}
+
+// Positions of the trees in the slice every transaction uses.
+const EVENTS: usize = 0;
+const RUNS: usize = 1;
+const BY_STATUS: usize = 2;
+const PENDING: usize = 3;
+const READY: usize = 4;
+const LEASES: usize = 5;
+const STARTS: usize = 6;
+
+impl Trees {
+    fn all(&self) -> [&sled::Tree; 7] {
+        [
+            &self.events,
+            &self.runs,
+            &self.by_status,
+            &self.pending,
+            &self.ready,
+            &self.leases,
+            &self.starts,
+        ]
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir` with default options.
+    pub fn open(dir: impl AsRef<Path>) -> Result<SledStore> {
+        Self::open_with(dir, SledOptions::default())
+    }
+
+    pub fn open_with(dir: impl AsRef<Path>, options: SledOptions) -> Result<SledStore> {
+        let dir = dir.as_ref().to_path_buf();
+        let db = sled::Config::new()
+            .path(&dir)
+            .cache_capacity(options.cache_bytes)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    Error::Locked {
+                        dir: dir.clone(),
+                        detail: io.to_string(),
+                    }
+                }
+                other => Error::Storage(format!("opening {}: {other}", dir.display())),
+            })?;
+        let trees = Trees {
+            events: db.open_tree("events")?,
+            runs: db.open_tree("runs")?,
+            by_status: db.open_tree("by_status")?,
+            pending: db.open_tree("pending")?,
+            ready: db.open_tree("ready")?,
+            leases: db.open_tree("leases")?,
+            starts: db.open_tree("starts")?,
+        };
+        // sled keeps its log in `<dir>/db`; we fsync it ourselves (see module docs).
+        let data_file = File::open(dir.join("db"))?;
+        let flusher = GroupCommit::start(db.clone(), data_file);
+        let (changes, _) = watch::channel(0);
+        let store = SledStore {
+            inner: Arc::new(Inner {
+                dir,
+                db,
+                trees,
+                flusher,
+                changes,
+                options,
+            }),
+        };
+        store.recover_leases()?;
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// How many group commits (flush + fsync) have run since open.
+    pub fn sync_count(&self) -> u64 {
+        self.inner.flusher.shared.syncs.load(Ordering::Relaxed)
+    }
+
+    /// sled's own estimate of its files' size.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+
+    /// All run ids, in creation order (for `verify` and exports).
+    pub fn run_ids(&self) -> impl Iterator<Item = Result<RunId>> + '_ {
+        self.inner.trees.runs.iter().keys().map(|k| {
+            let k = k?;
+            run_from_key(&k).ok_or_else(|| Error::Storage("malformed key in runs tree".into()))
+        })
+    }
+
+    /// Waits until everything written so far is durable.
+    pub async fn sync(&self) -> Result<()> {
+        self.inner.flusher.wait().await
+    }
+
+    /// Every lease left in the file belongs to a process that is gone (sled allows one
+    /// process per directory): put those runs back on the ready queue.
+    fn recover_leases(&self) -> Result<()> {
+        let now = Utc::now();
+        let runs: Vec<RunId> = self
+            .inner
+            .trees
+            .leases
+            .iter()
+            .keys()
+            .filter_map(|k| k.ok().and_then(|k| run_from_key(&k)))
+            .collect();
+        for run in runs {
+            self.transact(|t| {
+                t[LEASES].remove(&run.as_bytes()[..])?;
+                if let Some(mut summary) = get_summary(&t[RUNS], run)? {
+                    if !summary.status.is_terminal() && summary.stuck.is_none() {
+                        schedule(t, &mut summary, now)?;
+                        put_summary(t, &summary, None)?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn transact<T>(
+        &self,
+        f: impl Fn(&[TransactionalTree]) -> std::result::Result<T, Tx>,
+    ) -> Result<T> {
+        let all = self.inner.trees.all();
+        let trees: &[&sled::Tree] = &all;
+        let r: std::result::Result<T, TransactionError<Error>> = trees.transaction(|t| {
+            f(t).map_err(|e| match e {
+                Tx::Abort(e) => ConflictableTransactionError::Abort(e),
+                Tx::Sled(e) => e.into(),
+            })
+        });
+        match r {
+            Ok(v) => Ok(v),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    fn bump(&self) {
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn summary_now(&self, run: RunId) -> Result<Option<RunSummary>> {
+        match self.inner.trees.runs.get(run.as_bytes())? {
+            None => Ok(None),
+            Some(v) => decode_summary(run, &v).map(Some),
+        }
+    }
+}
+
+/// The error type inside transaction closures.
+enum Tx {
+    Abort(Error),
+    Sled(UnabortableTransactionError),
+}
+
+impl From<UnabortableTransactionError> for Tx {
+    fn from(e: UnabortableTransactionError) -> Self {
+        Tx::Sled(e)
+    }
+}
+
+fn event_key(run: RunId, seq: Seq) -> [u8; 24] {
+    let mut k = [0; 24];
+    k[..16].copy_from_slice(run.as_bytes());
+    k[16..].copy_from_slice(&seq.0.to_be_bytes());
+    k
+}
+
+fn gate_key(run: RunId, gate: GateId) -> [u8; 20] {
+    let mut k = [0; 20];
+    k[..16].copy_from_slice(run.as_bytes());
+    k[16..].copy_from_slice(&gate.0.to_be_bytes());
+    k
+}
+
+fn ms(t: DateTime<Utc>) -> u64 {
+    t.timestamp_millis().max(0) as u64
+}
+
+fn ready_key(at: DateTime<Utc>, run: RunId) -> [u8; 24] {
+    let mut k = [0; 24];
+    k[..8].copy_from_slice(&ms(at).to_be_bytes());
+    k[8..].copy_from_slice(run.as_bytes());
+    k
+}
+
+fn status_key(status: RunStatus, run: RunId) -> [u8; 17] {
+    let mut k = [0; 17];
+    k[0] = status.code();
+    k[1..].copy_from_slice(run.as_bytes());
+    k
+}
+
+fn run_from_key(k: &[u8]) -> Option<RunId> {
+    let b: [u8; 16] = k.get(..16)?.try_into().ok()?;
+    Some(RunId::from_bytes(b))
+}
+
+fn decode_summary(run: RunId, bytes: &[u8]) -> Result<RunSummary> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt {
+        run,
+        seq: Seq::ZERO,
+        reason: format!("run summary does not decode: {e}"),
+    })
+}
+
+fn get_summary(t: &TransactionalTree, run: RunId) -> std::result::Result<Option<RunSummary>, Tx> {
+    match t.get(run.as_bytes())? {
+        None => Ok(None),
+        Some(v) => decode_summary(run, &v).map(Some).map_err(Tx::Abort),
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> std::result::Result<Vec<u8>, Tx> {
+    serde_json::to_vec(v).map_err(|e| Tx::Abort(e.into()))
+}
+
+/// Writes the summary and keeps `by_status` in step with it.
+fn put_summary(
+    t: &[TransactionalTree],
+    summary: &RunSummary,
+    old_status: Option<RunStatus>,
+) -> std::result::Result<(), Tx> {
+    match old_status {
+        Some(old) if old == summary.status => {}
+        Some(old) => {
+            t[BY_STATUS].remove(&status_key(old, summary.id)[..])?;
+            t[BY_STATUS].insert(&status_key(summary.status, summary.id)[..], &[][..])?;
+        }
+        None => {
+            // Status unknown to the caller: clear every other status key.
+            for st in RunStatus::ALL {
+                if st != summary.status {
+                    t[BY_STATUS].remove(&status_key(st, summary.id)[..])?;
+                }
+            }
+            t[BY_STATUS].insert(&status_key(summary.status, summary.id)[..], &[][..])?;
+        }
+    }
+    t[RUNS].insert(&summary.id.as_bytes()[..], json(summary)?)?;
+    Ok(())
+}
+
+/// Makes the run ready at `at` (or earlier, if it already was): into the ready queue,
+/// or, while a worker holds it, onto the lease to be queued at release.
+fn schedule(
+    t: &[TransactionalTree],
+    summary: &mut RunSummary,
+    at: DateTime<Utc>,
+) -> std::result::Result<(), Tx> {
+    let run = summary.id;
+    if let Some(bytes) = t[LEASES].get(run.as_bytes())? {
+        let mut lease: Lease = serde_json::from_slice(&bytes)
+            .map_err(|e| Tx::Abort(Error::Storage(format!("lease of run {run} does not decode: {e}"))))?;
+        lease.rewake_at = Some(lease.rewake_at.map_or(at, |r| r.min(at)));
+        t[LEASES].insert(&run.as_bytes()[..], json(&lease)?)?;
+        return Ok(());
+    }
+    if let Some(old) = summary.wake_at {
+        if old <= at {
+            return Ok(());
+        }
+        t[READY].remove(&ready_key(old, run)[..])?;
+    }
+    t[READY].insert(&ready_key(at, run)[..], &[][..])?;
+    summary.wake_at = Some(at);
+    Ok(())
+}
+
+fn unschedule(t: &[TransactionalTree], summary: &mut RunSummary) -> std::result::Result<(), Tx> {
+    if let Some(old) = summary.wake_at.take() {
+        t[READY].remove(&ready_key(old, summary.id)[..])?;
+    }
+    Ok(())
+}
+
+fn apply_changes(
+    t: &[TransactionalTree],
+    summary: &mut RunSummary,
+    changes: Vec<IndexChange>,
+) -> std::result::Result<(), Tx> {
+    for change in changes {
+        match change {
+            IndexChange::GateOpened(gate) => {
+                t[PENDING].insert(&gate_key(gate.run, gate.gate)[..], json(&gate)?)?;
+            }
+            IndexChange::GateClosed(gate) => {
+                t[PENDING].remove(&gate_key(summary.id, gate)[..])?;
+            }
+            IndexChange::Wake(at) => schedule(t, summary, at)?,
+            IndexChange::Ended => unschedule(t, summary)?,
+        }
+    }
+    Ok(())
+}
+
+fn request_hash(run: &NewRun) -> Result<[u8; 32]> {
+    let mut h = Sha256::new();
+    h.update(run.workflow.as_bytes());
+    h.update([0]);
+    h.update(run.version.to_be_bytes());
+    h.update(serde_json::to_vec(&run.input)?);
+    Ok(h.finalize().into())
+}
+
+impl Store for SledStore {
+    async fn create_run(&self, run: NewRun) -> Result<Created> {
+        let event = Event {
+            run: run.id,
+            seq: Seq::ZERO,
+            at: run.at,
+            v: FORMAT_VERSION,
+            event: EventKind::RunStarted {
+                workflow: run.workflow.clone(),
+                version: run.version,
+                input: run.input.clone(),
+                idempotency_key: run.idempotency_key.clone(),
+            },
+        };
+        let (record, head) = codec::encode(&event, &ChainHash::GENESIS, self.inner.options.max_event_bytes)?;
+        let hash = request_hash(&run)?;
+        let created = self.transact(|t| {
+            if let Some(key) = &run.idempotency_key {
+                if let Some(existing) = t[STARTS].get(key.as_bytes())? {
+                    let existing_run = run_from_key(&existing)
+                        .ok_or_else(|| Tx::Abort(Error::Storage("malformed starts entry".into())))?;
+                    if existing.get(16..) != Some(&hash[..]) {
+                        return Err(Tx::Abort(Error::StartConflict {
+                            key: key.clone(),
+                            existing: existing_run,
+                        }));
+                    }
+                    return Ok(Created::Existing(existing_run));
+                }
+                let mut v = run.id.as_bytes().to_vec();
+                v.extend_from_slice(&hash);
+                t[STARTS].insert(key.as_bytes(), v)?;
+            }
+            if t[RUNS].get(run.id.as_bytes())?.is_some() {
+                return Err(Tx::Abort(Error::Storage(format!("run {} already exists", run.id))));
+            }
+            let mut summary = RunSummary::start(&run);
+            let changes = summary.apply(&event, head);
+            t[EVENTS].insert(&event_key(run.id, Seq::ZERO)[..], record.clone())?;
+            apply_changes(t, &mut summary, changes)?;
+            put_summary(t, &summary, None)?;
+            Ok(Created::New(run.id))
+        })?;
+        // Even an existing run is synced before answering: its start may have been
+        // acknowledged to nobody yet (a crash right after the first attempt's write).
+        self.inner.flusher.wait().await?;
+        self.bump();
+        Ok(created)
+    }
+
+    async fn append(&self, append: Append) -> Result<std::result::Result<Appended, AppendConflict>> {
+        let run = append.run;
+        let Some(current) = self.summary_now(run)? else {
+            return Err(Error::UnknownRun(run));
+        };
+        if current.next_seq != append.expected {
+            return Ok(Err(AppendConflict {
+                run,
+                expected: append.expected,
+                found: current.next_seq,
+            }));
+        }
+        // Encode outside the transaction: sled may run the closure more than once.
+        let mut records = Vec::with_capacity(append.events.len());
+        let mut events = Vec::with_capacity(append.events.len());
+        let mut head = current.head;
+        for (i, kind) in append.events.into_iter().enumerate() {
+            let event = Event {
+                run,
+                seq: append.expected.plus(i as u64),
+                at: append.at,
+                v: FORMAT_VERSION,
+                event: kind,
+            };
+            let (record, hash) = codec::encode(&event, &head, self.inner.options.max_event_bytes)?;
+            records.push(record);
+            events.push((event, hash));
+            head = hash;
+        }
+        let outcome = self.transact(|t| {
+            let Some(mut summary) = get_summary(&t[RUNS], run)? else {
+                return Err(Tx::Abort(Error::UnknownRun(run)));
+            };
+            if summary.next_seq != append.expected || summary.head != current.head {
+                return Ok(Err(AppendConflict {
+                    run,
+                    expected: append.expected,
+                    found: summary.next_seq,
+                }));
+            }
+            if summary.status.is_terminal() {
+                return Err(Tx::Abort(Error::RunEnded(run)));
+            }
+            if let Some(token) = append.lease {
+                let held = match t[LEASES].get(run.as_bytes())? {
+                    Some(b) => serde_json::from_slice::<Lease>(&b).map(|l| l.token == token).unwrap_or(false),
+                    None => false,
+                };
+                if !held {
+                    return Err(Tx::Abort(Error::LeaseLost(run)));
+                }
+            }
+            let old_status = summary.status;
+            for ((event, hash), record) in events.iter().zip(&records) {
+                t[EVENTS].insert(&event_key(run, event.seq)[..], record.clone())?;
+                let changes = summary.apply(event, *hash);
+                apply_changes(t, &mut summary, changes)?;
+            }
+            put_summary(t, &summary, Some(old_status))?;
+            Ok(Ok(Appended {
+                next: summary.next_seq,
+                head: summary.head,
+            }))
+        })?;
+        if outcome.is_ok() {
+            self.inner.flusher.wait().await?;
+            self.bump();
+        }
+        Ok(outcome)
+    }
+
+    async fn read(&self, run: RunId, from: Seq) -> Result<Vec<Event>> {
+        let Some(summary) = self.summary_now(run)? else {
+            return Err(Error::UnknownRun(run));
+        };
+        let events_tree = &self.inner.trees.events;
+        let mut prev = if from == Seq::ZERO {
+            ChainHash::GENESIS
+        } else {
+            let before = Seq(from.0 - 1);
+            let Some(record) = events_tree.get(event_key(run, before))? else {
+                return Err(Error::Corrupt {
+                    run,
+                    seq: before,
+                    reason: "event is missing".into(),
+                });
+            };
+            codec::check(run, before, &record)?.hash()
+        };
+        let mut out = Vec::new();
+        let mut expected = from;
+        for item in events_tree.range(event_key(run, from)..=event_key(run, Seq(u64::MAX))) {
+            let (key, record) = item?;
+            let seq = Seq(u64::from_be_bytes(key[16..24].try_into().map_err(|_| Error::Corrupt {
+                run,
+                seq: expected,
+                reason: "malformed event key".into(),
+            })?));
+            if seq != expected {
+                return Err(Error::Corrupt {
+                    run,
+                    seq: expected,
+                    reason: format!("event is missing (the next stored event is seq {seq})"),
+                });
+            }
+            let (event, hash) = codec::decode(run, seq, &record, &prev)?;
+            out.push(event);
+            prev = hash;
+            expected = expected.next();
+        }
+        if expected < summary.next_seq {
+            return Err(Error::Corrupt {
+                run,
+                seq: expected,
+                reason: format!(
+                    "journal ends before seq {expected} but the run has {} events: events are missing at the end",
+                    summary.next_seq
+                ),
+            });
+        }
+        if expected > summary.next_seq {
+            return Err(Error::Corrupt {
+                run,
+                seq: summary.next_seq,
+                reason: format!(
+                    "journal has events past seq {} that the run's summary does not know",
+                    summary.next_seq
+                ),
+            });
+        }
+        if expected > from && prev != summary.head {
+            return Err(Error::Corrupt {
+                run,
+                seq: Seq(expected.0 - 1),
+                reason: "last event's chain hash differs from the recorded head: the journal was rewritten".into(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn summary(&self, run: RunId) -> Result<Option<RunSummary>> {
+        self.summary_now(run)
+    }
+
+    async fn list_runs(
+        &self,
+        status: Option<RunStatus>,
+        after: Option<RunId>,
+        limit: usize,
+    ) -> Result<Vec<RunSummary>> {
+        let mut out = Vec::new();
+        match status {
+            Some(st) => {
+                let start = match after {
+                    Some(a) => {
+                        let mut k = status_key(st, a).to_vec();
+                        k.push(0);
+                        k
+                    }
+                    None => vec![st.code()],
+                };
+                for item in self.inner.trees.by_status.range(start..) {
+                    let (k, _) = item?;
+                    if k.first() != Some(&st.code()) || out.len() >= limit {
+                        break;
+                    }
+                    if let Some(run) = run_from_key(&k[1..]) {
+                        if let Some(s) = self.summary_now(run)? {
+                            out.push(s);
+                        }
+                    }
+                }
+            }
+            None => {
+                let iter = match after {
+                    Some(a) => {
+                        let mut k = a.as_bytes().to_vec();
+                        k.push(0);
+                        self.inner.trees.runs.range(k..)
+                    }
+                    None => self.inner.trees.runs.iter(),
+                };
+                for item in iter.take(limit) {
+                    let (k, v) = item?;
+                    let run = run_from_key(&k).ok_or_else(|| Error::Storage("malformed key in runs tree".into()))?;
+                    out.push(decode_summary(run, &v)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn pending(&self, after: Option<(RunId, GateId)>, limit: usize) -> Result<Vec<PendingGate>> {
+        let iter = match after {
+            Some((run, gate)) => {
+                let mut k = gate_key(run, gate).to_vec();
+                k.push(0);
+                self.inner.trees.pending.range(k..)
+            }
+            None => self.inner.trees.pending.iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item?;
+            let run = run_from_key(&k).unwrap_or_default();
+            out.push(serde_json::from_slice(&v).map_err(|e| Error::Corrupt {
+                run,
+                seq: Seq::ZERO,
+                reason: format!("pending gate entry does not decode: {e}"),
+            })?);
+        }
+        Ok(out)
+    }
+
+    async fn claim(
+        &self,
+        owner: WorkerId,
+        now: DateTime<Utc>,
+        ttl: Duration,
+        max: usize,
+    ) -> Result<Vec<Lease>> {
+        let expires_at = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
+        let mut out = Vec::new();
+        // Runs whose lease expired without a release (a stalled worker): take them over.
+        let mut expired = Vec::new();
+        for item in self.inner.trees.leases.iter() {
+            let (_, v) = item?;
+            if let Ok(lease) = serde_json::from_slice::<Lease>(&v) {
+                if lease.expires_at <= now {
+                    expired.push(lease);
+                }
+            }
+        }
+        for old in expired.into_iter().take(max) {
+            let token = LeaseToken(self.inner.db.generate_id()?);
+            let lease = Lease {
+                run: old.run,
+                owner,
+                token,
+                expires_at,
+                rewake_at: None,
+            };
+            let taken = self.transact(|t| {
+                let current = t[LEASES].get(old.run.as_bytes())?;
+                let still = current
+                    .and_then(|b| serde_json::from_slice::<Lease>(&b).ok())
+                    .is_some_and(|l| l.token == old.token);
+                if !still {
+                    return Ok(false);
+                }
+                t[LEASES].insert(&old.run.as_bytes()[..], json(&lease)?)?;
+                Ok(true)
+            })?;
+            if taken {
+                out.push(lease);
+            }
+        }
+        let limit_key = ready_key(now, RunId::from_bytes([0xff; 16]));
+        let candidates: Vec<sled::IVec> = self
+            .inner
+            .trees
+            .ready
+            .range(..=limit_key)
+            .keys()
+            .take(max.saturating_sub(out.len()))
+            .collect::<std::result::Result<_, _>>()?;
+        for key in candidates {
+            let Some(run) = key.get(8..).and_then(run_from_key) else {
+                continue;
+            };
+            let token = LeaseToken(self.inner.db.generate_id()?);
+            let lease = Lease {
+                run,
+                owner,
+                token,
+                expires_at,
+                rewake_at: None,
+            };
+            let taken = self.transact(|t| {
+                if t[READY].get(&key)?.is_none() {
+                    return Ok(false);
+                }
+                t[READY].remove(&key)?;
+                let Some(mut summary) = get_summary(&t[RUNS], run)? else {
+                    return Ok(false);
+                };
+                summary.wake_at = None;
+                if t[LEASES].get(run.as_bytes())?.is_some() {
+                    // Leased already (should not happen: wake-ups of leased runs go on
+                    // the lease). Keep the wake-up for when it is released.
+                    schedule(t, &mut summary, now)?;
+                    put_summary(t, &summary, Some(summary.status))?;
+                    return Ok(false);
+                }
+                put_summary(t, &summary, Some(summary.status))?;
+                if summary.status.is_terminal() || summary.stuck.is_some() {
+                    return Ok(false);
+                }
+                t[LEASES].insert(&run.as_bytes()[..], json(&lease)?)?;
+                Ok(true)
+            })?;
+            if taken {
+                out.push(lease);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn release(&self, lease: &Lease, wake: Option<DateTime<Utc>>) -> Result<()> {
+        let run = lease.run;
+        self.transact(|t| {
+            let Some(bytes) = t[LEASES].get(run.as_bytes())? else {
+                return Ok(());
+            };
+            let current: Lease = serde_json::from_slice(&bytes)
+                .map_err(|e| Tx::Abort(Error::Storage(format!("lease of run {run} does not decode: {e}"))))?;
+            if current.token != lease.token {
+                return Ok(());
+            }
+            t[LEASES].remove(&run.as_bytes()[..])?;
+            let at = match (wake, current.rewake_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let (Some(at), Some(mut summary)) = (at, get_summary(&t[RUNS], run)?) {
+                if !summary.status.is_terminal() && summary.stuck.is_none() {
+                    schedule(t, &mut summary, at)?;
+                    put_summary(t, &summary, Some(summary.status))?;
+                }
+            }
+            Ok(())
+        })?;
+        self.bump();
+        Ok(())
+    }
+
+    async fn renew(&self, lease: &Lease, now: DateTime<Utc>, ttl: Duration) -> Result<Option<Lease>> {
+        let run = lease.run;
+        let expires_at = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
+        self.transact(|t| {
+            let Some(bytes) = t[LEASES].get(run.as_bytes())? else {
+                return Ok(None);
+            };
+            let Ok(mut current) = serde_json::from_slice::<Lease>(&bytes) else {
+                return Ok(None);
+            };
+            if current.token != lease.token {
+                return Ok(None);
+            }
+            current.expires_at = expires_at;
+            t[LEASES].insert(&run.as_bytes()[..], json(&current)?)?;
+            Ok(Some(current))
+        })
+    }
+
+    async fn mark_stuck(&self, lease: &Lease, reason: String) -> Result<()> {
+        let run = lease.run;
+        self.transact(|t| {
+            let held = t[LEASES]
+                .get(run.as_bytes())?
+                .and_then(|b| serde_json::from_slice::<Lease>(&b).ok())
+                .is_some_and(|l| l.token == lease.token);
+            if !held {
+                return Err(Tx::Abort(Error::LeaseLost(run)));
+            }
+            t[LEASES].remove(&run.as_bytes()[..])?;
+            let Some(mut summary) = get_summary(&t[RUNS], run)? else {
+                return Err(Tx::Abort(Error::UnknownRun(run)));
+            };
+            let old = summary.status;
+            unschedule(t, &mut summary)?;
+            summary.stuck = Some(reason.clone());
+            if !summary.status.is_terminal() {
+                summary.status = RunStatus::Stuck;
+            }
+            put_summary(t, &summary, Some(old))?;
+            Ok(())
+        })?;
+        self.bump();
+        Ok(())
+    }
+
+    async fn is_leased(&self, run: RunId) -> Result<bool> {
+        Ok(self.inner.trees.leases.contains_key(run.as_bytes())?)
+    }
+
+    async fn next_wake(&self) -> Result<Option<DateTime<Utc>>> {
+        let Some((k, _)) = self.inner.trees.ready.first()? else {
+            return Ok(None);
+        };
+        let ms = u64::from_be_bytes(k[..8].try_into().map_err(|_| Error::Storage("malformed ready key".into()))?);
+        Ok(Utc.timestamp_millis_opt(ms as i64).single())
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    fn max_event_bytes(&self) -> usize {
+        self.inner.options.max_event_bytes
+    }
+}
+
+/// Group commit: appenders that finished their transaction wait here; one thread
+/// flushes for all of them. A waiter is only woken by a flush that *started* after it
+/// registered, so the flush covers its writes.
+struct GroupCommit {
+    shared: Arc<FlushShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct FlushShared {
+    queue: Mutex<FlushQueue>,
+    wake: Condvar,
+    syncs: AtomicU64,
+}
+
+#[derive(Default)]
+struct FlushQueue {
+    waiters: Vec<oneshot::Sender<std::result::Result<(), String>>>,
+    shutdown: bool,
+}
+
+impl GroupCommit {
+    fn start(db: sled::Db, data_file: File) -> GroupCommit {
+        let shared = Arc::new(FlushShared {
+            queue: Mutex::new(FlushQueue::default()),
+            wake: Condvar::new(),
+            syncs: AtomicU64::new(0),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("holdpoint-group-commit".into())
+            .spawn(move || loop {
+                let batch = {
+                    let mut q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
+                    while q.waiters.is_empty() && !q.shutdown {
+                        q = s.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                    }
+                    if q.waiters.is_empty() && q.shutdown {
+                        return;
+                    }
+                    std::mem::take(&mut q.waiters)
+                };
+                let result = db
+                    .flush()
+                    .map_err(|e| format!("flush failed: {e}"))
+                    .and_then(|_| data_file.sync_data().map_err(|e| format!("fsync failed: {e}")));
+                s.syncs.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "group commit failed; appends in this batch are not acknowledged");
+                }
+                for w in batch {
+                    let _ = w.send(result.clone());
+                }
+            })
+            .ok();
+        GroupCommit { shared, thread }
+    }
+
+    async fn wait(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.shutdown || self.thread.is_none() {
+                return Err(Error::Storage("store is closed".into()));
+            }
+            q.waiters.push(tx);
+        }
+        self.shared.wake.notify_one();
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Storage(e)),
+            Err(_) => Err(Error::Storage("group commit thread stopped".into())),
+        }
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        self.shared.queue.lock().unwrap_or_else(|p| p.into_inner()).shutdown = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The `Store` trait: what the engine needs from a place that keeps journals.
+//!
+//! **API Boundary.** Backends (sled here, PostgreSQL later) implement this trait and pass
+//! the same conformance tests. **Architecture Invariant:** a store derives every index
+//! (run summary, status, pending gates, ready queue) from the events it appends, in the
+//! same atomic write as the events, using [`RunSummary::apply`]. Callers never write an
+//! index directly, so an index cannot disagree with the journal it describes.
+
+use crate::codec::ChainHash;
+use crate::error::Result;
+use crate::event::{Decision, DecisionKind, Event, EventKind, GateKind};
+use crate::ids::{GateId, LeaseToken, Position, Principal, RunId, Seq, WorkerId};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::fmt;
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A run to create: becomes `run-started` at seq 0.
+#[derive(Clone, Debug)]
+pub struct NewRun {
+    pub id: RunId,
+    pub workflow: String,
+    pub version: u32,
+    pub input: Value,
+    /// A start retried with the same key returns the first run instead of a new one.
+    pub idempotency_key: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// Result of [`Store::create_run`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Created {
+    /// A new run, durable.
+    New(RunId),
+    /// The idempotency key was used before for the same workflow and input; this is
+    /// that run.
+    Existing(RunId),
+}
+
+impl Created {
+    pub fn run(self) -> RunId {
+        match self {
+            Created::New(r) | Created::Existing(r) => r,
+        }
+    }
+}
+
+/// Events to append to one run, atomically, at an expected position.
+#[derive(Clone, Debug)]
+pub struct Append {
+    pub run: RunId,
+    /// The seq the first event must get: the run's current length. Anything else is a
+    /// conflict, returned as a value.
+    pub expected: Seq,
+    pub at: DateTime<Utc>,
+    pub events: Vec<EventKind>,
+    /// When set, the append succeeds only while this lease is the run's current one
+    /// (fencing: a worker that lost its lease cannot write).
+    pub lease: Option<LeaseToken>,
+}
+
+/// An append that landed (durably).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The run's next seq after this append.
+    pub next: Seq,
+    pub head: ChainHash,
+}
+
+/// An append at the wrong seq: someone else appended first. Expected, so a value, not
+/// an error (like sled's `CompareAndSwapError`): it says what is there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendConflict {
+    pub run: RunId,
+    pub expected: Seq,
+    /// The run's actual next seq.
+    pub found: Seq,
+}
+
+impl fmt::Display for AppendConflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "run {} expected append at seq {}, but its journal already ends before seq {}",
+            self.run, self.expected, self.found
+        )
+    }
+}
+
+/// Status of a run, as indexed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunStatus {
+    /// Has work to do or is being driven.
+    Running,
+    /// Waits for a person (an open gate) or a timer.
+    Waiting,
+    Completed,
+    Failed,
+    Cancelled,
+    /// Parked for an operator: workflow code no longer matches the journal, the journal
+    /// is corrupt, or the workflow version is not registered. Never retried in a loop.
+    Stuck,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 6] = [
+        RunStatus::Running,
+        RunStatus::Waiting,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+        RunStatus::Stuck,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Waiting => "waiting",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::Stuck => "stuck",
+        }
+    }
+
+    /// Stable one-byte code for index keys.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RunStatus {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        RunStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown status {s:?} (expected running, waiting, completed, failed, cancelled or stuck)")
+            })
+    }
+}
+
+/// The indexed summary of one run, derived from its events by [`RunSummary::apply`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub id: RunId,
+    pub workflow: String,
+    pub version: u32,
+    pub status: RunStatus,
+    /// Seq the next append must use (= number of events).
+    pub next_seq: Seq,
+    /// Chain hash of the last event.
+    pub head: ChainHash,
+    pub open_gates: Vec<GateId>,
+    pub open_timers: Vec<Position>,
+    /// When the run next needs a worker (None: waits for a person, or has ended).
+    pub wake_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Why the run is stuck, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stuck: Option<String>,
+}
+
+/// What an event did to a run's indexes, for the store to mirror into its trees.
+#[derive(Clone, Debug, PartialEq)]
+pub enum IndexChange {
+    GateOpened(PendingGate),
+    GateClosed(GateId),
+    /// The run needs a worker at this time.
+    Wake(DateTime<Utc>),
+    /// The run has ended: drop it from every queue.
+    Ended,
+}
+
+impl RunSummary {
+    /// The summary of a run whose first event is `run-started`.
+    pub fn start(run: &NewRun) -> RunSummary {
+        RunSummary {
+            id: run.id,
+            workflow: run.workflow.clone(),
+            version: run.version,
+            status: RunStatus::Running,
+            next_seq: Seq::ZERO,
+            head: ChainHash::GENESIS,
+            open_gates: Vec::new(),
+            open_timers: Vec::new(),
+            wake_at: None,
+            created_at: run.at,
+            updated_at: run.at,
+            idempotency_key: run.idempotency_key.clone(),
+            stuck: None,
+        }
+    }
+
+    /// Applies one event (already given its seq) and reports the index changes it
+    /// implies. The single definition of how events move indexes, shared by every store.
+    pub fn apply(&mut self, event: &Event, head: ChainHash) -> Vec<IndexChange> {
+        let mut changes = Vec::new();
+        self.next_seq = event.seq.next();
+        self.head = head;
+        self.updated_at = event.at;
+        match &event.event {
+            EventKind::RunStarted { .. } => changes.push(IndexChange::Wake(event.at)),
+            EventKind::ApprovalRequested {
+                gate,
+                kind,
+                action,
+                args,
+                context,
+                reason,
+                allowed,
+                deadline,
+            } => {
+                if !self.open_gates.contains(gate) {
+                    self.open_gates.push(*gate);
+                }
+                changes.push(IndexChange::GateOpened(PendingGate {
+                    run: self.id,
+                    gate: *gate,
+                    workflow: self.workflow.clone(),
+                    kind: *kind,
+                    action: action.clone(),
+                    args: args.clone(),
+                    context: context.clone(),
+                    reason: reason.clone(),
+                    allowed: allowed.clone(),
+                    deadline: *deadline,
+                    requested_at: event.at,
+                }));
+            }
+            EventKind::DecisionRecorded { gate, .. } => {
+                self.open_gates.retain(|g| g != gate);
+                changes.push(IndexChange::GateClosed(*gate));
+                changes.push(IndexChange::Wake(event.at));
+            }
+            EventKind::TimerStarted { position, .. } => {
+                if !self.open_timers.contains(position) {
+                    self.open_timers.push(*position);
+                }
+            }
+            EventKind::TimerFired { position } => self.open_timers.retain(|p| p != position),
+            EventKind::RunCompleted { .. }
+            | EventKind::RunFailed { .. }
+            | EventKind::RunCancelled { .. } => {
+                for gate in self.open_gates.drain(..) {
+                    changes.push(IndexChange::GateClosed(gate));
+                }
+                self.open_timers.clear();
+                self.wake_at = None;
+                changes.push(IndexChange::Ended);
+            }
+            EventKind::StepStarted { .. }
+            | EventKind::StepCompleted { .. }
+            | EventKind::StepFailed { .. }
+            | EventKind::ValueRecorded { .. } => {}
+        }
+        self.status = match &event.event {
+            EventKind::RunCompleted { .. } => RunStatus::Completed,
+            EventKind::RunFailed { .. } => RunStatus::Failed,
+            EventKind::RunCancelled { .. } => RunStatus::Cancelled,
+            _ if self.stuck.is_some() => RunStatus::Stuck,
+            _ if !self.open_gates.is_empty() || !self.open_timers.is_empty() => RunStatus::Waiting,
+            _ => RunStatus::Running,
+        };
+        changes
+    }
+}
+
+/// A gate awaiting a decision, as the inbox shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PendingGate {
+    pub run: RunId,
+    pub gate: GateId,
+    pub workflow: String,
+    pub kind: GateKind,
+    pub action: String,
+    pub args: Value,
+    pub context: Value,
+    pub reason: String,
+    pub allowed: Vec<DecisionKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+    pub requested_at: DateTime<Utc>,
+}
+
+/// A worker's claim on a run. While it holds, no other worker drives the run, and
+/// appends carrying its token are the only positional appends accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub run: RunId,
+    pub owner: WorkerId,
+    pub token: LeaseToken,
+    pub expires_at: DateTime<Utc>,
+    /// Set when something made the run ready while it was leased (a decision arrived
+    /// mid-activation): on release it goes straight back to the ready queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewake_at: Option<DateTime<Utc>>,
+}
+
+/// A decision as recorded, for conflict reports.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordedDecision {
+    pub gate: GateId,
+    pub decision: Decision,
+    pub by: Principal,
+    pub comment: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub seq: Seq,
+    pub at: DateTime<Utc>,
+}
+
+/// Where journals live. See the module docs for the invariant every implementation keeps.
+///
+/// Durability: `create_run` and `append` return only once their events are on disk
+/// (each store documents exactly which failures that survives). Everything else
+/// (leases, wake-ups, stuck marks) may be lost in a crash and is rebuilt on open.
+pub trait Store: Send + Sync + 'static {
+    /// Creates a run with its `run-started` event, durably, unless the idempotency key
+    /// names an existing run.
+    fn create_run(&self, run: NewRun) -> impl Future<Output = Result<Created>> + Send;
+
+    /// Appends events at `expected`, durably, updating indexes in the same atomic write.
+    /// `Ok(Err(conflict))` when the run's next seq is not `expected`.
+    fn append(
+        &self,
+        append: Append,
+    ) -> impl Future<Output = Result<std::result::Result<Appended, AppendConflict>>> + Send;
+
+    /// The run's events from `from` on, each verified (checksum, hash chain, envelope),
+    /// and the chain checked up to the summary's head. Corruption is an error naming the
+    /// first bad seq; nothing past it is returned.
+    fn read(&self, run: RunId, from: Seq) -> impl Future<Output = Result<Vec<Event>>> + Send;
+
+    fn summary(&self, run: RunId) -> impl Future<Output = Result<Option<RunSummary>>> + Send;
+
+    /// Runs in id (= creation time) order after `after`, optionally of one status.
+    fn list_runs(
+        &self,
+        status: Option<RunStatus>,
+        after: Option<RunId>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<RunSummary>>> + Send;
+
+    /// Open gates in (run, gate) order after `after`, read from an index of open gates
+    /// only (never a scan of all runs).
+    fn pending(
+        &self,
+        after: Option<(RunId, GateId)>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<PendingGate>>> + Send;
+
+    /// Leases up to `max` runs that are due by `now` (or whose lease expired).
+    fn claim(
+        &self,
+        owner: WorkerId,
+        now: DateTime<Utc>,
+        ttl: Duration,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<Lease>>> + Send;
+
+    /// Ends a lease. `wake` schedules the run's next activation (a timer); a wake-up that
+    /// arrived during the lease is kept too. A lease that is no longer current is ignored.
+    fn release(
+        &self,
+        lease: &Lease,
+        wake: Option<DateTime<Utc>>,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Extends a lease that is still current. `Ok(None)` when it is not (another worker
+    /// took the run over after it expired): the holder must stop driving the run.
+    fn renew(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<Lease>>> + Send;
+
+    /// Parks the run as stuck with a reason, and releases the lease.
+    fn mark_stuck(&self, lease: &Lease, reason: String) -> impl Future<Output = Result<()>> + Send;
+
+    /// Whether a worker currently holds a lease on the run.
+    fn is_leased(&self, run: RunId) -> impl Future<Output = Result<bool>> + Send;
+
+    /// The earliest time any run needs a worker.
+    fn next_wake(&self) -> impl Future<Output = Result<Option<DateTime<Utc>>>> + Send;
+
+    /// A counter bumped after every change that could make a run ready or change its
+    /// state; workers and waiters watch it instead of polling.
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Largest encoded event the store accepts.
+    fn max_event_bytes(&self) -> usize;
+}
