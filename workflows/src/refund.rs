@@ -65,7 +65,9 @@ pub async fn refund(ctx: Ctx, req: RefundRequest, ledger: Arc<Ledger>) -> Result
             amount_cents: amount,
             memo: format!("refund for order {}: {}", order.order_id, req.reason),
         };
-        let approved = if amount <= AUTO_APPROVE_CENTS {
+        // Once a person has rejected a draft, every later draft goes back to a person,
+        // however small: the agent does not get to route around a "no".
+        let approved = if amount <= AUTO_APPROVE_CENTS && last_reason.is_empty() {
             payment
         } else {
             let context = serde_json::json!({

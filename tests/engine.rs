@@ -1,0 +1,548 @@
+//! Engine behaviour through its public API, on real sled stores in temp directories.
+
+use holdpoint::journal::{Decision, DecisionKind, EventKind, Position, RunStatus, Store};
+use holdpoint::prelude::*;
+use holdpoint::workflows::refund::{self, Payment, RefundOutcome, RefundRequest};
+use holdpoint::workflows::Ledger;
+use holdpoint::{fold, replay, Answer, EngineConfig, Error, ManualClock, Replay};
+use serde_json::json;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn bob() -> Principal {
+    Principal::new("bob")
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    engine: Engine<SledStore>,
+    ledger: Arc<Ledger>,
+}
+
+fn env_with(extra: impl FnOnce(Registry) -> Registry) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(Ledger::new(dir.path().join("ledger.jsonl")));
+    let store = SledStore::open(dir.path().join("data")).unwrap();
+    let registry = extra(refund::register(Registry::new(), ledger.clone()));
+    let engine = Engine::new(store, registry).unwrap();
+    Env {
+        _dir: dir,
+        engine,
+        ledger,
+    }
+}
+
+fn env() -> Env {
+    env_with(|r| r)
+}
+
+fn big_refund() -> RefundRequest {
+    RefundRequest {
+        order_id: "A-1".into(),
+        amount_cents: 25_000,
+        reason: "damaged".into(),
+    }
+}
+
+async fn only_gate(engine: &Engine<SledStore>, run: RunId) -> GateId {
+    let view = engine.get(run).await.unwrap();
+    let open: Vec<_> = view.state.open_gates().collect();
+    assert_eq!(open.len(), 1, "expected exactly one open gate: {:?}", view.state.gates);
+    open[0].gate
+}
+
+#[tokio::test]
+async fn approve_runs_the_action_once_with_the_proposed_args() {
+    let env = env();
+    let e = &env.engine;
+    let run = e.start("refund", &big_refund(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let summary = e.store().summary(run).await.unwrap().unwrap();
+    assert_eq!(summary.status, RunStatus::Waiting);
+    assert!(env.ledger.entries().unwrap().is_empty(), "nothing is paid before approval");
+    let pending = e.pending(None, 10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].action, "send_money");
+    let proposed: Payment = serde_json::from_value(pending[0].args.clone()).unwrap();
+
+    let gate = only_gate(e, run).await;
+    e.decide(run, DecisionRequest::approve(gate, bob()).comment("ok"))
+        .await
+        .unwrap();
+    e.drain().await.unwrap();
+
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.summary.status, RunStatus::Completed);
+    let outcome: RefundOutcome = serde_json::from_value(view.state.output.unwrap()).unwrap();
+    assert_eq!(
+        outcome,
+        RefundOutcome::Refunded {
+            payment: proposed.clone(),
+            drafts: 1
+        }
+    );
+    let paid = env.ledger.entries().unwrap();
+    assert_eq!(paid.len(), 1);
+    assert_eq!(paid[0].amount_cents, proposed.amount_cents);
+    assert!(e.pending(None, 10).await.unwrap().is_empty());
+    // Who approved is in the journal.
+    let decided = view.state.gates[&gate].decision.clone().unwrap();
+    assert_eq!(decided.by, bob());
+    assert_eq!(decided.comment.as_deref(), Some("ok"));
+}
+
+#[tokio::test]
+async fn edit_changes_what_is_actually_paid() {
+    let env = env();
+    let e = &env.engine;
+    let run = e.start("refund", &big_refund(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let gate = only_gate(e, run).await;
+    let edited = Payment {
+        to: "customer-of-A-1".into(),
+        amount_cents: 12_345,
+        memo: "partial refund".into(),
+    };
+    e.decide(
+        run,
+        DecisionRequest::edit(gate, serde_json::to_value(&edited).unwrap(), bob()),
+    )
+    .await
+    .unwrap();
+    e.drain().await.unwrap();
+    let paid = env.ledger.entries().unwrap();
+    assert_eq!(paid.len(), 1);
+    assert_eq!(paid[0].amount_cents, 12_345);
+    assert_eq!(paid[0].memo, "partial refund");
+}
+
+#[tokio::test]
+async fn reject_never_runs_the_action_and_the_agent_sees_the_reason() {
+    let env = env();
+    let e = &env.engine;
+    let run = e.start("refund", &big_refund(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let first = only_gate(e, run).await;
+    e.decide(run, DecisionRequest::reject(first, "too much", bob()))
+        .await
+        .unwrap();
+    e.drain().await.unwrap();
+    assert!(env.ledger.entries().unwrap().is_empty(), "a rejected action never runs");
+    // The agent drafted again (half the amount): a new gate, whose context carries the reason.
+    let second = only_gate(e, run).await;
+    assert_ne!(first, second);
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.state.gates[&second].context["previous_rejection"], json!("too much"));
+    e.decide(run, DecisionRequest::reject(second, "still no", bob()))
+        .await
+        .unwrap();
+    e.drain().await.unwrap();
+    let third = only_gate(e, run).await;
+    e.decide(run, DecisionRequest::reject(third, "no", bob())).await.unwrap();
+    e.drain().await.unwrap();
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.summary.status, RunStatus::Completed);
+    let outcome: RefundOutcome = serde_json::from_value(view.state.output.unwrap()).unwrap();
+    assert_eq!(
+        outcome,
+        RefundOutcome::GaveUp {
+            last_reason: "no".into(),
+            drafts: 3
+        }
+    );
+    assert!(env.ledger.entries().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn first_decision_wins_and_same_key_retry_is_a_no_op() {
+    let env = env();
+    let e = &env.engine;
+    let run = e.start("refund", &big_refund(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let gate = only_gate(e, run).await;
+    let approve = DecisionRequest::approve(gate, bob()).idempotency_key("k1");
+    let first = e.decide(run, approve.clone()).await.unwrap();
+    assert!(matches!(first, Decided::Recorded(_)));
+    // The same decision, same key: success, nothing new recorded.
+    let again = e.decide(run, approve).await.unwrap();
+    assert!(matches!(again, Decided::AlreadyRecorded(ref d) if d.seq == first.decision().seq));
+    // A different decision: conflict naming the recorded one.
+    let err = e
+        .decide(run, DecisionRequest::reject(gate, "no", Principal::new("eve")))
+        .await
+        .unwrap_err();
+    match err {
+        Error::DecisionConflict { recorded, .. } => {
+            assert_eq!(recorded.decision, Decision::Approve);
+            assert_eq!(recorded.by, bob());
+        }
+        other => panic!("expected a conflict, got {other}"),
+    }
+    let decisions = e
+        .events(run)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|ev| matches!(ev.event, EventKind::DecisionRecorded { .. }))
+        .count();
+    assert_eq!(decisions, 1);
+}
+
+#[tokio::test]
+async fn concurrent_conflicting_decisions_record_exactly_one() {
+    let env = env();
+    let e = &env.engine;
+    let run = e.start("refund", &big_refund(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let gate = only_gate(e, run).await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let e = e.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = if i % 2 == 0 {
+                DecisionRequest::approve(gate, Principal::new(format!("p{i}")))
+            } else {
+                DecisionRequest::reject(gate, format!("no {i}"), Principal::new(format!("p{i}")))
+            };
+            e.decide(run, req).await
+        }));
+    }
+    let mut wins = 0;
+    let mut conflicts = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(Decided::Recorded(_)) => wins += 1,
+            Err(Error::DecisionConflict { .. }) => conflicts += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((wins, conflicts), (1, 15));
+}
+
+#[tokio::test]
+async fn refused_decisions_leave_no_trace() {
+    let env = env();
+    let e = &env.engine;
+    let run = e.start("refund", &big_refund(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let gate = only_gate(e, run).await;
+    let before = e.events(run).await.unwrap().len();
+
+    let err = e
+        .decide(run, DecisionRequest::respond(gate, json!("x"), bob()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DecisionNotAllowed { kind: DecisionKind::Respond, .. }), "{err}");
+    let err = e
+        .decide(run, DecisionRequest::edit(gate, json!({"to": "x"}), bob()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidEdit { .. }), "{err}");
+    let err = e.decide(run, DecisionRequest::reject(gate, "  ", bob())).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidDecision(_)), "{err}");
+    let err = e
+        .decide(run, DecisionRequest::approve(GateId(99), bob()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownGate { .. }), "{err}");
+    let err = e
+        .decide(RunId::new(), DecisionRequest::approve(gate, bob()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownRun(_)), "{err}");
+
+    assert_eq!(e.events(run).await.unwrap().len(), before);
+    assert_eq!(e.pending(None, 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn start_is_idempotent_by_key_and_validates_input() {
+    let env = env();
+    let e = &env.engine;
+    let a = e.start("refund", &big_refund(), Some("req-1")).await.unwrap();
+    let b = e.start("refund", &big_refund(), Some("req-1")).await.unwrap();
+    assert_eq!(a, b);
+    assert_eq!(e.list(None, None, 100).await.unwrap().len(), 1);
+    let mut other = big_refund();
+    other.amount_cents = 1;
+    let err = e.start("refund", &other, Some("req-1")).await.unwrap_err();
+    assert!(matches!(err, Error::Journal(holdpoint::journal::Error::StartConflict { .. })), "{err}");
+    let err = e.start("refund", &json!({"nope": 1}), None).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+    let err = e.start("no-such", &json!({}), None).await.unwrap_err();
+    assert!(matches!(err, Error::UnknownWorkflow { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn small_refunds_need_no_approval() {
+    let env = env();
+    let e = &env.engine;
+    let run = e
+        .start(
+            "refund",
+            &RefundRequest {
+                order_id: "B".into(),
+                amount_cents: 900,
+                reason: "late".into(),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    e.drain().await.unwrap();
+    assert_eq!(e.get(run).await.unwrap().summary.status, RunStatus::Completed);
+    assert_eq!(env.ledger.entries().unwrap().len(), 1);
+}
+
+// A question, a sleep, journaled values, and a step that fails then succeeds.
+static FLAKY_CALLS: AtomicU32 = AtomicU32::new(0);
+
+async fn assistant(ctx: Ctx, _: ()) -> Result<serde_json::Value, Failure> {
+    let t0 = ctx.now().await;
+    let id = ctx.uuid().await;
+    let r = ctx.random().await;
+    let answer = match ctx.ask::<String>("which table?").await? {
+        Answer::Responded { value, by } => format!("{value} from {by}"),
+        Answer::Declined { reason, .. } => format!("declined: {reason}"),
+    };
+    ctx.sleep(Duration::from_secs(3600)).await;
+    let flaky = ctx
+        .step("flaky", || async {
+            if FLAKY_CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(Failure::retryable("first call fails"))
+            } else {
+                Ok(7)
+            }
+        })
+        .retry(RetryPolicy::attempts(3).with_backoff(Duration::ZERO))
+        .await?;
+    Ok(json!({"t0": t0, "id": id, "r": r, "answer": answer, "flaky": flaky}))
+}
+
+#[tokio::test]
+async fn ask_sleep_values_and_retries_replay_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(chrono::Utc::now());
+    let registry = Registry::new().workflow("assistant", 1, assistant);
+    let e = Engine::builder(SledStore::open(dir.path()).unwrap(), registry.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let run = e.start("assistant", &(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let gate = only_gate(&e, run).await;
+    let err = e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap_err();
+    assert!(matches!(err, Error::DecisionNotAllowed { .. }), "questions take respond, not approve");
+    e.decide(run, DecisionRequest::respond(gate, json!("orders"), bob()))
+        .await
+        .unwrap();
+    e.drain().await.unwrap();
+    // Sleeping: nothing happens until the clock passes the timer.
+    let s = e.store().summary(run).await.unwrap().unwrap();
+    assert_eq!(s.status, RunStatus::Waiting);
+    assert_eq!(s.open_timers.len(), 1);
+    assert_eq!(e.drain().await.unwrap(), 0);
+    clock.advance(Duration::from_secs(3601));
+    e.drain().await.unwrap();
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.summary.status, RunStatus::Completed, "{:?}", view.summary);
+    let out = view.state.output.clone().unwrap();
+    assert_eq!(out["answer"], json!("orders from bob"));
+    assert_eq!(out["flaky"], json!(7));
+    assert_eq!(FLAKY_CALLS.load(Ordering::SeqCst), 2);
+    let flaky = view.state.steps.values().find(|s| s.name == "flaky").unwrap();
+    assert_eq!(flaky.attempts, 2);
+
+    // I3: re-running the code over the complete journal appends nothing and reaches
+    // the same output (values, uuid and random come from the journal).
+    let events = e.events(run).await.unwrap();
+    assert_eq!(
+        replay(&registry, &events).await,
+        Replay::Consistent { would_append: vec![] }
+    );
+    assert_eq!(FLAKY_CALLS.load(Ordering::SeqCst), 2, "replay never runs a step body");
+}
+
+#[tokio::test]
+async fn fold_of_every_prefix_agrees_with_the_index() {
+    let env = env();
+    let e = &env.engine;
+    let run = e.start("refund", &big_refund(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let gate = only_gate(e, run).await;
+    e.decide(run, DecisionRequest::reject(gate, "no", bob())).await.unwrap();
+    e.drain().await.unwrap();
+    let gate = only_gate(e, run).await;
+    e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap();
+    e.drain().await.unwrap();
+    let events = e.events(run).await.unwrap();
+    // Replaying the store's index derivation over each prefix must agree with fold.
+    let first = holdpoint::journal::NewRun {
+        id: run,
+        workflow: "refund".into(),
+        version: 1,
+        input: json!(null),
+        idempotency_key: None,
+        at: events[0].at,
+    };
+    let mut summary = holdpoint::journal::RunSummary::start(&first);
+    for n in 1..=events.len() {
+        summary.apply(&events[n - 1], Default::default());
+        let st = fold(&events[..n]);
+        assert_eq!(st.status, summary.status, "prefix of {n} events");
+        let open: Vec<_> = st.open_gates().map(|g| g.gate).collect();
+        assert_eq!(open, summary.open_gates, "prefix of {n} events");
+        assert_eq!(st.next_seq, summary.next_seq);
+    }
+    let stored = e.store().summary(run).await.unwrap().unwrap();
+    assert_eq!(stored.status, summary.status);
+    assert_eq!(stored.open_gates, summary.open_gates);
+}
+
+#[tokio::test]
+async fn cancel_closes_gates_and_stops_the_run() {
+    let env = env();
+    let e = &env.engine;
+    let run = e.start("refund", &big_refund(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let gate = only_gate(e, run).await;
+    e.cancel(run, bob(), Some("customer withdrew".into())).await.unwrap();
+    assert!(e.pending(None, 10).await.unwrap().is_empty());
+    assert_eq!(e.get(run).await.unwrap().summary.status, RunStatus::Cancelled);
+    let err = e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap_err();
+    assert!(matches!(err, Error::RunEnded(_)), "{err}");
+    assert!(matches!(e.cancel(run, bob(), None).await.unwrap_err(), Error::RunEnded(_)));
+    e.drain().await.unwrap();
+    assert!(env.ledger.entries().unwrap().is_empty());
+}
+
+// I9: a run stays on the version it started with.
+async fn v1(ctx: Ctx, _: ()) -> Result<String, Failure> {
+    let _ = ctx.gate("go", json!({}), json!(null)).await?;
+    Ok("v1".into())
+}
+async fn v2(ctx: Ctx, _: ()) -> Result<String, Failure> {
+    ctx.step("new first step", || async { Ok(()) }).await?;
+    let _ = ctx.gate("go", json!({}), json!(null)).await?;
+    Ok("v2".into())
+}
+
+#[tokio::test]
+async fn paused_runs_keep_their_workflow_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = {
+        let e = Engine::new(
+            SledStore::open(dir.path()).unwrap(),
+            Registry::new().workflow("w", 1, v1),
+        )
+        .unwrap();
+        let run = e.start("w", &(), None).await.unwrap();
+        e.drain().await.unwrap();
+        run
+    };
+    // Deploy v2 alongside v1: the old run resumes on v1, new runs start on v2.
+    let e = Engine::new(
+        SledStore::open(dir.path()).unwrap(),
+        Registry::new().workflow("w", 1, v1).workflow("w", 2, v2),
+    )
+    .unwrap();
+    let new = e.start("w", &(), None).await.unwrap();
+    e.drain().await.unwrap();
+    for run in [old, new] {
+        let gate = only_gate(&e, run).await;
+        e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap();
+    }
+    e.drain().await.unwrap();
+    assert_eq!(e.get(old).await.unwrap().state.output, Some(json!("v1")));
+    assert_eq!(e.get(new).await.unwrap().state.output, Some(json!("v2")));
+}
+
+#[tokio::test]
+async fn an_unregistered_version_parks_the_run_as_stuck() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = {
+        let e = Engine::new(
+            SledStore::open(dir.path()).unwrap(),
+            Registry::new().workflow("w", 1, v1),
+        )
+        .unwrap();
+        let run = e.start("w", &(), None).await.unwrap();
+        e.drain().await.unwrap();
+        let gate = only_gate(&e, run).await;
+        e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap();
+        run
+    };
+    let e = Engine::new(
+        SledStore::open(dir.path()).unwrap(),
+        Registry::new().workflow("w", 2, v2),
+    )
+    .unwrap();
+    e.drain().await.unwrap();
+    let s = e.store().summary(run).await.unwrap().unwrap();
+    assert_eq!(s.status, RunStatus::Stuck);
+    assert!(s.stuck.unwrap().contains("version 1 is not registered"));
+    assert_eq!(e.drain().await.unwrap(), 0, "stuck runs are not retried in a loop");
+}
+
+#[tokio::test]
+async fn workers_wake_on_decisions_without_polling() {
+    let env = env();
+    let e = &env.engine;
+    let workers = e.spawn_workers();
+    let run = e.start("refund", &big_refund(), None).await.unwrap();
+    let s = e.settled(run).await.unwrap();
+    assert_eq!(s.status, RunStatus::Waiting);
+    let gate = only_gate(e, run).await;
+    e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap();
+    let s = e.settled(run).await.unwrap();
+    assert_eq!(s.status, RunStatus::Completed);
+    workers.shutdown().await;
+    assert_eq!(env.ledger.entries().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn many_runs_with_concurrent_workers_complete_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(Ledger::new(dir.path().join("ledger.jsonl")));
+    let e = Engine::builder(
+        SledStore::open(dir.path().join("data")).unwrap(),
+        refund::register(Registry::new(), ledger.clone()),
+    )
+    .config(EngineConfig {
+        concurrency: 8,
+        ..EngineConfig::default()
+    })
+    .build()
+    .unwrap();
+    let workers = e.spawn_workers();
+    let mut runs = Vec::new();
+    for i in 0..40 {
+        let mut req = big_refund();
+        req.order_id = format!("O-{i}");
+        runs.push(e.start("refund", &req, None).await.unwrap());
+    }
+    for &run in &runs {
+        e.settled(run).await.unwrap();
+        let gate = only_gate(&e, run).await;
+        e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap();
+    }
+    for &run in &runs {
+        assert_eq!(e.settled(run).await.unwrap().status, RunStatus::Completed);
+    }
+    workers.shutdown().await;
+    let paid = ledger.entries().unwrap();
+    assert_eq!(paid.len(), 40);
+    let keys: std::collections::BTreeSet<_> = paid.iter().map(|p| p.idempotency_key.clone()).collect();
+    assert_eq!(keys.len(), 40);
+    // No step completed twice anywhere.
+    for &run in &runs {
+        let mut seen = std::collections::BTreeSet::new();
+        for ev in e.events(run).await.unwrap() {
+            if let EventKind::StepCompleted { position, .. } = ev.event {
+                assert!(seen.insert(position), "position {position} completed twice");
+            }
+        }
+        assert!(seen.contains(&Position(0)));
+    }
+}
