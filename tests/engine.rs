@@ -439,6 +439,7 @@ async fn paused_runs_keep_their_workflow_version() {
         .unwrap();
         let run = e.start("w", &(), None).await.unwrap();
         e.drain().await.unwrap();
+        e.into_store().ok().unwrap().close().unwrap();
         run
     };
     // Deploy v2 alongside v1: the old run resumes on v1, new runs start on v2.
@@ -471,6 +472,7 @@ async fn an_unregistered_version_parks_the_run_as_stuck() {
         e.drain().await.unwrap();
         let gate = only_gate(&e, run).await;
         e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap();
+        e.into_store().ok().unwrap().close().unwrap();
         run
     };
     let e = Engine::new(

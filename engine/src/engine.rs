@@ -209,6 +209,15 @@ impl<S: Store> Engine<S> {
         &self.inner.store
     }
 
+    /// Gives the store back (to close it), if no clone of this engine and no worker is
+    /// alive; otherwise returns the engine.
+    pub fn into_store(self) -> std::result::Result<S, Engine<S>> {
+        match Arc::try_unwrap(self.inner) {
+            Ok(inner) => Ok(inner.store),
+            Err(inner) => Err(Engine { inner }),
+        }
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
     }

@@ -182,6 +182,7 @@ async fn leases_fence_appends_and_are_recovered_on_reopen() {
         good.lease = Some(leases[0].token);
         store.append(good).await.unwrap().unwrap();
         // The process "dies" holding the lease.
+        store.close().unwrap();
     }
     let store = SledStore::open(dir.path()).unwrap();
     assert!(!store.is_leased(run).await.unwrap());

@@ -1,0 +1,259 @@
+//! Corrupt journals and changed workflow code: typed errors, the bad run parked, the
+//! others untouched (I7, I8).
+
+use holdpoint::journal::{Error as JournalError, EventKind, RunStatus, Seq, Store};
+use holdpoint::prelude::*;
+use holdpoint::{replay, Replay};
+use serde_json::json;
+use std::path::Path;
+
+async fn two_steps_then_gate(ctx: Ctx, _: ()) -> Result<String, Failure> {
+    ctx.step("fetch", || async { Ok(1) }).await?;
+    ctx.step("plan", || async { Ok(2) }).await?;
+    let _ = ctx.gate("delete_data", json!({"table": "users"}), json!(null)).await?;
+    ctx.step("delete", || async { Ok(()) }).await?;
+    Ok("done".into())
+}
+
+/// The same workflow after someone renamed a step and swapped two calls.
+async fn changed(ctx: Ctx, _: ()) -> Result<String, Failure> {
+    ctx.step("fetch", || async { Ok(1) }).await?;
+    ctx.step("plan_v2", || async { Ok(2) }).await?;
+    let _ = ctx.gate("delete_data", json!({"table": "users"}), json!(null)).await?;
+    ctx.step("delete", || async { Ok(()) }).await?;
+    Ok("done".into())
+}
+
+/// Same calls, but the gate now proposes different arguments than the reviewer saw.
+async fn changed_args(ctx: Ctx, _: ()) -> Result<String, Failure> {
+    ctx.step("fetch", || async { Ok(1) }).await?;
+    ctx.step("plan", || async { Ok(2) }).await?;
+    let _ = ctx.gate("delete_data", json!({"table": "orders"}), json!(null)).await?;
+    ctx.step("delete", || async { Ok(()) }).await?;
+    Ok("done".into())
+}
+
+fn engine(dir: &Path, registry: Registry) -> Engine<SledStore> {
+    Engine::new(SledStore::open(dir).unwrap(), registry).unwrap()
+}
+
+async fn paused_run(dir: &Path) -> RunId {
+    let e = engine(dir, Registry::new().workflow("w", 1, two_steps_then_gate));
+    let run = e.start("w", &(), None).await.unwrap();
+    e.drain().await.unwrap();
+    assert_eq!(e.get(run).await.unwrap().summary.status, RunStatus::Waiting);
+    e.into_store().ok().unwrap().close().unwrap();
+    run
+}
+
+/// Opens the directory with plain sled, to play the attacker or the failing disk.
+fn raw(dir: &Path) -> sled::Db {
+    sled::open(dir).unwrap()
+}
+
+/// Flushes and waits until sled has let go of the directory's lock. Every `Tree` of
+/// `db` must be dropped first, or this waits forever.
+fn close_raw(db: sled::Db, dir: &Path) {
+    db.flush().unwrap();
+    drop(db);
+    let f = std::fs::File::open(dir.join("db")).unwrap();
+    fs2::FileExt::lock_exclusive(&f).unwrap();
+    fs2::FileExt::unlock(&f).unwrap();
+}
+
+#[tokio::test]
+async fn code_changed_under_a_paused_run_is_parked_as_stuck_with_a_diff() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = paused_run(dir.path()).await;
+    let e = engine(dir.path(), Registry::new().workflow("w", 1, changed));
+    let gate = e.pending(None, 1).await.unwrap()[0].gate;
+    e.decide(run, DecisionRequest::approve(gate, Principal::new("bob")))
+        .await
+        .unwrap();
+    let before = e.events(run).await.unwrap();
+    e.drain().await.unwrap();
+    let s = e.store().summary(run).await.unwrap().unwrap();
+    assert_eq!(s.status, RunStatus::Stuck);
+    let why = s.stuck.unwrap();
+    assert!(why.contains("HP-ND01"), "{why}");
+    assert!(why.contains("position 1"), "{why}");
+    assert!(why.contains(r#"- journal: step "plan""#), "{why}");
+    assert!(why.contains(r#"+ code:    step "plan_v2""#), "{why}");
+    // Nothing more was appended, and it is not retried in a loop.
+    assert_eq!(e.events(run).await.unwrap(), before);
+    assert_eq!(e.drain().await.unwrap(), 0);
+
+    // The same check offline, before a deploy.
+    match replay(&Registry::new().workflow("w", 1, changed), &before).await {
+        Replay::Nondeterministic(nd) => {
+            assert_eq!(nd.position.0, 1);
+            assert_eq!(nd.seq, Seq(3));
+        }
+        other => panic!("expected nondeterminism, got {other:?}"),
+    }
+    assert!(matches!(
+        replay(&Registry::new().workflow("w", 1, two_steps_then_gate), &before).await,
+        Replay::Consistent { .. }
+    ));
+}
+
+#[tokio::test]
+async fn an_approval_is_bound_to_the_args_the_reviewer_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = paused_run(dir.path()).await;
+    let e = engine(dir.path(), Registry::new().workflow("w", 1, changed_args));
+    let gate = e.pending(None, 1).await.unwrap()[0].gate;
+    e.decide(run, DecisionRequest::approve(gate, Principal::new("bob")))
+        .await
+        .unwrap();
+    e.drain().await.unwrap();
+    let s = e.store().summary(run).await.unwrap().unwrap();
+    assert_eq!(s.status, RunStatus::Stuck);
+    let why = s.stuck.unwrap();
+    assert!(why.contains(r#""table":"users""#) && why.contains(r#""table":"orders""#), "{why}");
+    let deleted = e
+        .events(run)
+        .await
+        .unwrap()
+        .iter()
+        .any(|ev| matches!(&ev.event, EventKind::StepStarted { name, .. } if name == "delete"));
+    assert!(!deleted, "the action never ran with args nobody approved");
+}
+
+/// Flips one byte of one stored event, with the store closed, through sled directly.
+fn flip_byte(dir: &Path, run: RunId, seq: u64, offset_from_end: usize) {
+    let db = raw(dir);
+    let events = db.open_tree("events").unwrap();
+    let mut key = run.as_bytes().to_vec();
+    key.extend_from_slice(&seq.to_be_bytes());
+    let mut value = events.get(&key).unwrap().expect("event exists").to_vec();
+    let i = value.len() - offset_from_end;
+    value[i] ^= 0x20;
+    events.insert(key, value).unwrap();
+    drop(events);
+    close_raw(db, dir);
+}
+
+#[tokio::test]
+async fn a_flipped_byte_quarantines_that_run_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bad, good) = {
+        let e = engine(dir.path(), Registry::new().workflow("w", 1, two_steps_then_gate));
+        let bad = e.start("w", &(), None).await.unwrap();
+        let good = e.start("w", &(), None).await.unwrap();
+        e.drain().await.unwrap();
+        e.into_store().ok().unwrap().close().unwrap();
+        (bad, good)
+    };
+    flip_byte(dir.path(), bad, 2, 5);
+
+    let e = engine(dir.path(), Registry::new().workflow("w", 1, two_steps_then_gate));
+    match e.events(bad).await.unwrap_err() {
+        holdpoint::Error::Journal(JournalError::Corrupt { run, seq, reason }) => {
+            assert_eq!(run, bad);
+            assert_eq!(seq, Seq(2));
+            assert!(reason.contains("checksum"), "{reason}");
+        }
+        other => panic!("expected corruption, got {other}"),
+    }
+    // Deciding on the corrupt run refuses (it cannot be read), and records nothing.
+    let gate = holdpoint::journal::GateId(2);
+    assert!(e
+        .decide(bad, DecisionRequest::approve(gate, Principal::new("bob")))
+        .await
+        .is_err());
+    // The other run decides and completes.
+    e.decide(good, DecisionRequest::approve(gate, Principal::new("bob")))
+        .await
+        .unwrap();
+    e.drain().await.unwrap();
+    assert_eq!(e.get(good).await.unwrap().summary.status, RunStatus::Completed);
+}
+
+#[tokio::test]
+async fn a_worker_meeting_a_corrupt_journal_parks_it_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bad, good) = {
+        let e = engine(dir.path(), Registry::new().workflow("w", 1, two_steps_then_gate));
+        let bad = e.start("w", &(), None).await.unwrap();
+        let good = e.start("w", &(), None).await.unwrap();
+        e.into_store().ok().unwrap().close().unwrap();
+        (bad, good)
+    };
+    // Corrupt run-started of `bad` before any worker touched it.
+    flip_byte(dir.path(), bad, 0, 3);
+    let e = engine(dir.path(), Registry::new().workflow("w", 1, two_steps_then_gate));
+    e.drain().await.unwrap();
+    let s = e.store().summary(bad).await.unwrap().unwrap();
+    assert_eq!(s.status, RunStatus::Stuck);
+    let why = s.stuck.unwrap();
+    assert!(why.contains("quarantined") && why.contains("seq 0"), "{why}");
+    assert_eq!(e.get(good).await.unwrap().summary.status, RunStatus::Waiting);
+}
+
+#[tokio::test]
+async fn an_edited_and_rechecksummed_event_breaks_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = paused_run(dir.path()).await;
+    {
+        // Rewrite step output 1 -> 9 and fix up the CRC, as a careful tamperer would.
+        let db = raw(dir.path());
+        let events = db.open_tree("events").unwrap();
+        let mut key = run.as_bytes().to_vec();
+        key.extend_from_slice(&2u64.to_be_bytes());
+        let value = events.get(&key).unwrap().unwrap().to_vec();
+        let body = String::from_utf8(value[37..].to_vec()).unwrap();
+        assert!(body.contains(r#""output":1"#), "{body}");
+        let body = body.replace(r#""output":1"#, r#""output":9"#);
+        let mut record = value[..37].to_vec();
+        record.extend_from_slice(body.as_bytes());
+        let crc = crc32(&record[5..]);
+        record[1..5].copy_from_slice(&crc.to_be_bytes());
+        events.insert(key, record).unwrap();
+        drop(events);
+        close_raw(db, dir.path());
+    }
+    let e = engine(dir.path(), Registry::new().workflow("w", 1, two_steps_then_gate));
+    match e.events(run).await.unwrap_err() {
+        holdpoint::Error::Journal(JournalError::Corrupt { seq, reason, .. }) => {
+            assert_eq!(seq, Seq(3), "the next event's link exposes the edit");
+            assert!(reason.contains("hash chain"), "{reason}");
+        }
+        other => panic!("expected corruption, got {other}"),
+    }
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    // Bitwise CRC-32 (IEEE), so the test does not trust the code under test.
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+#[tokio::test]
+async fn a_truncated_journal_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = paused_run(dir.path()).await;
+    {
+        let db = raw(dir.path());
+        let events = db.open_tree("events").unwrap();
+        let mut key = run.as_bytes().to_vec();
+        key.extend_from_slice(&4u64.to_be_bytes());
+        assert!(events.remove(key).unwrap().is_some());
+        drop(events);
+        close_raw(db, dir.path());
+    }
+    let e = engine(dir.path(), Registry::new().workflow("w", 1, two_steps_then_gate));
+    match e.events(run).await.unwrap_err() {
+        holdpoint::Error::Journal(JournalError::Corrupt { seq, reason, .. }) => {
+            assert_eq!(seq, Seq(4));
+            assert!(reason.contains("missing"), "{reason}");
+        }
+        other => panic!("expected corruption, got {other}"),
+    }
+}
