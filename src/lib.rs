@@ -47,3 +47,8 @@ pub mod prelude {
         Answer, Ctx, Decided, DecisionRequest, Engine, Failure, Gated, Registry, RetryPolicy, StepInfo,
     };
 }
+
+// The README's examples are compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -16,8 +16,8 @@
 //! Cases: `HOLDPOINT_PROPTEST_CASES` (default 48).
 
 use holdpoint::journal::{
-    self, Append, AppendConflict, Appended, Created, Event, EventKind, GateId, Lease, NewRun, PendingGate, Position,
-    RunId, RunStatus, RunSummary, Seq, SledStore, Store, ValueSource, WorkerId,
+    self, Append, AppendConflict, Appended, Created, Event, EventKind, GateId, Lease, NewRun, PendingGate,
+    Position, RunId, RunStatus, RunSummary, Seq, SledStore, Store, ValueSource, WorkerId,
 };
 use holdpoint::prelude::*;
 use holdpoint::{fold, replay, Answer, ManualClock, Replay};
@@ -33,11 +33,15 @@ use std::time::Duration;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Op {
     /// A step whose first `fails` executions fail (retryably).
-    Step { fails: u8 },
+    Step {
+        fails: u8,
+    },
     /// An approval gate before an action `act{i}`.
     Gate,
     Ask,
-    Sleep { secs: u16 },
+    Sleep {
+        secs: u16,
+    },
     Now,
     Uuid,
     Random,
@@ -63,23 +67,43 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn dec() -> impl Strategy<Value = Dec> {
-    prop_oneof![Just(Dec::Approve), (1u32..10_000).prop_map(Dec::Edit), Just(Dec::Reject)]
+    prop_oneof![
+        Just(Dec::Approve),
+        (1u32..10_000).prop_map(Dec::Edit),
+        Just(Dec::Reject)
+    ]
 }
 
 /// Executions of step bodies: the outside world, which survives crashes.
 #[derive(Default)]
 struct World {
     phase: AtomicU64,
-    /// (op, phase, idempotency key, args, attempt)
-    runs: Mutex<Vec<(usize, u64, String, Value, u32)>>,
+    runs: Mutex<Vec<Execution>>,
+}
+
+/// One execution of a step body.
+#[derive(Clone, Debug)]
+struct Execution {
+    op: usize,
+    /// 0 before the crash, 1 after.
+    phase: u64,
+    key: String,
+    args: Value,
+    attempt: u32,
 }
 
 impl World {
     fn record(&self, op: usize, args: Value) -> usize {
         let info = StepInfo::current().unwrap();
         let mut runs = self.runs.lock().unwrap();
-        runs.push((op, self.phase.load(Ordering::SeqCst), info.idempotency_key, args, info.attempt));
-        runs.iter().filter(|r| r.0 == op).count()
+        runs.push(Execution {
+            op,
+            phase: self.phase.load(Ordering::SeqCst),
+            key: info.idempotency_key,
+            args,
+            attempt: info.attempt,
+        });
+        runs.iter().filter(|r| r.op == op).count()
     }
 }
 
@@ -197,7 +221,12 @@ impl Store for Crashing {
         self.alive()?;
         self.inner.summary(run).await
     }
-    async fn list_runs(&self, s: Option<RunStatus>, a: Option<RunId>, l: usize) -> journal::Result<Vec<RunSummary>> {
+    async fn list_runs(
+        &self,
+        s: Option<RunStatus>,
+        a: Option<RunId>,
+        l: usize,
+    ) -> journal::Result<Vec<RunSummary>> {
         self.alive()?;
         self.inner.list_runs(s, a, l).await
     }
@@ -290,12 +319,17 @@ fn decision_for(gate: &PendingGate, decs: &[Dec]) -> DecisionRequest {
 async fn execute(ops: &[Op], decs: &[Dec], budget: Option<u64>) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     let world = Arc::new(World::default());
-    let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().to_utc();
+    let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+        .unwrap()
+        .to_utc();
     let clock = ManualClock::new(start);
     let mut engine = open(dir.path(), &world, &clock, budget);
     let mut acked = Vec::new();
     let mut at_crash = None;
-    let run = engine.start("gen", &ops, None).await.expect("budget covers run-started");
+    let run = engine
+        .start("gen", &ops, None)
+        .await
+        .expect("budget covers run-started");
     let mut rounds = 0;
     loop {
         rounds += 1;
@@ -303,7 +337,9 @@ async fn execute(ops: &[Op], decs: &[Dec], budget: Option<u64>) -> Outcome {
         let crashed = engine.store().crashed.load(Ordering::SeqCst);
         if crashed {
             // The process died: drop everything, reopen, resume with a new worker.
-            let Ok(store) = engine.into_store() else { panic!("engine still shared") };
+            let Ok(store) = engine.into_store() else {
+                panic!("engine still shared")
+            };
             store.inner.close().unwrap();
             let reopened = SledStore::open(dir.path()).unwrap();
             at_crash = Some(reopened.read(run, Seq::ZERO).await.unwrap());
@@ -322,8 +358,13 @@ async fn execute(ops: &[Op], decs: &[Dec], budget: Option<u64>) -> Outcome {
             RunStatus::Completed | RunStatus::Failed => break,
             RunStatus::Stuck => panic!("run stuck: {:?}", s.stuck),
             RunStatus::Waiting if !s.open_gates.is_empty() => {
-                let Ok(pending) = engine.pending(None, 10).await else { continue };
-                let gate = pending.into_iter().find(|g| g.run == run).expect("open gate is listed");
+                let Ok(pending) = engine.pending(None, 10).await else {
+                    continue;
+                };
+                let gate = pending
+                    .into_iter()
+                    .find(|g| g.run == run)
+                    .expect("open gate is listed");
                 if engine.decide(run, decision_for(&gate, decs)).await.is_ok() {
                     acked.push(gate.gate);
                 }
@@ -402,12 +443,14 @@ fn check(ops: &[Op], decs: &[Dec], clean: &Outcome, crashed: &Outcome) -> Result
         .events
         .iter()
         .filter_map(|e| match e.event {
-            EventKind::StepStarted { position, attempt, .. } => Some((position, attempt)),
+            EventKind::StepStarted {
+                position, attempt, ..
+            } => Some((position, attempt)),
             _ => None,
         })
         .collect();
     let mut executed = BTreeSet::new();
-    for (op, _, key, _, attempt) in &runs {
+    for Execution { op, key, attempt, .. } in &runs {
         let position = Position(key.rsplit('/').next().unwrap().parse().unwrap());
         prop_assert!(
             executed.insert((position, *attempt)),
@@ -422,7 +465,7 @@ fn check(ops: &[Op], decs: &[Dec], clean: &Outcome, crashed: &Outcome) -> Result
             attempt
         );
     }
-    for (op, phase, key, _, _) in &runs {
+    for Execution { op, phase, key, .. } in &runs {
         if *phase == 0 {
             continue;
         }
@@ -440,7 +483,7 @@ fn check(ops: &[Op], decs: &[Dec], clean: &Outcome, crashed: &Outcome) -> Result
         if !matches!(op, Op::Gate) {
             continue;
         }
-        let executed: Vec<&Value> = runs.iter().filter(|r| r.0 == i).map(|r| &r.3).collect();
+        let executed: Vec<&Value> = runs.iter().filter(|r| r.op == i).map(|r| &r.args).collect();
         match decs[i] {
             Dec::Reject => prop_assert!(executed.is_empty(), "rejected action {} ran", i),
             Dec::Approve => {
@@ -456,12 +499,19 @@ fn check(ops: &[Op], decs: &[Dec], clean: &Outcome, crashed: &Outcome) -> Result
                 }
             }
         }
-        let keys: BTreeSet<&String> = runs.iter().filter(|r| r.0 == i).map(|r| &r.2).collect();
+        let keys: BTreeSet<&String> = runs.iter().filter(|r| r.op == i).map(|r| &r.key).collect();
         prop_assert!(keys.len() <= 1, "one idempotency key per action: {:?}", keys);
     }
     // Without a crash, every body ran exactly as often as the journal says.
     for (i, op) in ops.iter().enumerate() {
-        let n = clean.world.runs.lock().unwrap().iter().filter(|r| r.0 == i).count();
+        let n = clean
+            .world
+            .runs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.op == i)
+            .count();
         let expected = match (op, decs.get(i)) {
             (Op::Step { fails }, _) => *fails as usize + 1,
             (Op::Gate, Some(Dec::Reject)) => 0,

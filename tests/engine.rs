@@ -48,7 +48,12 @@ fn big_refund() -> RefundRequest {
 async fn only_gate(engine: &Engine<SledStore>, run: RunId) -> GateId {
     let view = engine.get(run).await.unwrap();
     let open: Vec<_> = view.state.open_gates().collect();
-    assert_eq!(open.len(), 1, "expected exactly one open gate: {:?}", view.state.gates);
+    assert_eq!(
+        open.len(),
+        1,
+        "expected exactly one open gate: {:?}",
+        view.state.gates
+    );
     open[0].gate
 }
 
@@ -60,7 +65,10 @@ async fn approve_runs_the_action_once_with_the_proposed_args() {
     e.drain().await.unwrap();
     let summary = e.store().summary(run).await.unwrap().unwrap();
     assert_eq!(summary.status, RunStatus::Waiting);
-    assert!(env.ledger.entries().unwrap().is_empty(), "nothing is paid before approval");
+    assert!(
+        env.ledger.entries().unwrap().is_empty(),
+        "nothing is paid before approval"
+    );
     let pending = e.pending(None, 10).await.unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].action, "send_money");
@@ -128,18 +136,26 @@ async fn reject_never_runs_the_action_and_the_agent_sees_the_reason() {
         .await
         .unwrap();
     e.drain().await.unwrap();
-    assert!(env.ledger.entries().unwrap().is_empty(), "a rejected action never runs");
+    assert!(
+        env.ledger.entries().unwrap().is_empty(),
+        "a rejected action never runs"
+    );
     // The agent drafted again (half the amount): a new gate, whose context carries the reason.
     let second = only_gate(e, run).await;
     assert_ne!(first, second);
     let view = e.get(run).await.unwrap();
-    assert_eq!(view.state.gates[&second].context["previous_rejection"], json!("too much"));
+    assert_eq!(
+        view.state.gates[&second].context["previous_rejection"],
+        json!("too much")
+    );
     e.decide(run, DecisionRequest::reject(second, "still no", bob()))
         .await
         .unwrap();
     e.drain().await.unwrap();
     let third = only_gate(e, run).await;
-    e.decide(run, DecisionRequest::reject(third, "no", bob())).await.unwrap();
+    e.decide(run, DecisionRequest::reject(third, "no", bob()))
+        .await
+        .unwrap();
     e.drain().await.unwrap();
     let view = e.get(run).await.unwrap();
     assert_eq!(view.summary.status, RunStatus::Completed);
@@ -233,13 +249,25 @@ async fn refused_decisions_leave_no_trace() {
         .decide(run, DecisionRequest::respond(gate, json!("x"), bob()))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::DecisionNotAllowed { kind: DecisionKind::Respond, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::DecisionNotAllowed {
+                kind: DecisionKind::Respond,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = e
         .decide(run, DecisionRequest::edit(gate, json!({"to": "x"}), bob()))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidEdit { .. }), "{err}");
-    let err = e.decide(run, DecisionRequest::reject(gate, "  ", bob())).await.unwrap_err();
+    let err = e
+        .decide(run, DecisionRequest::reject(gate, "  ", bob()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidDecision(_)), "{err}");
     let err = e
         .decide(run, DecisionRequest::approve(GateId(99), bob()))
@@ -267,7 +295,13 @@ async fn start_is_idempotent_by_key_and_validates_input() {
     let mut other = big_refund();
     other.amount_cents = 1;
     let err = e.start("refund", &other, Some("req-1")).await.unwrap_err();
-    assert!(matches!(err, Error::Journal(holdpoint::journal::Error::StartConflict { .. })), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Journal(holdpoint::journal::Error::StartConflict { .. })
+        ),
+        "{err}"
+    );
     let err = e.start("refund", &json!({"nope": 1}), None).await.unwrap_err();
     assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
     let err = e.start("no-such", &json!({}), None).await.unwrap_err();
@@ -332,8 +366,14 @@ async fn ask_sleep_values_and_retries_replay_identically() {
     let run = e.start("assistant", &(), None).await.unwrap();
     e.drain().await.unwrap();
     let gate = only_gate(&e, run).await;
-    let err = e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap_err();
-    assert!(matches!(err, Error::DecisionNotAllowed { .. }), "questions take respond, not approve");
+    let err = e
+        .decide(run, DecisionRequest::approve(gate, bob()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::DecisionNotAllowed { .. }),
+        "questions take respond, not approve"
+    );
     e.decide(run, DecisionRequest::respond(gate, json!("orders"), bob()))
         .await
         .unwrap();
@@ -361,7 +401,11 @@ async fn ask_sleep_values_and_retries_replay_identically() {
         replay(&registry, &events).await,
         Replay::Consistent { would_append: vec![] }
     );
-    assert_eq!(FLAKY_CALLS.load(Ordering::SeqCst), 2, "replay never runs a step body");
+    assert_eq!(
+        FLAKY_CALLS.load(Ordering::SeqCst),
+        2,
+        "replay never runs a step body"
+    );
 }
 
 #[tokio::test]
@@ -371,10 +415,14 @@ async fn fold_of_every_prefix_agrees_with_the_index() {
     let run = e.start("refund", &big_refund(), None).await.unwrap();
     e.drain().await.unwrap();
     let gate = only_gate(e, run).await;
-    e.decide(run, DecisionRequest::reject(gate, "no", bob())).await.unwrap();
+    e.decide(run, DecisionRequest::reject(gate, "no", bob()))
+        .await
+        .unwrap();
     e.drain().await.unwrap();
     let gate = only_gate(e, run).await;
-    e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap();
+    e.decide(run, DecisionRequest::approve(gate, bob()))
+        .await
+        .unwrap();
     e.drain().await.unwrap();
     let events = e.events(run).await.unwrap();
     // Replaying the store's index derivation over each prefix must agree with fold.
@@ -407,12 +455,20 @@ async fn cancel_closes_gates_and_stops_the_run() {
     let run = e.start("refund", &big_refund(), None).await.unwrap();
     e.drain().await.unwrap();
     let gate = only_gate(e, run).await;
-    e.cancel(run, bob(), Some("customer withdrew".into())).await.unwrap();
+    e.cancel(run, bob(), Some("customer withdrew".into()))
+        .await
+        .unwrap();
     assert!(e.pending(None, 10).await.unwrap().is_empty());
     assert_eq!(e.get(run).await.unwrap().summary.status, RunStatus::Cancelled);
-    let err = e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap_err();
+    let err = e
+        .decide(run, DecisionRequest::approve(gate, bob()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::RunEnded(_)), "{err}");
-    assert!(matches!(e.cancel(run, bob(), None).await.unwrap_err(), Error::RunEnded(_)));
+    assert!(matches!(
+        e.cancel(run, bob(), None).await.unwrap_err(),
+        Error::RunEnded(_)
+    ));
     e.drain().await.unwrap();
     assert!(env.ledger.entries().unwrap().is_empty());
 }
@@ -452,7 +508,9 @@ async fn paused_runs_keep_their_workflow_version() {
     e.drain().await.unwrap();
     for run in [old, new] {
         let gate = only_gate(&e, run).await;
-        e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap();
+        e.decide(run, DecisionRequest::approve(gate, bob()))
+            .await
+            .unwrap();
     }
     e.drain().await.unwrap();
     assert_eq!(e.get(old).await.unwrap().state.output, Some(json!("v1")));
@@ -471,7 +529,9 @@ async fn an_unregistered_version_parks_the_run_as_stuck() {
         let run = e.start("w", &(), None).await.unwrap();
         e.drain().await.unwrap();
         let gate = only_gate(&e, run).await;
-        e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap();
+        e.decide(run, DecisionRequest::approve(gate, bob()))
+            .await
+            .unwrap();
         e.into_store().ok().unwrap().close().unwrap();
         run
     };
@@ -484,7 +544,11 @@ async fn an_unregistered_version_parks_the_run_as_stuck() {
     let s = e.store().summary(run).await.unwrap().unwrap();
     assert_eq!(s.status, RunStatus::Stuck);
     assert!(s.stuck.unwrap().contains("version 1 is not registered"));
-    assert_eq!(e.drain().await.unwrap(), 0, "stuck runs are not retried in a loop");
+    assert_eq!(
+        e.drain().await.unwrap(),
+        0,
+        "stuck runs are not retried in a loop"
+    );
 }
 
 #[tokio::test]
@@ -496,7 +560,9 @@ async fn workers_wake_on_decisions_without_polling() {
     let s = e.settled(run).await.unwrap();
     assert_eq!(s.status, RunStatus::Waiting);
     let gate = only_gate(e, run).await;
-    e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap();
+    e.decide(run, DecisionRequest::approve(gate, bob()))
+        .await
+        .unwrap();
     let s = e.settled(run).await.unwrap();
     assert_eq!(s.status, RunStatus::Completed);
     workers.shutdown().await;
@@ -527,7 +593,9 @@ async fn many_runs_with_concurrent_workers_complete_exactly_once() {
     for &run in &runs {
         e.settled(run).await.unwrap();
         let gate = only_gate(&e, run).await;
-        e.decide(run, DecisionRequest::approve(gate, bob())).await.unwrap();
+        e.decide(run, DecisionRequest::approve(gate, bob()))
+            .await
+            .unwrap();
     }
     for &run in &runs {
         assert_eq!(e.settled(run).await.unwrap().status, RunStatus::Completed);
@@ -547,4 +615,124 @@ async fn many_runs_with_concurrent_workers_complete_exactly_once() {
         }
         assert!(seen.contains(&Position(0)));
     }
+}
+
+// Concurrent steps: positions are taken in call order, so replay is deterministic
+// whatever order the bodies finish in.
+async fn fan_out(ctx: Ctx, _: ()) -> Result<Vec<u32>, Failure> {
+    let (a, b, c) = futures::join!(
+        ctx.step("a", || async {
+            tokio::task::yield_now().await;
+            Ok(1u32)
+        }),
+        ctx.step("b", || async { Ok(2u32) }),
+        ctx.step("c", || async {
+            tokio::task::yield_now().await;
+            tokio::task::yield_now().await;
+            Ok(3u32)
+        }),
+    );
+    let g = ctx.gate("go", json!({"sum": a? + b? + c?}), json!(null)).await?;
+    let (d, e) = futures::join!(
+        ctx.step("d", || async { Ok(4u32) }),
+        ctx.step("e", || async { Ok(5u32) })
+    );
+    Ok(vec![g.into_args().map(|_| 0).unwrap_or(9), d?, e?])
+}
+
+#[tokio::test]
+async fn joined_steps_take_positions_in_call_order_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::new().workflow("fan", 1, fan_out);
+    let e = Engine::new(SledStore::open(dir.path()).unwrap(), registry.clone()).unwrap();
+    let run = e.start("fan", &(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let view = e.get(run).await.unwrap();
+    let names: Vec<_> = view
+        .state
+        .steps
+        .iter()
+        .map(|(p, s)| (p.0, s.name.clone()))
+        .collect();
+    assert_eq!(names, vec![(0, "a".into()), (1, "b".into()), (2, "c".into())]);
+    let gate = only_gate(&e, run).await;
+    assert_eq!(gate, GateId(3));
+    assert_eq!(view.state.gates[&gate].args, json!({"sum": 6}));
+    e.decide(run, DecisionRequest::approve(gate, bob()))
+        .await
+        .unwrap();
+    e.drain().await.unwrap();
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.state.output, Some(json!([0, 4, 5])));
+    assert_eq!(view.state.steps[&Position(4)].name, "d");
+    assert_eq!(
+        replay(&registry, &e.events(run).await.unwrap()).await,
+        Replay::Consistent { would_append: vec![] }
+    );
+}
+
+static TERMINAL_CALLS: AtomicU32 = AtomicU32::new(0);
+
+async fn declines(ctx: Ctx, _: ()) -> Result<(), Failure> {
+    ctx.step("charge", || async {
+        TERMINAL_CALLS.fetch_add(1, Ordering::SeqCst);
+        Err::<(), _>(Failure::terminal("card declined"))
+    })
+    .retry(RetryPolicy::attempts(5).with_backoff(Duration::ZERO))
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_terminal_failure_is_not_retried_and_fails_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::new(
+        SledStore::open(dir.path()).unwrap(),
+        Registry::new().workflow("declines", 1, declines),
+    )
+    .unwrap();
+    let run = e.start("declines", &(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.summary.status, RunStatus::Failed);
+    assert_eq!(view.state.error.as_deref(), Some("card declined"));
+    assert_eq!(TERMINAL_CALLS.load(Ordering::SeqCst), 1);
+    let failed: Vec<_> = view
+        .state
+        .steps
+        .values()
+        .map(|s| (s.attempts, s.done, s.error.clone()))
+        .collect();
+    assert_eq!(failed, vec![(1, true, Some("card declined".to_string()))]);
+}
+
+async fn naps(ctx: Ctx, _: ()) -> Result<u32, Failure> {
+    ctx.sleep(Duration::from_secs(24 * 3600)).await;
+    ctx.step("after", || async { Ok(1u32) }).await
+}
+
+#[tokio::test]
+async fn running_workers_fire_a_due_timer_and_waiting_runs_hold_no_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(chrono::Utc::now());
+    let e = Engine::builder(
+        SledStore::open(dir.path()).unwrap(),
+        Registry::new().workflow("naps", 1, naps),
+    )
+    .clock(clock.clone())
+    .build()
+    .unwrap();
+    let workers = e.spawn_workers();
+    let run = e.start("naps", &(), None).await.unwrap();
+    let s = e.settled(run).await.unwrap();
+    assert_eq!(s.status, RunStatus::Waiting);
+    assert!(
+        !e.store().is_leased(run).await.unwrap(),
+        "a sleeping run holds no lease"
+    );
+    // A day passes (on the test's clock): the worker's timer fires, no polling.
+    clock.advance(Duration::from_secs(24 * 3600 + 1));
+    let s = e.settled(run).await.unwrap();
+    assert_eq!(s.status, RunStatus::Completed);
+    workers.shutdown().await;
 }

@@ -10,7 +10,9 @@ use std::path::Path;
 async fn two_steps_then_gate(ctx: Ctx, _: ()) -> Result<String, Failure> {
     ctx.step("fetch", || async { Ok(1) }).await?;
     ctx.step("plan", || async { Ok(2) }).await?;
-    let _ = ctx.gate("delete_data", json!({"table": "users"}), json!(null)).await?;
+    let _ = ctx
+        .gate("delete_data", json!({"table": "users"}), json!(null))
+        .await?;
     ctx.step("delete", || async { Ok(()) }).await?;
     Ok("done".into())
 }
@@ -19,7 +21,9 @@ async fn two_steps_then_gate(ctx: Ctx, _: ()) -> Result<String, Failure> {
 async fn changed(ctx: Ctx, _: ()) -> Result<String, Failure> {
     ctx.step("fetch", || async { Ok(1) }).await?;
     ctx.step("plan_v2", || async { Ok(2) }).await?;
-    let _ = ctx.gate("delete_data", json!({"table": "users"}), json!(null)).await?;
+    let _ = ctx
+        .gate("delete_data", json!({"table": "users"}), json!(null))
+        .await?;
     ctx.step("delete", || async { Ok(()) }).await?;
     Ok("done".into())
 }
@@ -28,7 +32,9 @@ async fn changed(ctx: Ctx, _: ()) -> Result<String, Failure> {
 async fn changed_args(ctx: Ctx, _: ()) -> Result<String, Failure> {
     ctx.step("fetch", || async { Ok(1) }).await?;
     ctx.step("plan", || async { Ok(2) }).await?;
-    let _ = ctx.gate("delete_data", json!({"table": "orders"}), json!(null)).await?;
+    let _ = ctx
+        .gate("delete_data", json!({"table": "orders"}), json!(null))
+        .await?;
     ctx.step("delete", || async { Ok(()) }).await?;
     Ok("done".into())
 }
@@ -110,7 +116,10 @@ async fn an_approval_is_bound_to_the_args_the_reviewer_saw() {
     let s = e.store().summary(run).await.unwrap().unwrap();
     assert_eq!(s.status, RunStatus::Stuck);
     let why = s.stuck.unwrap();
-    assert!(why.contains(r#""table":"users""#) && why.contains(r#""table":"orders""#), "{why}");
+    assert!(
+        why.contains(r#""table":"users""#) && why.contains(r#""table":"orders""#),
+        "{why}"
+    );
     let deleted = e
         .events(run)
         .await
@@ -229,7 +238,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

@@ -27,19 +27,28 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// A number in 0..n chosen by the seed and a label: the same inputs, the same choice,
 /// in every process.
 fn pick(seed: u64, label: &str, n: u64) -> u64 {
-    let d = Sha256::new().chain_update(seed.to_be_bytes()).chain_update(label).finalize();
+    let d = Sha256::new()
+        .chain_update(seed.to_be_bytes())
+        .chain_update(label)
+        .finalize();
     u64::from_be_bytes(d[..8].try_into().unwrap()) % n.max(1)
 }
 
 /// The scripted reviewer's decision for a gate.
 fn decision(seed: u64, run: RunId, gate: GateId, args: &serde_json::Value) -> DecisionRequest {
-    let by = Principal::new(format!("reviewer-{}", pick(seed, &format!("{run}/{gate}/who"), 3)));
+    let by = Principal::new(format!(
+        "reviewer-{}",
+        pick(seed, &format!("{run}/{gate}/who"), 3)
+    ));
     let req = match pick(seed, &format!("{run}/{gate}"), 10) {
         0..=5 => DecisionRequest::approve(gate, by),
         6..=7 => {
@@ -83,7 +92,11 @@ async fn child(dir: &Path, seed: u64, runs: u64, cycle: u64) {
     let mut run_ids = Vec::new();
     for i in 0..runs {
         // Idempotent: a restarted child gets the same runs back.
-        run_ids.push(e.start("refund", &request(i), Some(&format!("kill9-{i}"))).await.unwrap());
+        run_ids.push(
+            e.start("refund", &request(i), Some(&format!("kill9-{i}")))
+                .await
+                .unwrap(),
+        );
     }
     writeln!(out.lock(), "started").unwrap();
     let mut changes = e.store().changes();
@@ -167,21 +180,35 @@ fn parent() -> Result<(), String> {
         let workers = e.spawn_workers();
         let mut run_ids = Vec::new();
         for i in 0..runs {
-            run_ids.push(e.start("refund", &request(i), Some(&format!("kill9-{i}"))).await.unwrap());
+            run_ids.push(
+                e.start("refund", &request(i), Some(&format!("kill9-{i}")))
+                    .await
+                    .unwrap(),
+            );
         }
         for &run in &run_ids {
             loop {
                 let s = e.settled(run).await.map_err(|e| e.to_string())?;
                 if s.status.is_terminal() {
                     if s.status != RunStatus::Completed {
-                        return Err(format!("run {run} ended {}: {:?}", s.status, e.get(run).await.map(|v| v.state.error)));
+                        return Err(format!(
+                            "run {run} ended {}: {:?}",
+                            s.status,
+                            e.get(run).await.map(|v| v.state.error)
+                        ));
                     }
                     break;
                 }
                 if s.status == RunStatus::Stuck {
                     return Err(format!("run {run} is stuck: {:?}", s.stuck));
                 }
-                for gate in e.pending(None, 1000).await.unwrap().into_iter().filter(|g| g.run == run) {
+                for gate in e
+                    .pending(None, 1000)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .filter(|g| g.run == run)
+                {
                     e.decide(run, decision(seed, run, gate.gate, &gate.args))
                         .await
                         .map_err(|err| err.to_string())?;
@@ -212,7 +239,11 @@ async fn verify(e: &Engine<SledStore>, dir: &Path, runs: &[RunId]) -> Result<(),
         let got = view.state.gates.get(&gate).and_then(|g| g.decision.clone());
         match got {
             Some(d) if d.decision == want && d.comment == witness => {}
-            other => return Err(format!("acknowledged decision {want} at {run}/{gate} missing: {other:?}")),
+            other => {
+                return Err(format!(
+                    "acknowledged decision {want} at {run}/{gate} missing: {other:?}"
+                ))
+            }
         }
     }
     if n_acked == 0 {
@@ -235,7 +266,9 @@ async fn verify(e: &Engine<SledStore>, dir: &Path, runs: &[RunId]) -> Result<(),
                         if name == "send_money" {
                             let paid: Payment = serde_json::from_value(output.clone()).unwrap();
                             if !gates.is_empty() && allowed.as_ref() != Some(&paid) {
-                                return Err(format!("run {run}: paid {paid:?} but a person allowed {allowed:?}"));
+                                return Err(format!(
+                                    "run {run}: paid {paid:?} but a person allowed {allowed:?}"
+                                ));
                             }
                             expected_payments.insert(format!("{run}/{position}"), paid);
                         }
@@ -256,7 +289,9 @@ async fn verify(e: &Engine<SledStore>, dir: &Path, runs: &[RunId]) -> Result<(),
             }
         }
     }
-    let ledger = Ledger::new(dir.join("ledger.jsonl")).entries().map_err(|e| e.to_string())?;
+    let ledger = Ledger::new(dir.join("ledger.jsonl"))
+        .entries()
+        .map_err(|e| e.to_string())?;
     let mut keys = BTreeSet::new();
     for entry in &ledger {
         if !keys.insert(entry.idempotency_key.clone()) {
@@ -285,7 +320,9 @@ async fn verify(e: &Engine<SledStore>, dir: &Path, runs: &[RunId]) -> Result<(),
 
 fn step_name(events: &[holdpoint::journal::Event], position: Position) -> Option<&str> {
     events.iter().find_map(|e| match &e.event {
-        EventKind::StepStarted { position: p, name, .. } if *p == position => Some(name.as_str()),
+        EventKind::StepStarted {
+            position: p, name, ..
+        } if *p == position => Some(name.as_str()),
         _ => None,
     })
 }

@@ -41,7 +41,8 @@ impl ManualClock {
     }
     pub fn advance(&self, by: std::time::Duration) {
         let by = chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX);
-        self.now.send_modify(|t| *t = t.checked_add_signed(by).unwrap_or(*t));
+        self.now
+            .send_modify(|t| *t = t.checked_add_signed(by).unwrap_or(*t));
     }
     pub fn set(&self, to: DateTime<Utc>) {
         self.now.send_modify(|t| *t = (*t).max(to));

@@ -25,7 +25,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -190,18 +190,25 @@ impl History {
                 position,
                 name,
                 attempt,
-            } => match self.by_position.entry(*position).or_insert_with(|| Recorded::Step {
-                seq: e.seq,
-                name: name.clone(),
-                attempts: 0,
-                failures: 0,
-                outcome: None,
-            }) {
-                Recorded::Step { attempts, name: n, .. } if n == name => *attempts = (*attempts).max(*attempt),
+            } => match self
+                .by_position
+                .entry(*position)
+                .or_insert_with(|| Recorded::Step {
+                    seq: e.seq,
+                    name: name.clone(),
+                    attempts: 0,
+                    failures: 0,
+                    outcome: None,
+                }) {
+                Recorded::Step {
+                    attempts, name: n, ..
+                } if n == name => *attempts = (*attempts).max(*attempt),
                 _ => return Err(inconsistent(*position)),
             },
             EventKind::StepCompleted { position, output } => match self.by_position.get_mut(position) {
-                Some(Recorded::Step { outcome, .. }) => *outcome = Some(StepOutcome::Completed(output.clone())),
+                Some(Recorded::Step { outcome, .. }) => {
+                    *outcome = Some(StepOutcome::Completed(output.clone()))
+                }
                 _ => return Err(inconsistent(*position)),
             },
             EventKind::StepFailed {
@@ -258,7 +265,12 @@ impl History {
                         });
                     }
                 }
-                _ => return Err(format!("seq {} decides gate {gate}, which was never opened", e.seq)),
+                _ => {
+                    return Err(format!(
+                        "seq {} decides gate {gate}, which was never opened",
+                        e.seq
+                    ))
+                }
             },
             EventKind::ValueRecorded {
                 position,
@@ -404,38 +416,63 @@ impl RetryPolicy {
 
     /// Wait after failed attempt `attempt` (1-based).
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = self.multiplier.max(1.0).powi(attempt.saturating_sub(1).min(30) as i32);
+        let factor = self
+            .multiplier
+            .max(1.0)
+            .powi(attempt.saturating_sub(1).min(30) as i32);
         self.initial_backoff.mul_f64(factor).min(self.max_backoff)
     }
 }
 
-/// A step to run; `.await` it. Built by [`Ctx::step`].
+/// A step to run; `.await` it (or join it with others). Built by [`Ctx::step`].
 #[must_use = "a step does nothing until awaited"]
-pub struct Step<'a, F> {
+pub struct Step<'a, T, F> {
     ctx: &'a Ctx,
     name: String,
-    f: F,
+    f: Option<F>,
     retry: RetryPolicy,
+    running: Option<BoxFuture<'a, Result<T, Failure>>>,
 }
 
-impl<F> Step<'_, F> {
+// Sound: `f` is moved out before anything is polled and never pinned in place; the
+// running future is pinned in its own box.
+impl<T, F> Unpin for Step<'_, T, F> {}
+
+impl<T, F> Step<'_, T, F> {
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
         self
     }
 }
 
-impl<'a, T, F, Fut> IntoFuture for Step<'a, F>
+impl<'a, T, F, Fut> Future for Step<'a, T, F>
 where
     F: FnMut() -> Fut + Send + 'a,
     Fut: Future<Output = Result<T, Failure>> + Send + 'a,
     T: Serialize + DeserializeOwned + Send + 'a,
 {
     type Output = Result<T, Failure>;
-    type IntoFuture = BoxFuture<'a, Result<T, Failure>>;
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.ctx.clone().run_step(self.name, self.f, self.retry))
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.get_mut();
+        if this.running.is_none() {
+            let Some(f) = this.f.take() else {
+                return std::task::Poll::Ready(Err(Failure::terminal("step polled after it finished")));
+            };
+            let name = std::mem::take(&mut this.name);
+            this.running = Some(Box::pin(this.ctx.clone().run_step(
+                name,
+                f,
+                std::mem::take(&mut this.retry),
+            )));
+        }
+        match this.running.as_mut() {
+            Some(running) => running.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        }
     }
 }
 
@@ -479,7 +516,8 @@ pub enum Answer<T> {
 }
 
 /// Decisions an approval gate accepts.
-pub const APPROVAL_DECISIONS: [DecisionKind; 3] = [DecisionKind::Approve, DecisionKind::Edit, DecisionKind::Reject];
+pub const APPROVAL_DECISIONS: [DecisionKind; 3] =
+    [DecisionKind::Approve, DecisionKind::Edit, DecisionKind::Reject];
 /// Decisions a question accepts.
 pub const QUESTION_DECISIONS: [DecisionKind; 2] = [DecisionKind::Respond, DecisionKind::Reject];
 
@@ -522,12 +560,17 @@ impl Ctx {
     /// A journaled step: `f` runs until it succeeds, fails terminally, or its retries
     /// are spent; its output is journaled and every replay returns it without running
     /// `f` again. Inside `f`, [`StepInfo::current`] gives the idempotency key.
-    pub fn step<F>(&self, name: &str, f: F) -> Step<'_, F> {
+    pub fn step<T, F, Fut>(&self, name: &str, f: F) -> Step<'_, T, F>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
         Step {
             ctx: self,
             name: name.to_string(),
-            f,
+            f: Some(f),
             retry: RetryPolicy::default(),
+            running: None,
         }
     }
 
@@ -587,8 +630,9 @@ impl Ctx {
             .await?;
         match info.decision {
             Decision::Respond { input } => Ok(Answer::Responded {
-                value: serde_json::from_value(input)
-                    .map_err(|e| Failure::terminal(format!("the answer does not fit the expected type: {e}")))?,
+                value: serde_json::from_value(input).map_err(|e| {
+                    Failure::terminal(format!("the answer does not fit the expected type: {e}"))
+                })?,
                 by: info.by,
             }),
             Decision::Reject { reason } => Ok(Answer::Declined { reason, by: info.by }),
@@ -649,7 +693,11 @@ impl Ctx {
         self.block(Some(fire_at)).await
     }
 
-    async fn value<T: DeserializeOwned>(&self, source: ValueSource, live: impl FnOnce(RunId, Position) -> Value) -> T {
+    async fn value<T: DeserializeOwned>(
+        &self,
+        source: ValueSource,
+        live: impl FnOnce(RunId, Position) -> Value,
+    ) -> T {
         let (position, recorded) = match self.begin(Call::Value(source)) {
             Ok(x) => x,
             Err(Parked) => return self.park().await,
@@ -719,7 +767,9 @@ impl Ctx {
                         // The last attempt started but never reported: the process
                         // stopped mid-step. Its effect may or may not have happened.
                         let will_retry = attempts < retry.max_attempts;
-                        let error = format!("attempt {attempts} was interrupted (the process stopped before it finished)");
+                        let error = format!(
+                            "attempt {attempts} was interrupted (the process stopped before it finished)"
+                        );
                         self.push(EventKind::StepFailed {
                             position,
                             error: error.clone(),
@@ -762,13 +812,17 @@ impl Ctx {
                         });
                         // Return what replay will return: the value as read back from JSON.
                         return serde_json::from_value(output).map_err(|e| {
-                            Failure::terminal(format!("step {name:?} output does not read back from JSON: {e}"))
+                            Failure::terminal(format!(
+                                "step {name:?} output does not read back from JSON: {e}"
+                            ))
                         });
                     }
                     Err(f) => f,
                 },
                 Ok(Err(failure)) => failure,
-                Err(panic) => Failure::retryable(format!("step {name:?} panicked: {}", panic_message(&panic))),
+                Err(panic) => {
+                    Failure::retryable(format!("step {name:?} panicked: {}", panic_message(&panic)))
+                }
             };
             let will_retry = failure.is_retryable() && attempt < retry.max_attempts;
             self.push(EventKind::StepFailed {
@@ -789,8 +843,8 @@ impl Ctx {
     }
 
     fn encode_output<T: Serialize>(&self, value: &T) -> Result<Value, Failure> {
-        let output =
-            serde_json::to_value(value).map_err(|e| Failure::terminal(format!("step output could not be encoded: {e}")))?;
+        let output = serde_json::to_value(value)
+            .map_err(|e| Failure::terminal(format!("step output could not be encoded: {e}")))?;
         self.check_size(&output, "step output")?;
         Ok(output)
     }
@@ -896,7 +950,10 @@ impl Ctx {
                         run: self.inner.run,
                         seq: rec.seq(),
                         position,
-                        expected: format!("nothing at this position (next record: {} at position {later})", rec.describe()),
+                        expected: format!(
+                            "nothing at this position (next record: {} at position {later})",
+                            rec.describe()
+                        ),
                         found: call.describe(),
                     };
                     drop(s);
@@ -1026,7 +1083,9 @@ impl Ctx {
                     let mut s = self.state();
                     for e in &new {
                         let outcome = match &e.event {
-                            EventKind::DecisionRecorded { .. } => s.history.add(e).map_err(Abort::Inconsistent),
+                            EventKind::DecisionRecorded { .. } => {
+                                s.history.add(e).map_err(Abort::Inconsistent)
+                            }
                             EventKind::RunCancelled { .. } => Err(Abort::Ended),
                             _ => Err(Abort::LeaseLost),
                         };

@@ -79,7 +79,13 @@ impl DecisionRequest {
         Self::new(gate, Decision::Edit { args }, by)
     }
     pub fn reject(gate: GateId, reason: impl Into<String>, by: Principal) -> Self {
-        Self::new(gate, Decision::Reject { reason: reason.into() }, by)
+        Self::new(
+            gate,
+            Decision::Reject {
+                reason: reason.into(),
+            },
+            by,
+        )
     }
     pub fn respond(gate: GateId, input: Value, by: Principal) -> Self {
         Self::new(gate, Decision::Respond { input }, by)
@@ -236,14 +242,18 @@ impl<S: Store> Engine<S> {
         idempotency_key: Option<&str>,
     ) -> Result<RunId> {
         let registry = &self.inner.registry;
-        let version = registry.latest_version(workflow).ok_or_else(|| Error::UnknownWorkflow {
-            name: workflow.to_string(),
-            version: None,
-        })?;
-        let registered = registry.get(workflow, version).ok_or_else(|| Error::UnknownWorkflow {
-            name: workflow.to_string(),
-            version: Some(version),
-        })?;
+        let version = registry
+            .latest_version(workflow)
+            .ok_or_else(|| Error::UnknownWorkflow {
+                name: workflow.to_string(),
+                version: None,
+            })?;
+        let registered = registry
+            .get(workflow, version)
+            .ok_or_else(|| Error::UnknownWorkflow {
+                name: workflow.to_string(),
+                version: Some(version),
+            })?;
         let input = serde_json::to_value(input)?;
         (registered.check_input)(&input).map_err(|reason| Error::InvalidInput {
             workflow: workflow.to_string(),
@@ -280,7 +290,10 @@ impl<S: Store> Engine<S> {
         loop {
             let events = self.inner.store.read(run, Seq::ZERO).await.map_err(journal_err)?;
             let state = fold(&events);
-            let gate = state.gates.get(&req.gate).ok_or(Error::UnknownGate { run, gate: req.gate })?;
+            let gate = state
+                .gates
+                .get(&req.gate)
+                .ok_or(Error::UnknownGate { run, gate: req.gate })?;
             if let Some(recorded) = &gate.decision {
                 let same_retry = req.idempotency_key.is_some()
                     && recorded.idempotency_key == req.idempotency_key
@@ -411,7 +424,12 @@ impl<S: Store> Engine<S> {
         self.inner.store.read(run, Seq::ZERO).await.map_err(journal_err)
     }
 
-    pub async fn list(&self, status: Option<RunStatus>, after: Option<RunId>, limit: usize) -> Result<Vec<RunSummary>> {
+    pub async fn list(
+        &self,
+        status: Option<RunStatus>,
+        after: Option<RunId>,
+        limit: usize,
+    ) -> Result<Vec<RunSummary>> {
         self.inner
             .store
             .list_runs(status, after, limit)
@@ -430,9 +448,17 @@ impl<S: Store> Engine<S> {
         let mut changes = store.changes();
         loop {
             changes.borrow_and_update();
-            let first = store.summary(run).await.map_err(journal_err)?.ok_or(Error::UnknownRun(run))?;
+            let first = store
+                .summary(run)
+                .await
+                .map_err(journal_err)?
+                .ok_or(Error::UnknownRun(run))?;
             let leased = store.is_leased(run).await.map_err(journal_err)?;
-            let again = store.summary(run).await.map_err(journal_err)?.ok_or(Error::UnknownRun(run))?;
+            let again = store
+                .summary(run)
+                .await
+                .map_err(journal_err)?
+                .ok_or(Error::UnknownRun(run))?;
             let quiet = again.status.is_terminal()
                 || again.status == RunStatus::Stuck
                 || (!leased && again.wake_at.is_none_or(|w| w > self.inner.clock.now()));
@@ -453,7 +479,12 @@ impl<S: Store> Engine<S> {
             let leases = self
                 .inner
                 .store
-                .claim(self.inner.worker, self.inner.clock.now(), self.inner.config.lease_ttl, 64)
+                .claim(
+                    self.inner.worker,
+                    self.inner.clock.now(),
+                    self.inner.config.lease_ttl,
+                    64,
+                )
                 .await
                 .map_err(journal_err)?;
             if leases.is_empty() {
@@ -486,7 +517,11 @@ impl<S: Store> Engine<S> {
                 let free = slots.available_permits();
                 let mut claimed = 0;
                 if free > 0 {
-                    match inner.store.claim(inner.worker, inner.clock.now(), inner.config.lease_ttl, free).await {
+                    match inner
+                        .store
+                        .claim(inner.worker, inner.clock.now(), inner.config.lease_ttl, free)
+                        .await
+                    {
                         Ok(leases) => {
                             for lease in leases {
                                 let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -588,16 +623,19 @@ impl<S: Store> Engine<S> {
                 tracing::error!(%run, "{nd}");
                 self.stuck(&lease, nd.to_string()).await;
             }
-            Conclusion::Abort(Abort::Inconsistent(msg)) => self.stuck(&lease, format!("journal inconsistent: {msg}")).await,
-            Conclusion::Abort(Abort::Store(e @ (journal::Error::Corrupt { .. } | journal::Error::EventTooLarge { .. }))) => {
-                self.stuck(&lease, e.to_string()).await
+            Conclusion::Abort(Abort::Inconsistent(msg)) => {
+                self.stuck(&lease, format!("journal inconsistent: {msg}")).await
             }
+            Conclusion::Abort(Abort::Store(
+                e @ (journal::Error::Corrupt { .. } | journal::Error::EventTooLarge { .. }),
+            )) => self.stuck(&lease, e.to_string()).await,
             Conclusion::Abort(Abort::Store(e)) => {
                 tracing::warn!(%run, error = %e, "append failed; run will be retried");
                 self.release(&lease, Some(self.retry_at())).await;
             }
             Conclusion::Panicked(msg) => {
-                self.stuck(&lease, format!("workflow code panicked outside a step: {msg}")).await
+                self.stuck(&lease, format!("workflow code panicked outside a step: {msg}"))
+                    .await
             }
         }
     }
@@ -840,8 +878,15 @@ impl Sink for ReplaySink {
         _expected: Seq,
         events: Vec<EventKind>,
     ) -> BoxFuture<'_, journal::Result<std::result::Result<Appended, AppendConflict>>> {
-        self.offered.lock().unwrap_or_else(|p| p.into_inner()).extend(events);
-        Box::pin(async { Err(journal::Error::Storage("replay check: appends are refused".into())) })
+        self.offered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(events);
+        Box::pin(async {
+            Err(journal::Error::Storage(
+                "replay check: appends are refused".into(),
+            ))
+        })
     }
 
     fn read_from(&self, _from: Seq) -> BoxFuture<'_, journal::Result<Vec<Event>>> {
@@ -857,11 +902,19 @@ pub async fn replay(registry: &Registry, events: &[Event]) -> Replay {
         Ok(Some(p)) => p,
         Ok(None) => {
             // Ended runs replay too: the code must reach the same end.
-            let Some(EventKind::RunStarted { workflow, version, input, .. }) = events.first().map(|e| &e.event) else {
+            let Some(EventKind::RunStarted {
+                workflow,
+                version,
+                input,
+                ..
+            }) = events.first().map(|e| &e.event)
+            else {
                 return Replay::Broken("journal does not begin with run-started".into());
             };
             let Some(registered) = registry.get(workflow, *version) else {
-                return Replay::Broken(format!("workflow {workflow:?} version {version} is not registered"));
+                return Replay::Broken(format!(
+                    "workflow {workflow:?} version {version} is not registered"
+                ));
             };
             match History::build(events) {
                 Ok(history) => Prepared {

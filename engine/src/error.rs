@@ -39,7 +39,10 @@ pub enum Error {
     },
 
     /// The gate does not accept this kind of decision. Nothing was recorded.
-    #[error("gate {gate} of run {run} does not accept {kind}; it accepts {}", list(allowed))]
+    #[error(
+        "gate {gate} of run {run} does not accept {kind}; it accepts {}",
+        list(allowed)
+    )]
     DecisionNotAllowed {
         run: RunId,
         gate: GateId,

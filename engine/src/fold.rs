@@ -4,11 +4,11 @@
 //! skipped, never a panic). Queries use it; so do decisions, which must see the durable
 //! journal rather than anyone's memory of it.
 
-use holdpoint_journal::{
-    DecisionKind, Event, EventKind, GateId, GateKind, Position, Principal, RecordedDecision, RunId, RunStatus,
-    Seq,
-};
 use chrono::{DateTime, Utc};
+use holdpoint_journal::{
+    DecisionKind, Event, EventKind, GateId, GateKind, Position, Principal, RecordedDecision, RunId,
+    RunStatus, Seq,
+};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,7 +64,9 @@ impl RunState {
     /// Gates still waiting for a decision (none once the run has ended).
     pub fn open_gates(&self) -> impl Iterator<Item = &GateState> {
         let ended = self.status.is_terminal();
-        self.gates.values().filter(move |g| g.decision.is_none() && !ended)
+        self.gates
+            .values()
+            .filter(move |g| g.decision.is_none() && !ended)
     }
 }
 

@@ -13,7 +13,9 @@ pub mod registry;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use ctx::{Answer, Ctx, Gated, RetryPolicy, Step, StepInfo, APPROVAL_DECISIONS, QUESTION_DECISIONS};
-pub use engine::{replay, Decided, DecisionRequest, Engine, EngineBuilder, EngineConfig, Replay, RunView, Workers};
+pub use engine::{
+    replay, Decided, DecisionRequest, Engine, EngineBuilder, EngineConfig, Replay, RunView, Workers,
+};
 pub use error::{Error, Failure, Nondeterminism, Result};
 pub use fold::{fold, GateState, RunState, StepState};
 pub use registry::Registry;

@@ -69,8 +69,11 @@ impl Registry {
                     .map_err(|e| Failure::terminal(format!("output could not be encoded: {e}")))
             })
         });
-        let check_input: CheckFn =
-            Arc::new(|v| serde_json::from_value::<I>(v.clone()).map(|_| ()).map_err(|e| e.to_string()));
+        let check_input: CheckFn = Arc::new(|v| {
+            serde_json::from_value::<I>(v.clone())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
         self.workflows.insert(key, Registered { run, check_input });
         self
     }
@@ -81,7 +84,11 @@ impl Registry {
     pub fn action<A: DeserializeOwned + 'static>(mut self, name: &str) -> Registry {
         self.actions.insert(
             name.to_string(),
-            Arc::new(|v| serde_json::from_value::<A>(v.clone()).map(|_| ()).map_err(|e| e.to_string())),
+            Arc::new(|v| {
+                serde_json::from_value::<A>(v.clone())
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }),
         );
         self
     }

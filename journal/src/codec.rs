@@ -96,7 +96,10 @@ impl Checked<'_> {
 pub fn check(run: RunId, seq: Seq, record: &[u8]) -> Result<Checked<'_>> {
     let corrupt = |reason: String| Error::Corrupt { run, seq, reason };
     if record.len() < HEADER_LEN + 2 {
-        return Err(corrupt(format!("record is {} bytes, shorter than any event", record.len())));
+        return Err(corrupt(format!(
+            "record is {} bytes, shorter than any event",
+            record.len()
+        )));
     }
     if record[0] != RECORD_FORMAT {
         return Err(corrupt(format!("unknown record format byte {}", record[0])));
@@ -260,7 +263,10 @@ mod tests {
         e.v = FORMAT_VERSION + 1;
         let (record, _) = encode(&e, &ChainHash::GENESIS, 65536).unwrap();
         let err = decode(run, Seq(0), &record, &ChainHash::GENESIS).unwrap_err();
-        assert!(matches!(err, Error::UnknownFormat { version, .. } if version == FORMAT_VERSION + 1), "{err}");
+        assert!(
+            matches!(err, Error::UnknownFormat { version, .. } if version == FORMAT_VERSION + 1),
+            "{err}"
+        );
     }
 
     proptest::proptest! {

@@ -44,7 +44,9 @@ pub enum Error {
     LeaseLost(RunId),
 
     /// A start with an idempotency key that an earlier, different start already used.
-    #[error("idempotency key {key:?} was already used to start run {existing} with a different workflow or input")]
+    #[error(
+        "idempotency key {key:?} was already used to start run {existing} with a different workflow or input"
+    )]
     StartConflict { key: String, existing: RunId },
 
     /// The event could not be encoded (a bug: events are plain data).

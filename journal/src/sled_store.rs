@@ -36,10 +36,10 @@ use crate::store::{
 };
 use chrono::{DateTime, TimeZone, Utc};
 use sha2::{Digest, Sha256};
-use sled::Transactional;
 use sled::transaction::{
     ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
 };
+use sled::Transactional;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -132,12 +132,10 @@ impl SledStore {
             .cache_capacity(options.cache_bytes)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    Error::Locked {
-                        dir: dir.clone(),
-                        detail: io.to_string(),
-                    }
-                }
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => Error::Locked {
+                    dir: dir.clone(),
+                    detail: io.to_string(),
+                },
                 other => Error::Storage(format!("opening {}: {other}", dir.display())),
             })?;
         let trees = Trees {
@@ -175,8 +173,9 @@ impl SledStore {
     /// immediate reopen after a plain drop may see [`Error::Locked`]. `close` waits on
     /// that lock (a blocking `flock`, no polling). Fails if other clones are alive.
     pub fn close(self) -> Result<()> {
-        let inner = Arc::try_unwrap(self.inner)
-            .map_err(|_| Error::Storage("cannot close the store: other handles to it are still alive".into()))?;
+        let inner = Arc::try_unwrap(self.inner).map_err(|_| {
+            Error::Storage("cannot close the store: other handles to it are still alive".into())
+        })?;
         inner.db.flush()?;
         let db_file = inner.dir.join("db");
         drop(inner);
@@ -242,10 +241,7 @@ impl SledStore {
         Ok(())
     }
 
-    fn transact<T>(
-        &self,
-        f: impl Fn(&[TransactionalTree]) -> std::result::Result<T, Tx>,
-    ) -> Result<T> {
+    fn transact<T>(&self, f: impl Fn(&[TransactionalTree]) -> std::result::Result<T, Tx>) -> Result<T> {
         let all = self.inner.trees.all();
         let trees: &[&sled::Tree] = &all;
         let r: std::result::Result<T, TransactionError<Error>> = trees.transaction(|t| {
@@ -463,7 +459,10 @@ impl Store for SledStore {
                 t[STARTS].insert(key.as_bytes(), v)?;
             }
             if t[RUNS].get(run.id.as_bytes())?.is_some() {
-                return Err(Tx::Abort(Error::Storage(format!("run {} already exists", run.id))));
+                return Err(Tx::Abort(Error::Storage(format!(
+                    "run {} already exists",
+                    run.id
+                ))));
             }
             let mut summary = RunSummary::start(&run);
             let changes = summary.apply(&event, head);
@@ -524,7 +523,9 @@ impl Store for SledStore {
             }
             if let Some(token) = append.lease {
                 let held = match t[LEASES].get(run.as_bytes())? {
-                    Some(b) => serde_json::from_slice::<Lease>(&b).map(|l| l.token == token).unwrap_or(false),
+                    Some(b) => serde_json::from_slice::<Lease>(&b)
+                        .map(|l| l.token == token)
+                        .unwrap_or(false),
                     None => false,
                 };
                 if !held {
@@ -572,10 +573,12 @@ impl Store for SledStore {
         let mut expected = from;
         for item in events_tree.range(event_key(run, from)..=event_key(run, Seq(u64::MAX))) {
             let (key, record) = item?;
-            let seq = Seq(u64::from_be_bytes(key[16..24].try_into().map_err(|_| Error::Corrupt {
-                run,
-                seq: expected,
-                reason: "malformed event key".into(),
+            let seq = Seq(u64::from_be_bytes(key[16..24].try_into().map_err(|_| {
+                Error::Corrupt {
+                    run,
+                    seq: expected,
+                    reason: "malformed event key".into(),
+                }
             })?));
             if seq != expected {
                 return Err(Error::Corrupt {
@@ -613,7 +616,8 @@ impl Store for SledStore {
             return Err(Error::Corrupt {
                 run,
                 seq: Seq(expected.0 - 1),
-                reason: "last event's chain hash differs from the recorded head: the journal was rewritten".into(),
+                reason: "last event's chain hash differs from the recorded head: the journal was rewritten"
+                    .into(),
             });
         }
         Ok(out)
@@ -663,7 +667,8 @@ impl Store for SledStore {
                 };
                 for item in iter.take(limit) {
                     let (k, v) = item?;
-                    let run = run_from_key(&k).ok_or_else(|| Error::Storage("malformed key in runs tree".into()))?;
+                    let run = run_from_key(&k)
+                        .ok_or_else(|| Error::Storage("malformed key in runs tree".into()))?;
                     out.push(decode_summary(run, &v)?);
                 }
             }
@@ -869,7 +874,11 @@ impl Store for SledStore {
         let Some((k, _)) = self.inner.trees.ready.first()? else {
             return Ok(None);
         };
-        let ms = u64::from_be_bytes(k[..8].try_into().map_err(|_| Error::Storage("malformed ready key".into()))?);
+        let ms = u64::from_be_bytes(
+            k[..8]
+                .try_into()
+                .map_err(|_| Error::Storage("malformed ready key".into()))?,
+        );
         Ok(Utc.timestamp_millis_opt(ms as i64).single())
     }
 
@@ -959,7 +968,11 @@ impl GroupCommit {
 
 impl Drop for GroupCommit {
     fn drop(&mut self) {
-        self.shared.queue.lock().unwrap_or_else(|p| p.into_inner()).shutdown = true;
+        self.shared
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown = true;
         self.shared.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();

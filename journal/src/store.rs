@@ -153,7 +153,9 @@ impl FromStr for RunStatus {
             .into_iter()
             .find(|st| st.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown status {s:?} (expected running, waiting, completed, failed, cancelled or stuck)")
+                format!(
+                    "unknown status {s:?} (expected running, waiting, completed, failed, cancelled or stuck)"
+                )
             })
     }
 }
@@ -260,9 +262,7 @@ impl RunSummary {
                 }
             }
             EventKind::TimerFired { position } => self.open_timers.retain(|p| p != position),
-            EventKind::RunCompleted { .. }
-            | EventKind::RunFailed { .. }
-            | EventKind::RunCancelled { .. } => {
+            EventKind::RunCompleted { .. } | EventKind::RunFailed { .. } | EventKind::RunCancelled { .. } => {
                 for gate in self.open_gates.drain(..) {
                     changes.push(IndexChange::GateClosed(gate));
                 }
@@ -381,11 +381,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Ends a lease. `wake` schedules the run's next activation (a timer); a wake-up that
     /// arrived during the lease is kept too. A lease that is no longer current is ignored.
-    fn release(
-        &self,
-        lease: &Lease,
-        wake: Option<DateTime<Utc>>,
-    ) -> impl Future<Output = Result<()>> + Send;
+    fn release(&self, lease: &Lease, wake: Option<DateTime<Utc>>) -> impl Future<Output = Result<()>> + Send;
 
     /// Extends a lease that is still current. `Ok(None)` when it is not (another worker
     /// took the run over after it expired): the holder must stop driving the run.

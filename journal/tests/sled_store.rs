@@ -51,9 +51,17 @@ async fn append_at_wrong_seq_is_a_conflict_value_saying_what_is_there() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     let run = store.create_run(new_run("w")).await.unwrap().run();
-    let ok = store.append(append(run, 1, vec![step(0), step(1)])).await.unwrap().unwrap();
+    let ok = store
+        .append(append(run, 1, vec![step(0), step(1)]))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(ok.next, Seq(3));
-    let conflict = store.append(append(run, 1, vec![step(2)])).await.unwrap().unwrap_err();
+    let conflict = store
+        .append(append(run, 1, vec![step(2)]))
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_eq!(conflict.expected, Seq(1));
     assert_eq!(conflict.found, Seq(3));
     let events = store.read(run, Seq::ZERO).await.unwrap();
@@ -62,7 +70,10 @@ async fn append_at_wrong_seq_is_a_conflict_value_saying_what_is_there() {
     // Reading from the middle verifies the link to the event before.
     assert_eq!(store.read(run, Seq(2)).await.unwrap().len(), 1);
     assert!(matches!(
-        store.append(append(RunId::new(), 0, vec![step(0)])).await.unwrap_err(),
+        store
+            .append(append(RunId::new(), 0, vec![step(0)]))
+            .await
+            .unwrap_err(),
         Error::UnknownRun(_)
     ));
 }
@@ -83,7 +94,10 @@ async fn oversized_event_is_refused_and_nothing_is_written() {
         position: Position(0),
         output: json!("x".repeat(2000)),
     };
-    let err = store.append(append(run, 1, vec![step(0), big])).await.unwrap_err();
+    let err = store
+        .append(append(run, 1, vec![step(0), big]))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::EventTooLarge { limit: 1024, .. }), "{err}");
     assert_eq!(store.read(run, Seq::ZERO).await.unwrap().len(), 1);
     assert_eq!(store.summary(run).await.unwrap().unwrap().next_seq, Seq(1));
@@ -108,21 +122,36 @@ async fn gates_index_follows_events_and_pages_without_scanning_runs() {
     let mut runs = Vec::new();
     for _ in 0..5 {
         let run = store.create_run(new_run("w")).await.unwrap().run();
-        store.append(append(run, 1, vec![gate(0)])).await.unwrap().unwrap();
+        store
+            .append(append(run, 1, vec![gate(0)]))
+            .await
+            .unwrap()
+            .unwrap();
         runs.push(run);
     }
     // A run without a gate is not in the inbox.
     store.create_run(new_run("w")).await.unwrap();
     let page1 = store.pending(None, 3).await.unwrap();
-    let page2 = store.pending(Some((page1[2].run, page1[2].gate)), 3).await.unwrap();
+    let page2 = store
+        .pending(Some((page1[2].run, page1[2].gate)), 3)
+        .await
+        .unwrap();
     let all: Vec<RunId> = page1.iter().chain(&page2).map(|g| g.run).collect();
     assert_eq!(all, runs, "pending pages in run (creation) order");
     assert_eq!(
-        store.list_runs(Some(RunStatus::Waiting), None, 100).await.unwrap().len(),
+        store
+            .list_runs(Some(RunStatus::Waiting), None, 100)
+            .await
+            .unwrap()
+            .len(),
         5
     );
     assert_eq!(
-        store.list_runs(Some(RunStatus::Running), None, 100).await.unwrap().len(),
+        store
+            .list_runs(Some(RunStatus::Running), None, 100)
+            .await
+            .unwrap()
+            .len(),
         1
     );
     // A decision closes the gate and makes the run ready again.
@@ -133,7 +162,11 @@ async fn gates_index_follows_events_and_pages_without_scanning_runs() {
         comment: None,
         idempotency_key: None,
     };
-    store.append(append(runs[0], 2, vec![decided])).await.unwrap().unwrap();
+    store
+        .append(append(runs[0], 2, vec![decided]))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(store.pending(None, 100).await.unwrap().len(), 4);
     let s = store.summary(runs[0]).await.unwrap().unwrap();
     assert_eq!(s.status, RunStatus::Running);
@@ -166,7 +199,10 @@ async fn leases_fence_appends_and_are_recovered_on_reopen() {
     {
         let store = SledStore::open(dir.path()).unwrap();
         run = store.create_run(new_run("w")).await.unwrap().run();
-        let leases = store.claim(worker, Utc::now(), Duration::from_secs(30), 10).await.unwrap();
+        let leases = store
+            .claim(worker, Utc::now(), Duration::from_secs(30), 10)
+            .await
+            .unwrap();
         assert_eq!(leases.len(), 1);
         assert!(store.is_leased(run).await.unwrap());
         // A second claim finds nothing: the run is held.
@@ -177,7 +213,10 @@ async fn leases_fence_appends_and_are_recovered_on_reopen() {
             .is_empty());
         let mut stale = append(run, 1, vec![step(0)]);
         stale.lease = Some(LeaseToken(leases[0].token.0 + 1000));
-        assert!(matches!(store.append(stale).await.unwrap_err(), Error::LeaseLost(_)));
+        assert!(matches!(
+            store.append(stale).await.unwrap_err(),
+            Error::LeaseLost(_)
+        ));
         let mut good = append(run, 1, vec![step(0)]);
         good.lease = Some(leases[0].token);
         store.append(good).await.unwrap().unwrap();
@@ -186,7 +225,10 @@ async fn leases_fence_appends_and_are_recovered_on_reopen() {
     }
     let store = SledStore::open(dir.path()).unwrap();
     assert!(!store.is_leased(run).await.unwrap());
-    let leases = store.claim(worker, Utc::now(), Duration::from_secs(30), 10).await.unwrap();
+    let leases = store
+        .claim(worker, Utc::now(), Duration::from_secs(30), 10)
+        .await
+        .unwrap();
     assert_eq!(leases.iter().map(|l| l.run).collect::<Vec<_>>(), vec![run]);
 }
 
@@ -196,15 +238,30 @@ async fn an_expired_lease_is_taken_over_and_the_old_holder_cannot_append() {
     let store = SledStore::open(dir.path()).unwrap();
     let run = store.create_run(new_run("w")).await.unwrap().run();
     let t0 = Utc::now();
-    let old = store.claim(WorkerId::new(), t0, Duration::from_secs(1), 1).await.unwrap().remove(0);
+    let old = store
+        .claim(WorkerId::new(), t0, Duration::from_secs(1), 1)
+        .await
+        .unwrap()
+        .remove(0);
     let later = t0 + chrono::Duration::seconds(5);
-    let new = store.claim(WorkerId::new(), later, Duration::from_secs(30), 1).await.unwrap().remove(0);
+    let new = store
+        .claim(WorkerId::new(), later, Duration::from_secs(30), 1)
+        .await
+        .unwrap()
+        .remove(0);
     assert!(new.token > old.token);
     let mut a = append(run, 1, vec![step(0)]);
     a.lease = Some(old.token);
     assert!(matches!(store.append(a).await.unwrap_err(), Error::LeaseLost(_)));
-    assert_eq!(store.renew(&old, later, Duration::from_secs(30)).await.unwrap(), None);
-    assert!(store.renew(&new, later, Duration::from_secs(30)).await.unwrap().is_some());
+    assert_eq!(
+        store.renew(&old, later, Duration::from_secs(30)).await.unwrap(),
+        None
+    );
+    assert!(store
+        .renew(&new, later, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_some());
 }
 
 #[tokio::test]
@@ -212,7 +269,11 @@ async fn a_wake_up_during_a_lease_is_kept_for_its_release() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     let run = store.create_run(new_run("w")).await.unwrap().run();
-    let lease = store.claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 1).await.unwrap().remove(0);
+    let lease = store
+        .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 1)
+        .await
+        .unwrap()
+        .remove(0);
     let mut a = append(run, 1, vec![gate(0)]);
     a.lease = Some(lease.token);
     store.append(a).await.unwrap().unwrap();
@@ -224,10 +285,17 @@ async fn a_wake_up_during_a_lease_is_kept_for_its_release() {
         comment: None,
         idempotency_key: None,
     };
-    store.append(append(run, 2, vec![decided])).await.unwrap().unwrap();
+    store
+        .append(append(run, 2, vec![decided]))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(store.next_wake().await.unwrap(), None, "not queued while leased");
     store.release(&lease, None).await.unwrap();
-    let again = store.claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 1).await.unwrap();
+    let again = store
+        .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 1)
+        .await
+        .unwrap();
     assert_eq!(again.len(), 1, "the decision's wake-up survived the release");
 }
 

@@ -56,7 +56,9 @@ pub fn lookup_order(order_id: &str) -> Result<Order, Failure> {
 /// The workflow. Registered by [`register`].
 pub async fn refund(ctx: Ctx, req: RefundRequest, ledger: Arc<Ledger>) -> Result<RefundOutcome, Failure> {
     let order_id = req.order_id.clone();
-    let order = ctx.step("lookup_order", || async { lookup_order(&order_id) }).await?;
+    let order = ctx
+        .step("lookup_order", || async { lookup_order(&order_id) })
+        .await?;
     let mut amount = req.amount_cents.min(order.total_cents);
     let mut last_reason = String::new();
     for draft in 1..=MAX_DRAFTS {
@@ -86,7 +88,10 @@ pub async fn refund(ctx: Ctx, req: RefundRequest, ledger: Arc<Ledger>) -> Result
             }
         };
         let paid = send_money(&ctx, &ledger, approved).await?;
-        return Ok(RefundOutcome::Refunded { payment: paid, drafts: draft });
+        return Ok(RefundOutcome::Refunded {
+            payment: paid,
+            drafts: draft,
+        });
     }
     Ok(RefundOutcome::GaveUp {
         last_reason,
