@@ -38,6 +38,10 @@
 pub use holdpoint_engine::*;
 pub use holdpoint_workflows as workflows;
 
+pub mod cli;
+pub mod sanitize;
+pub mod server;
+
 /// What a workflow author needs, in one import.
 pub mod prelude {
     pub use holdpoint_engine::journal::{

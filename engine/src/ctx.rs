@@ -333,6 +333,7 @@ struct State {
 
 pub(crate) struct Inner {
     run: RunId,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     clock: Arc<dyn Clock>,
     sink: Box<dyn Sink>,
     max_event_bytes: usize,
@@ -528,11 +529,13 @@ impl Ctx {
         sink: Box<dyn Sink>,
         clock: Arc<dyn Clock>,
         max_event_bytes: usize,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Ctx {
         let journal_len = history.next_seq;
         Ctx {
             inner: Arc::new(Inner {
                 run,
+                metrics,
                 clock,
                 sink,
                 max_event_bytes,
@@ -802,7 +805,11 @@ impl Ctx {
                 attempt,
                 idempotency_key: format!("{}/{}", self.inner.run, position),
             };
+            let began = std::time::Instant::now();
             let result = AssertUnwindSafe(STEP.scope(info, f())).catch_unwind().await;
+            if let Some(m) = &self.inner.metrics {
+                m.step_duration.observe(began.elapsed());
+            }
             let failure = match result {
                 Ok(Ok(value)) => match self.encode_output(&value) {
                     Ok(output) => {

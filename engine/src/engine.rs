@@ -156,6 +156,7 @@ struct Inner<S> {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     worker: WorkerId,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Builds an [`Engine`].
@@ -184,6 +185,7 @@ impl<S: Store> EngineBuilder<S> {
                 clock: self.clock,
                 config: self.config,
                 worker: WorkerId::new(),
+                metrics: Arc::default(),
             }),
         })
     }
@@ -226,6 +228,11 @@ impl<S: Store> Engine<S> {
 
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    /// What this engine measured about itself.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -353,6 +360,9 @@ impl<S: Store> Engine<S> {
                 .map_err(journal_err)?;
             match appended {
                 Ok(_) => {
+                    if let Ok(waited) = (at - gate.requested_at).to_std() {
+                        self.inner.metrics.decision_latency.observe(waited);
+                    }
                     return Ok(Decided::Recorded(RecordedDecision {
                         gate: req.gate,
                         decision: req.decision,
@@ -608,7 +618,9 @@ impl<S: Store> Engine<S> {
             Box::new(sink),
             self.inner.clock.clone(),
             store.max_event_bytes(),
+            Some(self.inner.metrics.clone()),
         );
+        self.inner.metrics.activations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let workflow = (prepared.run)(ctx.clone(), prepared.input);
         let outcome = tokio::select! {
             outcome = drive(&ctx, workflow) => outcome,
@@ -940,6 +952,7 @@ pub async fn replay(registry: &Registry, events: &[Event]) -> Replay {
         }),
         Arc::new(SystemClock),
         usize::MAX,
+        None,
     );
     let outcome = drive(&ctx, (prepared.run)(ctx.clone(), prepared.input)).await;
     let conclusion = conclude(&ctx, outcome).await;

@@ -9,6 +9,7 @@ pub mod ctx;
 pub mod engine;
 pub mod error;
 pub mod fold;
+pub mod metrics;
 pub mod registry;
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -18,6 +19,7 @@ pub use engine::{
 };
 pub use error::{Error, Failure, Nondeterminism, Result};
 pub use fold::{fold, GateState, RunState, StepState};
+pub use metrics::{Histogram, Metrics};
 pub use registry::Registry;
 
 /// The journal types authors and operators meet through the engine.

@@ -200,6 +200,26 @@ impl SledStore {
         Ok(self.inner.db.size_on_disk()?)
     }
 
+    /// How many runs have this status (a scan of the status index's prefix).
+    pub fn count_runs(&self, status: RunStatus) -> Result<usize> {
+        let mut n = 0;
+        for item in self.inner.trees.by_status.scan_prefix([status.code()]).keys() {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// How many gates are open (a scan of the pending index).
+    pub fn count_pending(&self) -> Result<usize> {
+        let mut n = 0;
+        for item in self.inner.trees.pending.iter().keys() {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// All run ids, in creation order (for `verify` and exports).
     pub fn run_ids(&self) -> impl Iterator<Item = Result<RunId>> + '_ {
         self.inner.trees.runs.iter().keys().map(|k| {

@@ -1,0 +1,891 @@
+//! The `holdpoint` command line. [`main`] is the whole program; a user's own binary
+//! calls it with its own workflows and gets the same CLI.
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage error.
+
+use crate::journal::{Decision, Event, EventKind, GateId, RunId, RunStatus, SledStore, Store};
+use crate::sanitize::{json_line, sanitize};
+use crate::server::{self, AppState, Caller, Role, Tokens, DEFAULT_BODY_LIMIT};
+use crate::{replay, Engine, Registry, Replay};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use std::fmt;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Default data directory of `serve` and the offline commands.
+pub const DEFAULT_DATA: &str = "holdpoint-data";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "holdpoint",
+    version,
+    about = "Durable agent runs that stop and ask a person before a risky action",
+    after_help = "Client commands talk to a running `holdpoint serve`; offline commands (verify, export, replay) open the data directory and refuse while a server holds it."
+)]
+pub struct Cli {
+    /// Server URL for client commands.
+    #[arg(long, global = true, env = "HOLDPOINT_SERVER", default_value = "http://127.0.0.1:7700")]
+    pub server: String,
+    /// Bearer token for client commands (default: the token `serve` generated in ./holdpoint-data/token).
+    #[arg(long, global = true, env = "HOLDPOINT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Own the data directory: run workers and the HTTP API until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+    /// `serve` with the example agents and a few runs started, so approvals are waiting.
+    Demo(ServeArgs),
+    /// Start a run of a workflow.
+    Start {
+        workflow: String,
+        /// The workflow's input, as JSON.
+        #[arg(long, default_value = "null")]
+        input: String,
+        /// A retry with the same key returns the same run.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List runs.
+    Runs {
+        /// waiting, running, completed, failed, stuck or cancelled.
+        #[arg(long)]
+        status: Option<RunStatus>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A run's timeline: every event, who decided what and why.
+    Show {
+        run: RunId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until a run is quiet (ended, or paused at a gate or timer), then print its status.
+    Wait {
+        run: RunId,
+        /// Give up after this many seconds (exit 1).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Gates awaiting a decision.
+    Pending {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a gate: the action runs with the arguments as proposed.
+    Approve {
+        run: RunId,
+        /// May be left out when the run has exactly one open gate.
+        gate: Option<GateId>,
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        key: KeyArg,
+    },
+    /// Approve with changed arguments: the action runs with these instead.
+    Edit {
+        run: RunId,
+        gate: Option<GateId>,
+        /// The new arguments, as JSON.
+        #[arg(long)]
+        args: String,
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        key: KeyArg,
+    },
+    /// Reject a gate: the action does not run; the agent sees the reason.
+    Reject {
+        run: RunId,
+        gate: Option<GateId>,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        key: KeyArg,
+    },
+    /// Answer an agent's question.
+    Respond {
+        run: RunId,
+        gate: Option<GateId>,
+        /// The answer, as JSON.
+        #[arg(long)]
+        input: String,
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        key: KeyArg,
+    },
+    /// Cancel a run.
+    Cancel {
+        run: RunId,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Check every journal's checksums and hash chain (offline).
+    Verify {
+        #[arg(long, default_value = DEFAULT_DATA)]
+        data: PathBuf,
+        /// Print each run's chain head (next seq and hash), to keep elsewhere and detect
+        /// truncation or rollback later.
+        #[arg(long)]
+        head: bool,
+    },
+    /// A run's events as JSON lines (offline).
+    Export {
+        run: RunId,
+        #[arg(long, default_value = DEFAULT_DATA)]
+        data: PathBuf,
+    },
+    /// Re-run the registered workflow code over a run's journal and report any
+    /// nondeterminism (offline): the check before deploying changed workflow code.
+    Replay {
+        run: RunId,
+        #[arg(long, default_value = DEFAULT_DATA)]
+        data: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct KeyArg {
+    /// A retry with the same key and decision is a no-op success.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Data directory (journal, tools, generated token).
+    #[arg(long, default_value = DEFAULT_DATA)]
+    pub data: PathBuf,
+    /// Address to listen on (port 0 picks a free port; the chosen one is printed).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub addr: SocketAddr,
+    /// Token file (TOML, `[[tokens]]` with token, principal, role). Without it,
+    /// HOLDPOINT_TOKENS (TOKEN=PRINCIPAL:ROLE,...) is used; without either a token is
+    /// generated for the local user and printed.
+    #[arg(long)]
+    pub tokens: Option<PathBuf>,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = DEFAULT_BODY_LIMIT)]
+    pub body_limit: usize,
+}
+
+/// A failure to report: the message is shown (sanitized) and the exit code is 1.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<crate::Error> for CliError {
+    fn from(e: crate::Error) -> Self {
+        CliError(e.to_string())
+    }
+}
+impl From<crate::journal::Error> for CliError {
+    fn from(e: crate::journal::Error) -> Self {
+        CliError(e.to_string())
+    }
+}
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+type Result<T, E = CliError> = std::result::Result<T, E>;
+
+/// The program, with one registry for every data directory.
+pub fn main(registry: Registry) -> i32 {
+    main_with(move |_| registry.clone())
+}
+
+/// The program; `registry` builds the workflows for a data directory (so their tools
+/// can keep state next to the journal).
+pub fn main_with(registry: impl Fn(&Path) -> Registry) -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOLDPOINT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    match run(cli, &registry) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {}", sanitize(&e.0));
+            1
+        }
+    }
+}
+
+/// Runs one parsed command.
+pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
+    let client = || Client::new(&cli.server, cli.token.clone());
+    match cli.command {
+        Command::Serve(args) => runtime()?.block_on(serve(args.clone(), registry(&args.data), false)),
+        Command::Demo(args) => runtime()?.block_on(serve(args.clone(), registry(&args.data), true)),
+        Command::Start {
+            workflow,
+            input,
+            idempotency_key,
+            json,
+        } => {
+            let input = parse_json(&input, "--input")?;
+            let out = client()?.post(
+                "/v1/runs",
+                &json!({"workflow": workflow, "input": input, "idempotency_key": idempotency_key}),
+            )?;
+            if json {
+                println!("{out}");
+            } else {
+                println!("started run {}", sanitize(out["run"].as_str().unwrap_or("?")));
+            }
+            Ok(())
+        }
+        Command::Runs { status, limit, json } => {
+            let mut path = format!("/v1/runs?limit={limit}");
+            if let Some(st) = status {
+                path.push_str(&format!("&status={st}"));
+            }
+            let runs = client()?.get(&path)?;
+            if json {
+                println!("{runs}");
+                return Ok(());
+            }
+            println!("{:<36}  {:<9}  {:<20}  {:>6}  {:<5}  UPDATED", "RUN", "STATUS", "WORKFLOW", "EVENTS", "GATES");
+            for r in runs.as_array().into_iter().flatten() {
+                println!(
+                    "{:<36}  {:<9}  {:<20}  {:>6}  {:<5}  {}",
+                    text(&r["id"]),
+                    text(&r["status"]),
+                    format!("{} v{}", text(&r["workflow"]), r["version"]),
+                    r["next_seq"],
+                    r["open_gates"].as_array().map(|g| g.len()).unwrap_or(0),
+                    text(&r["updated_at"]),
+                );
+            }
+            Ok(())
+        }
+        Command::Show { run, json } => {
+            let c = client()?;
+            let view = c.get(&format!("/v1/runs/{run}"))?;
+            let events = c.get(&format!("/v1/runs/{run}/events"))?;
+            if json {
+                println!("{}", json!({"run": view, "events": events}));
+                return Ok(());
+            }
+            let events: Vec<Event> = serde_json::from_value(events)
+                .map_err(|e| CliError(format!("server sent events this client cannot read: {e}")))?;
+            print!("{}", timeline(&view, &events));
+            Ok(())
+        }
+        Command::Wait { run, timeout, json } => {
+            let out = client()?.get(&format!("/v1/runs/{run}/wait?timeout_ms={}", timeout.saturating_mul(1000)))?;
+            if json {
+                println!("{out}");
+            }
+            let status = text(&out["summary"]["status"]);
+            if out["settled"] != json!(true) {
+                return Err(CliError(format!("run {run} is still {status} after {timeout}s")));
+            }
+            if !json {
+                let open = out["summary"]["open_gates"].as_array().map(|g| g.len()).unwrap_or(0);
+                println!("run {run}: {status}{}", if open > 0 { format!(" ({open} open gate(s))") } else { String::new() });
+            }
+            Ok(())
+        }
+        Command::Pending { limit, json } => {
+            let gates = client()?.get(&format!("/v1/pending?limit={limit}"))?;
+            if json {
+                println!("{gates}");
+                return Ok(());
+            }
+            let list = gates.as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("nothing is waiting for a decision");
+            }
+            let now = chrono::Utc::now();
+            for g in list {
+                let age = g["requested_at"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| human(now - t.to_utc()))
+                    .unwrap_or_default();
+                println!(
+                    "run {} gate {}  {} / {}  waiting {age}",
+                    text(&g["run"]),
+                    g["gate"],
+                    text(&g["workflow"]),
+                    text(&g["action"]),
+                );
+                println!("  args:    {}", json_line(&g["args"]));
+                println!("  why:     {}", text(&g["reason"]));
+                if !g["context"].is_null() {
+                    println!("  context: {}", json_line(&g["context"]));
+                }
+                println!("  decide:  {}", allowed_hint(&g));
+            }
+            Ok(())
+        }
+        Command::Approve { run, gate, comment, key } => {
+            decide(&client()?, run, gate, Decision::Approve, comment, key.idempotency_key)
+        }
+        Command::Edit {
+            run,
+            gate,
+            args,
+            comment,
+            key,
+        } => {
+            let args = parse_json(&args, "--args")?;
+            decide(&client()?, run, gate, Decision::Edit { args }, comment, key.idempotency_key)
+        }
+        Command::Reject { run, gate, reason, key } => {
+            decide(&client()?, run, gate, Decision::Reject { reason }, None, key.idempotency_key)
+        }
+        Command::Respond {
+            run,
+            gate,
+            input,
+            comment,
+            key,
+        } => {
+            let input = parse_json(&input, "--input")?;
+            decide(&client()?, run, gate, Decision::Respond { input }, comment, key.idempotency_key)
+        }
+        Command::Cancel { run, reason } => {
+            client()?.post(&format!("/v1/runs/{run}/cancel"), &json!({"reason": reason}))?;
+            println!("cancelled run {run}");
+            Ok(())
+        }
+        Command::Verify { data, head } => verify(&data, head),
+        Command::Export { run, data } => runtime()?.block_on(async {
+            let store = open_offline(&data)?;
+            let events = store.read(run, crate::journal::Seq::ZERO).await;
+            let out = std::io::stdout();
+            let mut out = out.lock();
+            let result = events.map_err(CliError::from).and_then(|events| {
+                for e in events {
+                    writeln!(out, "{}", serde_json::to_string(&e).map_err(|e| CliError(e.to_string()))?)?;
+                }
+                Ok(())
+            });
+            store.close()?;
+            result
+        }),
+        Command::Replay { run, data } => runtime()?.block_on(async {
+            let store = open_offline(&data)?;
+            let events = store.read(run, crate::journal::Seq::ZERO).await;
+            store.close()?;
+            let events = events?;
+            match replay(&registry(&data), &events).await {
+                Replay::Consistent { would_append } if would_append.is_empty() => {
+                    println!("run {run}: the current code matches its journal ({} events)", events.len());
+                    Ok(())
+                }
+                Replay::Consistent { would_append } => {
+                    let next: Vec<&str> = would_append.iter().map(|e| e.tag()).collect();
+                    println!(
+                        "run {run}: the current code matches its journal ({} events); it would go on with: {}",
+                        events.len(),
+                        next.join(", ")
+                    );
+                    Ok(())
+                }
+                Replay::Nondeterministic(nd) => Err(CliError(nd.to_string())),
+                Replay::Broken(why) => Err(CliError(format!("run {run} cannot be replayed: {why}"))),
+            }
+        }),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn parse_json(text: &str, flag: &str) -> Result<Value> {
+    serde_json::from_str(text).map_err(|e| CliError(format!("{flag} is not valid JSON: {e}")))
+}
+
+/// A JSON string's content, sanitized; other values as JSON.
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => sanitize(s).into_owned(),
+        other => json_line(other),
+    }
+}
+
+fn human(d: chrono::TimeDelta) -> String {
+    let s = d.num_seconds().max(0);
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn allowed_hint(g: &Value) -> String {
+    let run = text(&g["run"]);
+    let gate = &g["gate"];
+    g["allowed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|k| match k.as_str().unwrap_or("") {
+            "approve" => format!("holdpoint approve {run} {gate}"),
+            "edit" => format!("holdpoint edit {run} {gate} --args JSON"),
+            "reject" => format!("holdpoint reject {run} {gate} --reason TEXT"),
+            "respond" => format!("holdpoint respond {run} {gate} --input JSON"),
+            other => sanitize(other).into_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+fn decide(
+    client: &Client,
+    run: RunId,
+    gate: Option<GateId>,
+    decision: Decision,
+    comment: Option<String>,
+    idempotency_key: Option<String>,
+) -> Result<()> {
+    let gate = match gate {
+        Some(g) => g,
+        None => {
+            let view = client.get(&format!("/v1/runs/{run}"))?;
+            let open: Vec<GateId> = view["state"]["gates"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, g)| g["decision"].is_null())
+                .filter_map(|(id, _)| id.parse().ok())
+                .collect();
+            match open.as_slice() {
+                [one] => *one,
+                [] => return Err(CliError(format!("run {run} has no open gate"))),
+                many => {
+                    let ids: Vec<String> = many.iter().map(|g| g.to_string()).collect();
+                    return Err(CliError(format!(
+                        "run {run} has {} open gates ({}); name one",
+                        many.len(),
+                        ids.join(", ")
+                    )));
+                }
+            }
+        }
+    };
+    let kind = decision.kind();
+    let out = client.post(
+        &format!("/v1/runs/{run}/gates/{gate}/decision"),
+        &json!({"decision": decision, "comment": comment, "idempotency_key": idempotency_key}),
+    )?;
+    let by = text(&out["decision"]["by"]);
+    if out["recorded"] == json!(true) {
+        println!("recorded: {kind} at run {run} gate {gate}, by {by}");
+    } else {
+        println!("already recorded (same idempotency key): {kind} at run {run} gate {gate}, by {by}");
+    }
+    Ok(())
+}
+
+/// The readable timeline `show` prints.
+pub fn timeline(view: &Value, events: &[Event]) -> String {
+    let mut out = String::new();
+    let s = &view["summary"];
+    out.push_str(&format!(
+        "run {}  {} v{}  {}\n",
+        text(&s["id"]),
+        text(&s["workflow"]),
+        s["version"],
+        text(&s["status"]).to_uppercase()
+    ));
+    if let Some(why) = s["stuck"].as_str() {
+        out.push_str(&format!("stuck: {}\n", sanitize(why)));
+    }
+    for e in events {
+        let line = match &e.event {
+            EventKind::RunStarted { workflow, version, input, .. } => {
+                format!("started {} v{version} with {}", sanitize(workflow), json_line(input))
+            }
+            EventKind::StepStarted { position, name, attempt } => {
+                format!("step {position} {:?} attempt {attempt} started", sanitize(name))
+            }
+            EventKind::StepCompleted { position, output } => {
+                format!("step {position} completed: {}", json_line(output))
+            }
+            EventKind::StepFailed {
+                position,
+                error,
+                attempt,
+                will_retry,
+                ..
+            } => format!(
+                "step {position} attempt {attempt} failed: {} ({})",
+                sanitize(error),
+                if *will_retry { "will retry" } else { "gave up" }
+            ),
+            EventKind::ApprovalRequested {
+                gate,
+                action,
+                args,
+                reason,
+                context,
+                ..
+            } => {
+                let mut l = format!(
+                    "gate {gate} opened: {} {}\n        why: {}",
+                    sanitize(action),
+                    json_line(args),
+                    sanitize(reason)
+                );
+                if !context.is_null() {
+                    l.push_str(&format!("\n        context: {}", json_line(context)));
+                }
+                l
+            }
+            EventKind::DecisionRecorded {
+                gate,
+                decision,
+                by,
+                comment,
+                ..
+            } => {
+                let what = match decision {
+                    Decision::Approve => "APPROVED".to_string(),
+                    Decision::Edit { args } => format!("EDITED to {}", json_line(args)),
+                    Decision::Reject { reason } => format!("REJECTED: {}", sanitize(reason)),
+                    Decision::Respond { input } => format!("ANSWERED {}", json_line(input)),
+                };
+                let mut l = format!("gate {gate} {what} by {}", sanitize(by.as_str()));
+                if let Some(c) = comment {
+                    l.push_str(&format!(" — {}", sanitize(c)));
+                }
+                l
+            }
+            EventKind::ValueRecorded { position, source, value } => {
+                format!("{source}() at {position} = {}", json_line(value))
+            }
+            EventKind::TimerStarted { position, fire_at } => format!("timer {position} until {fire_at}"),
+            EventKind::TimerFired { position } => format!("timer {position} fired"),
+            EventKind::RunCompleted { output } => format!("completed: {}", json_line(output)),
+            EventKind::RunFailed { error } => format!("failed: {}", sanitize(error)),
+            EventKind::RunCancelled { by, reason } => format!(
+                "cancelled by {}{}",
+                sanitize(by.as_str()),
+                reason.as_ref().map(|r| format!(": {}", sanitize(r))).unwrap_or_default()
+            ),
+        };
+        out.push_str(&format!("{:>4}  {}  {line}\n", e.seq, e.at.format("%Y-%m-%d %H:%M:%S")));
+    }
+    out
+}
+
+/// Opens the data directory for an offline command.
+fn open_offline(data: &Path) -> Result<SledStore> {
+    let dir = data.join("journal");
+    if !dir.exists() {
+        return Err(CliError(format!("no Holdpoint data in {}", data.display())));
+    }
+    Ok(SledStore::open(dir)?)
+}
+
+fn verify(data: &Path, head: bool) -> Result<()> {
+    runtime()?.block_on(async {
+        let store = open_offline(data)?;
+        let runs: Vec<RunId> = store.run_ids().collect::<std::result::Result<_, _>>()?;
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(runs.len() as u64),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        let mut bad = 0;
+        let mut events = 0;
+        for &run in &runs {
+            match store.read(run, crate::journal::Seq::ZERO).await {
+                Ok(evs) => {
+                    events += evs.len();
+                    if head {
+                        if let Some(s) = store.summary(run).await? {
+                            bar.suspend(|| println!("{run} {} {}", s.next_seq, s.head));
+                        }
+                    }
+                }
+                Err(e) => {
+                    bad += 1;
+                    bar.suspend(|| println!("BAD {run}: {}", sanitize(&e.to_string())));
+                }
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        store.close()?;
+        println!("verified {} runs, {events} events: {bad} bad", runs.len());
+        if bad > 0 {
+            Err(CliError(format!("{bad} of {} journals failed verification", runs.len())))
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// A random token: 32 bytes from the OS, hex.
+fn generate_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| CliError(format!("no randomness for a token: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn load_tokens(args: &ServeArgs) -> Result<(Tokens, Option<String>)> {
+    if let Some(path) = &args.tokens {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CliError(format!("reading {}: {e}", path.display())))?;
+        let tokens = Tokens::from_toml(&text).map_err(|e| CliError(format!("{}: {e}", path.display())))?;
+        if tokens.is_empty() {
+            return Err(CliError(format!("{} names no tokens", path.display())));
+        }
+        return Ok((tokens, None));
+    }
+    if let Ok(spec) = std::env::var("HOLDPOINT_TOKENS") {
+        let tokens = Tokens::from_spec(&spec).map_err(|e| CliError(format!("HOLDPOINT_TOKENS: {e}")))?;
+        if !tokens.is_empty() {
+            return Ok((tokens, None));
+        }
+    }
+    let path = args.data.join("token");
+    let token = match std::fs::read_to_string(&path) {
+        Ok(t) if t.trim().len() >= server::MIN_TOKEN_LEN => t.trim().to_string(),
+        _ => {
+            let t = generate_token()?;
+            write_private(&path, &t)?;
+            t
+        }
+    };
+    let mut tokens = Tokens::default();
+    tokens
+        .add(
+            &token,
+            Caller {
+                principal: crate::journal::Principal::new("local"),
+                role: Role::Admin,
+            },
+        )
+        .map_err(CliError)?;
+    Ok((tokens, Some(token)))
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down: no new work is claimed; running activations finish");
+}
+
+async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
+    std::fs::create_dir_all(&args.data)?;
+    let store = SledStore::open(args.data.join("journal"))?;
+    let (tokens, generated) = load_tokens(&args)?;
+    let engine = Engine::new(store, registry)?;
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .map_err(|e| CliError(format!("cannot listen on {}: {e}", args.addr)))?;
+    let addr = listener.local_addr()?;
+    let workers = engine.spawn_workers();
+    let url = format!("http://{addr}");
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "holdpoint listening on {url} (data in {})", args.data.display())?;
+        if let Some(token) = &generated {
+            writeln!(
+                out,
+                "no tokens configured: generated one for the local user (principal `local`, role admin),\nsaved in {}:\n  export HOLDPOINT_TOKEN={token}",
+                args.data.join("token").display()
+            )?;
+        }
+        out.flush()?;
+    }
+    if demo {
+        seed_demo(&engine, &url).await?;
+    }
+    let state = AppState {
+        engine: engine.clone(),
+        tokens: Arc::new(tokens),
+    };
+    let served = axum::serve(listener, server::router(state, args.body_limit))
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    workers.shutdown().await;
+    match engine.into_store() {
+        Ok(store) => store.close()?,
+        Err(_) => tracing::warn!("engine still referenced at shutdown; the store closes on exit"),
+    }
+    served.map_err(|e| CliError(format!("server failed: {e}")))?;
+    println!("stopped");
+    Ok(())
+}
+
+async fn seed_demo(engine: &Engine<SledStore>, url: &str) -> Result<()> {
+    let runs = [
+        (
+            "refund",
+            json!({"order_id": "A-1001", "amount_cents": 25_000, "reason": "arrived damaged"}),
+        ),
+        (
+            "refund",
+            json!({"order_id": "A-1002", "amount_cents": 2_500, "reason": "late delivery"}),
+        ),
+        (
+            "customer_email",
+            json!({"customer": "Dana", "email": "dana@example.com", "complaint": "My order arrived broken"}),
+        ),
+        ("data_cleanup", json!({"table": "users", "older_than_days": 180})),
+    ];
+    let mut started = Vec::new();
+    for (i, (workflow, input)) in runs.iter().enumerate() {
+        match engine.start(workflow, input, Some(&format!("demo-{i}"))).await {
+            Ok(run) => started.push(run),
+            Err(crate::Error::UnknownWorkflow { .. }) => {
+                return Err(CliError(format!(
+                    "demo needs the example agents; workflow {workflow:?} is not registered"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for &run in &started {
+        engine.settled(run).await?;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "\ndemo: started {} runs; the safe ones finished, the risky ones wait for you.\n\nIn another terminal (with HOLDPOINT_TOKEN set as above):\n  holdpoint pending                       # what is waiting, and why\n  holdpoint approve RUN                   # run the action as proposed\n  holdpoint edit RUN --args '{{...}}'       # run it with changed arguments\n  holdpoint reject RUN --reason '...'     # the agent sees the reason\n  holdpoint respond RUN --input '[...]'   # answer the cleanup agent's question\n  holdpoint show RUN                      # the run's timeline\n\nStop this server (Ctrl-C, or even kill -9) and start it again: waiting runs resume.\nAPI: {url}/v1/pending",
+        started.len()
+    )?;
+    out.flush()?;
+    Ok(())
+}
+
+/// The CLI's HTTP client.
+struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    fn new(base: &str, token: Option<String>) -> Result<Client> {
+        let token = match token {
+            Some(t) => t,
+            None => std::fs::read_to_string(Path::new(DEFAULT_DATA).join("token"))
+                .map(|t| t.trim().to_string())
+                .map_err(|_| {
+                    CliError(
+                        "no token: set HOLDPOINT_TOKEN (or --token) to the token `holdpoint serve` printed".into(),
+                    )
+                })?,
+        };
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Ok(Client {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            agent,
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<Value> {
+        let resp = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call();
+        self.finish(resp)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        let resp = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .send_json(body);
+        self.finish(resp)
+    }
+
+    fn finish(&self, resp: std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value> {
+        let mut resp = resp.map_err(|e| CliError(format!("cannot reach the server at {}: {e}", self.base)))?;
+        let status = resp.status();
+        let body: Value = resp
+            .body_mut()
+            .read_json()
+            .map_err(|e| CliError(format!("unreadable response ({status}): {e}")))?;
+        if status.is_success() {
+            return Ok(body);
+        }
+        let err = &body["error"];
+        let mut msg = format!("{} ({status})", text(&err["message"]));
+        if let Some(rec) = err.get("recorded") {
+            msg.push_str(&format!(
+                "\nrecorded decision: {} by {} at {}",
+                json_line(&rec["decision"]),
+                text(&rec["by"]),
+                text(&rec["at"])
+            ));
+        }
+        Err(CliError(msg))
+    }
+}

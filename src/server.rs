@@ -1,0 +1,482 @@
+//! The HTTP API (`/v1`), on axum.
+//!
+//! Errors are JSON, `{"error": {"code": ..., "message": ...}}`, with a stable code:
+//!
+//! | status | code | when |
+//! |---|---|---|
+//! | 400 | `malformed` | the request is not valid JSON / does not match the schema / a bad id |
+//! | 401 | `unauthorized` | no, malformed or unknown bearer token |
+//! | 403 | `forbidden` | the caller's role may not do this |
+//! | 404 | `not_found` | unknown run, gate, workflow or route |
+//! | 409 | `conflict` | the gate was decided differently (body names the recorded decision), the run ended, or a reused start key |
+//! | 413 | `too_large` | the body is over the limit (default 1 MiB) or an event over the journal's cap |
+//! | 422 | `invalid` | input that does not fit the workflow, edited args that do not fit the action, a decision kind the gate does not take |
+//! | 500 | `internal` | storage failure (the outcome may be unknown: retry with the same idempotency key) or a corrupt journal |
+//!
+//! Who decided is the authenticated principal, never a name from the request body.
+
+use crate::journal::{Decision, GateId, Principal, RunId, RunStatus, SledStore};
+use crate::{DecisionRequest, Decided, Engine, Error};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// Default request body limit.
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+
+/// What an authenticated caller may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Read runs, events, pending gates, metrics.
+    Viewer,
+    /// Read, and decide gates.
+    Reviewer,
+    /// Read, start and cancel runs (what an agent host needs). Cannot decide.
+    Operator,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    fn may_decide(self) -> bool {
+        matches!(self, Role::Reviewer | Role::Admin)
+    }
+    fn may_run(self) -> bool {
+        matches!(self, Role::Operator | Role::Admin)
+    }
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub principal: Principal,
+    pub role: Role,
+}
+
+/// Bearer tokens and whom they name. Tokens are kept as SHA-256 digests and compared
+/// in constant time, so neither timing nor a memory dump gives them away.
+#[derive(Clone, Default)]
+pub struct Tokens {
+    entries: Vec<([u8; 32], Caller)>,
+}
+
+/// Shortest token accepted from configuration.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    tokens: Vec<TokenEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    token: String,
+    principal: String,
+    role: Role,
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl Tokens {
+    pub fn add(&mut self, token: &str, caller: Caller) -> Result<(), String> {
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "the token for {} is {} characters; tokens must have at least {MIN_TOKEN_LEN}",
+                caller.principal,
+                token.len()
+            ));
+        }
+        self.entries.push((digest(token), caller));
+        Ok(())
+    }
+
+    /// From a TOML file: `[[tokens]]` tables with `token`, `principal` and `role`
+    /// (`viewer`, `reviewer`, `operator` or `admin`).
+    pub fn from_toml(text: &str) -> Result<Tokens, String> {
+        let file: TokensFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut tokens = Tokens::default();
+        for t in file.tokens {
+            tokens.add(
+                &t.token,
+                Caller {
+                    principal: Principal::new(t.principal),
+                    role: t.role,
+                },
+            )?;
+        }
+        Ok(tokens)
+    }
+
+    /// From `HOLDPOINT_TOKENS`-style text: `TOKEN=PRINCIPAL:ROLE` separated by commas.
+    pub fn from_spec(spec: &str) -> Result<Tokens, String> {
+        let mut tokens = Tokens::default();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (token, who) = item
+                .split_once('=')
+                .ok_or_else(|| format!("expected TOKEN=PRINCIPAL:ROLE, got {:?}", crate::sanitize::sanitize(item)))?;
+            let (principal, role) = who.split_once(':').unwrap_or((who, "reviewer"));
+            let role: Role = serde_json::from_value(json!(role))
+                .map_err(|_| format!("unknown role {role:?} (viewer, reviewer, operator or admin)"))?;
+            tokens.add(
+                token,
+                Caller {
+                    principal: Principal::new(principal),
+                    role,
+                },
+            )?;
+        }
+        Ok(tokens)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The caller a token names. Every entry is compared, in constant time.
+    pub fn lookup(&self, token: &str) -> Option<Caller> {
+        let d = digest(token);
+        let mut found = None;
+        for (entry, caller) in &self.entries {
+            if bool::from(entry.ct_eq(&d)) {
+                found = Some(caller.clone());
+            }
+        }
+        found
+    }
+}
+
+/// Shared state of the API.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine<SledStore>,
+    pub tokens: Arc<Tokens>,
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Option<(&'static str, Value)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
+    }
+    fn malformed(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, "malformed", message)
+    }
+    fn unauthorized(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+    fn forbidden(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"code": self.code, "message": self.message});
+        if let Some((k, v)) = self.extra {
+            body[k] = v;
+        }
+        let mut resp = (self.status, Json(json!({ "error": body }))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        use crate::journal::Error as J;
+        let message = e.to_string();
+        let (status, code) = match &e {
+            Error::UnknownRun(_) | Error::UnknownGate { .. } | Error::UnknownWorkflow { .. } => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            Error::DecisionConflict { recorded, .. } => {
+                let mut err = ApiError::new(StatusCode::CONFLICT, "conflict", message);
+                err.extra = Some(("recorded", serde_json::to_value(recorded).unwrap_or(Value::Null)));
+                return err;
+            }
+            Error::RunEnded(_) | Error::Journal(J::RunEnded(_)) | Error::Journal(J::StartConflict { .. }) => {
+                (StatusCode::CONFLICT, "conflict")
+            }
+            Error::DecisionNotAllowed { .. }
+            | Error::InvalidEdit { .. }
+            | Error::InvalidInput { .. }
+            | Error::InvalidDecision(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            Error::Journal(J::EventTooLarge { .. }) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Error::Journal(J::UnknownRun(_)) => (StatusCode::NOT_FOUND, "not_found"),
+            _ => {
+                tracing::error!(error = %e, "request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+/// JSON body whose rejections are [`ApiError`]s.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::BytesRejection(r)) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body is over the size limit"),
+            ),
+            Err(r) => Err(ApiError::malformed(r.body_text())),
+        }
+    }
+}
+
+/// Path parameters whose rejections are [`ApiError`]s (an unparsable id is a 400).
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| ApiPath(v))
+            .map_err(|r| ApiError::malformed(r.body_text()))
+    }
+}
+
+/// Query parameters whose rejections are [`ApiError`]s.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|r| ApiError::malformed(r.body_text()))
+    }
+}
+
+/// Builds the router. Every route but `/healthz` needs a bearer token.
+pub fn router(state: AppState, body_limit: usize) -> Router {
+    let authed = Router::new()
+        .route("/v1/runs", post(create_run).get(list_runs))
+        .route("/v1/runs/{run}", get(get_run))
+        .route("/v1/runs/{run}/events", get(run_events))
+        .route("/v1/runs/{run}/wait", get(wait_run))
+        .route("/v1/runs/{run}/cancel", post(cancel_run))
+        .route("/v1/runs/{run}/gates/{gate}/decision", post(decide))
+        .route("/v1/pending", get(pending))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(authed)
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return ApiError::unauthorized("missing bearer token (Authorization: Bearer TOKEN)").into_response();
+    };
+    let Some(token) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
+        return ApiError::unauthorized("malformed Authorization header; expected `Bearer TOKEN`").into_response();
+    };
+    match state.tokens.lookup(token.trim()) {
+        Some(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        None => ApiError::unauthorized("unknown token").into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartBody {
+    workflow: String,
+    #[serde(default)]
+    input: Value,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+async fn create_run(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(body): ApiJson<StartBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if !caller.role.may_run() {
+        return Err(ApiError::forbidden(format!("{} may not start runs", caller.principal)));
+    }
+    let run = s
+        .engine
+        .start(&body.workflow, &body.input, body.idempotency_key.as_deref())
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!({ "run": run }))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    after: Option<RunId>,
+    limit: Option<usize>,
+}
+
+async fn list_runs(State(s): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<Value>, ApiError> {
+    let status = match q.status.as_deref() {
+        Some(st) => Some(st.parse::<RunStatus>().map_err(ApiError::malformed)?),
+        None => None,
+    };
+    let runs = s.engine.list(status, q.after, q.limit.unwrap_or(100).min(1000)).await?;
+    Ok(Json(json!(runs)))
+}
+
+async fn get_run(State(s): State<AppState>, ApiPath(run): ApiPath<RunId>) -> Result<Json<Value>, ApiError> {
+    let view = s.engine.get(run).await?;
+    Ok(Json(json!({"summary": view.summary, "state": view.state})))
+}
+
+async fn run_events(State(s): State<AppState>, ApiPath(run): ApiPath<RunId>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(s.engine.events(run).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    timeout_ms: Option<u64>,
+}
+
+/// Long-poll: answers once the run is quiet (ended, stuck, or paused with no worker on
+/// it), or after `timeout_ms` (default 30 s, at most 300 s) with its state then.
+async fn wait_run(
+    State(s): State<AppState>,
+    ApiPath(run): ApiPath<RunId>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let timeout = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(30_000).min(300_000));
+    let settled = tokio::time::timeout(timeout, s.engine.settled(run)).await;
+    let view = s.engine.get(run).await?;
+    let settled = matches!(settled, Ok(Ok(_)));
+    Ok(Json(json!({"settled": settled, "summary": view.summary, "state": view.state})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PendingQuery {
+    after_run: Option<RunId>,
+    after_gate: Option<GateId>,
+    limit: Option<usize>,
+}
+
+async fn pending(State(s): State<AppState>, ApiQuery(q): ApiQuery<PendingQuery>) -> Result<Json<Value>, ApiError> {
+    let after = match (q.after_run, q.after_gate) {
+        (Some(r), Some(g)) => Some((r, g)),
+        (None, None) => None,
+        _ => return Err(ApiError::malformed("after_run and after_gate go together")),
+    };
+    let gates = s.engine.pending(after, q.limit.unwrap_or(100).min(1000)).await?;
+    Ok(Json(json!(gates)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    decision: Decision,
+    #[serde(default)]
+    comment: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+async fn decide(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath((run, gate)): ApiPath<(RunId, GateId)>,
+    ApiJson(body): ApiJson<DecisionBody>,
+) -> Result<Json<Value>, ApiError> {
+    if !caller.role.may_decide() {
+        return Err(ApiError::forbidden(format!("{} may not decide gates", caller.principal)));
+    }
+    let req = DecisionRequest {
+        gate,
+        decision: body.decision,
+        by: caller.principal,
+        comment: body.comment,
+        idempotency_key: body.idempotency_key,
+    };
+    let decided = s.engine.decide(run, req).await?;
+    let recorded = matches!(decided, Decided::Recorded(_));
+    Ok(Json(json!({"recorded": recorded, "decision": decided.decision()})))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn cancel_run(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(run): ApiPath<RunId>,
+    ApiJson(body): ApiJson<CancelBody>,
+) -> Result<Json<Value>, ApiError> {
+    if !caller.role.may_run() {
+        return Err(ApiError::forbidden(format!("{} may not cancel runs", caller.principal)));
+    }
+    s.engine.cancel(run, caller.principal, body.reason).await?;
+    Ok(Json(json!({"cancelled": run})))
+}
+
+async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let store = s.engine.store();
+    let mut out = String::from(
+        "# HELP holdpoint_runs Runs by status.\n# TYPE holdpoint_runs gauge\n",
+    );
+    for status in RunStatus::ALL {
+        let n = store.count_runs(status).map_err(Error::from)?;
+        out.push_str(&format!("holdpoint_runs{{status=\"{status}\"}} {n}\n"));
+    }
+    let pending = store.count_pending().map_err(Error::from)?;
+    out.push_str(&format!(
+        "# HELP holdpoint_pending_gates Gates awaiting a decision.\n# TYPE holdpoint_pending_gates gauge\nholdpoint_pending_gates {pending}\n"
+    ));
+    s.engine.metrics().render(&mut out);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
