@@ -28,7 +28,12 @@ pub const DEFAULT_DATA: &str = "holdpoint-data";
 )]
 pub struct Cli {
     /// Server URL for client commands.
-    #[arg(long, global = true, env = "HOLDPOINT_SERVER", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "HOLDPOINT_SERVER",
+        default_value = "http://127.0.0.1:7700"
+    )]
     pub server: String,
     /// Bearer token for client commands (default: the token `serve` generated in ./holdpoint-data/token).
     #[arg(long, global = true, env = "HOLDPOINT_TOKEN", hide_env_values = true)]
@@ -532,10 +537,23 @@ pub fn timeline(view: &Value, events: &[Event]) -> String {
     }
     for e in events {
         let line = match &e.event {
-            EventKind::RunStarted { workflow, version, input, .. } => {
-                format!("started {} v{version} with {}", sanitize(workflow), json_line(input))
+            EventKind::RunStarted {
+                workflow,
+                version,
+                input,
+                ..
+            } => {
+                format!(
+                    "started {} v{version} with {}",
+                    sanitize(workflow),
+                    json_line(input)
+                )
             }
-            EventKind::StepStarted { position, name, attempt } => {
+            EventKind::StepStarted {
+                position,
+                name,
+                attempt,
+            } => {
                 format!("step {position} {:?} attempt {attempt} started", sanitize(name))
             }
             EventKind::StepCompleted { position, output } => {
@@ -590,7 +608,11 @@ pub fn timeline(view: &Value, events: &[Event]) -> String {
                 }
                 l
             }
-            EventKind::ValueRecorded { position, source, value } => {
+            EventKind::ValueRecorded {
+                position,
+                source,
+                value,
+            } => {
                 format!("{source}() at {position} = {}", json_line(value))
             }
             EventKind::TimerStarted { position, fire_at } => format!("timer {position} until {fire_at}"),
@@ -600,10 +622,17 @@ pub fn timeline(view: &Value, events: &[Event]) -> String {
             EventKind::RunCancelled { by, reason } => format!(
                 "cancelled by {}{}",
                 sanitize(by.as_str()),
-                reason.as_ref().map(|r| format!(": {}", sanitize(r))).unwrap_or_default()
+                reason
+                    .as_ref()
+                    .map(|r| format!(": {}", sanitize(r)))
+                    .unwrap_or_default()
             ),
         };
-        out.push_str(&format!("{:>4}  {}  {line}\n", e.seq, e.at.format("%Y-%m-%d %H:%M:%S")));
+        out.push_str(&format!(
+            "{:>4}  {}  {line}\n",
+            e.seq,
+            e.at.format("%Y-%m-%d %H:%M:%S")
+        ));
     }
     out
 }
@@ -648,7 +677,10 @@ fn verify(data: &Path, head: bool) -> Result<()> {
         store.close()?;
         println!("verified {} runs, {events} events: {bad} bad", runs.len());
         if bad > 0 {
-            Err(CliError(format!("{bad} of {} journals failed verification", runs.len())))
+            Err(CliError(format!(
+                "{bad} of {} journals failed verification",
+                runs.len()
+            )))
         } else {
             Ok(())
         }
@@ -746,7 +778,11 @@ async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
     let url = format!("http://{addr}");
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "holdpoint listening on {url} (data in {})", args.data.display())?;
+        writeln!(
+            out,
+            "holdpoint listening on {url} (data in {})",
+            args.data.display()
+        )?;
         if let Some(token) = &generated {
             writeln!(
                 out,
@@ -832,7 +868,8 @@ impl Client {
                 .map(|t| t.trim().to_string())
                 .map_err(|_| {
                     CliError(
-                        "no token: set HOLDPOINT_TOKEN (or --token) to the token `holdpoint serve` printed".into(),
+                        "no token: set HOLDPOINT_TOKEN (or --token) to the token `holdpoint serve` printed"
+                            .into(),
                     )
                 })?,
         };
@@ -866,8 +903,12 @@ impl Client {
         self.finish(resp)
     }
 
-    fn finish(&self, resp: std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value> {
-        let mut resp = resp.map_err(|e| CliError(format!("cannot reach the server at {}: {e}", self.base)))?;
+    fn finish(
+        &self,
+        resp: std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Value> {
+        let mut resp =
+            resp.map_err(|e| CliError(format!("cannot reach the server at {}: {e}", self.base)))?;
         let status = resp.status();
         let body: Value = resp
             .body_mut()

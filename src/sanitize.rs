@@ -52,7 +52,11 @@ pub fn json_line(v: &serde_json::Value) -> String {
 /// A JSON value pretty-printed, each line sanitized (the layout's own newlines stay).
 pub fn json_pretty(v: &serde_json::Value) -> String {
     let pretty = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
-    pretty.lines().map(|l| sanitize(l).into_owned()).collect::<Vec<_>>().join("\n")
+    pretty
+        .lines()
+        .map(|l| sanitize(l).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]

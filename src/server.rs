@@ -16,7 +16,7 @@
 //! Who decided is the authenticated principal, never a name from the request body.
 
 use crate::journal::{Decision, GateId, Principal, RunId, RunStatus, SledStore};
-use crate::{DecisionRequest, Decided, Engine, Error};
+use crate::{Decided, DecisionRequest, Engine, Error};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
@@ -127,9 +127,12 @@ impl Tokens {
     pub fn from_spec(spec: &str) -> Result<Tokens, String> {
         let mut tokens = Tokens::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (token, who) = item
-                .split_once('=')
-                .ok_or_else(|| format!("expected TOKEN=PRINCIPAL:ROLE, got {:?}", crate::sanitize::sanitize(item)))?;
+            let (token, who) = item.split_once('=').ok_or_else(|| {
+                format!(
+                    "expected TOKEN=PRINCIPAL:ROLE, got {:?}",
+                    crate::sanitize::sanitize(item)
+                )
+            })?;
             let (principal, role) = who.split_once(':').unwrap_or((who, "reviewer"));
             let role: Role = serde_json::from_value(json!(role))
                 .map_err(|_| format!("unknown role {role:?} (viewer, reviewer, operator or admin)"))?;
@@ -252,9 +255,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(JsonRejection::BytesRejection(r)) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body is over the size limit"),
-            ),
+            Err(JsonRejection::BytesRejection(r)) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    "request body is over the size limit",
+                ))
+            }
             Err(r) => Err(ApiError::malformed(r.body_text())),
         }
     }
@@ -313,7 +320,8 @@ async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Re
         return ApiError::unauthorized("missing bearer token (Authorization: Bearer TOKEN)").into_response();
     };
     let Some(token) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
-        return ApiError::unauthorized("malformed Authorization header; expected `Bearer TOKEN`").into_response();
+        return ApiError::unauthorized("malformed Authorization header; expected `Bearer TOKEN`")
+            .into_response();
     };
     match state.tokens.lookup(token.trim()) {
         Some(caller) => {
@@ -340,7 +348,10 @@ async fn create_run(
     ApiJson(body): ApiJson<StartBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if !caller.role.may_run() {
-        return Err(ApiError::forbidden(format!("{} may not start runs", caller.principal)));
+        return Err(ApiError::forbidden(format!(
+            "{} may not start runs",
+            caller.principal
+        )));
     }
     let run = s
         .engine
@@ -357,12 +368,18 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list_runs(State(s): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<Value>, ApiError> {
+async fn list_runs(
+    State(s): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
     let status = match q.status.as_deref() {
         Some(st) => Some(st.parse::<RunStatus>().map_err(ApiError::malformed)?),
         None => None,
     };
-    let runs = s.engine.list(status, q.after, q.limit.unwrap_or(100).min(1000)).await?;
+    let runs = s
+        .engine
+        .list(status, q.after, q.limit.unwrap_or(100).min(1000))
+        .await?;
     Ok(Json(json!(runs)))
 }
 
@@ -371,7 +388,10 @@ async fn get_run(State(s): State<AppState>, ApiPath(run): ApiPath<RunId>) -> Res
     Ok(Json(json!({"summary": view.summary, "state": view.state})))
 }
 
-async fn run_events(State(s): State<AppState>, ApiPath(run): ApiPath<RunId>) -> Result<Json<Value>, ApiError> {
+async fn run_events(
+    State(s): State<AppState>,
+    ApiPath(run): ApiPath<RunId>,
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!(s.engine.events(run).await?)))
 }
 
@@ -392,7 +412,9 @@ async fn wait_run(
     let settled = tokio::time::timeout(timeout, s.engine.settled(run)).await;
     let view = s.engine.get(run).await?;
     let settled = matches!(settled, Ok(Ok(_)));
-    Ok(Json(json!({"settled": settled, "summary": view.summary, "state": view.state})))
+    Ok(Json(
+        json!({"settled": settled, "summary": view.summary, "state": view.state}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -403,7 +425,10 @@ struct PendingQuery {
     limit: Option<usize>,
 }
 
-async fn pending(State(s): State<AppState>, ApiQuery(q): ApiQuery<PendingQuery>) -> Result<Json<Value>, ApiError> {
+async fn pending(
+    State(s): State<AppState>,
+    ApiQuery(q): ApiQuery<PendingQuery>,
+) -> Result<Json<Value>, ApiError> {
     let after = match (q.after_run, q.after_gate) {
         (Some(r), Some(g)) => Some((r, g)),
         (None, None) => None,
@@ -430,7 +455,10 @@ async fn decide(
     ApiJson(body): ApiJson<DecisionBody>,
 ) -> Result<Json<Value>, ApiError> {
     if !caller.role.may_decide() {
-        return Err(ApiError::forbidden(format!("{} may not decide gates", caller.principal)));
+        return Err(ApiError::forbidden(format!(
+            "{} may not decide gates",
+            caller.principal
+        )));
     }
     let req = DecisionRequest {
         gate,
@@ -441,7 +469,9 @@ async fn decide(
     };
     let decided = s.engine.decide(run, req).await?;
     let recorded = matches!(decided, Decided::Recorded(_));
-    Ok(Json(json!({"recorded": recorded, "decision": decided.decision()})))
+    Ok(Json(
+        json!({"recorded": recorded, "decision": decided.decision()}),
+    ))
 }
 
 #[derive(Deserialize, Default)]
@@ -458,7 +488,10 @@ async fn cancel_run(
     ApiJson(body): ApiJson<CancelBody>,
 ) -> Result<Json<Value>, ApiError> {
     if !caller.role.may_run() {
-        return Err(ApiError::forbidden(format!("{} may not cancel runs", caller.principal)));
+        return Err(ApiError::forbidden(format!(
+            "{} may not cancel runs",
+            caller.principal
+        )));
     }
     s.engine.cancel(run, caller.principal, body.reason).await?;
     Ok(Json(json!({"cancelled": run})))
@@ -466,9 +499,7 @@ async fn cancel_run(
 
 async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
     let store = s.engine.store();
-    let mut out = String::from(
-        "# HELP holdpoint_runs Runs by status.\n# TYPE holdpoint_runs gauge\n",
-    );
+    let mut out = String::from("# HELP holdpoint_runs Runs by status.\n# TYPE holdpoint_runs gauge\n");
     for status in RunStatus::ALL {
         let n = store.count_runs(status).map_err(Error::from)?;
         out.push_str(&format!("holdpoint_runs{{status=\"{status}\"}} {n}\n"));

@@ -371,7 +371,7 @@ impl<S: Store> Engine<S> {
                         idempotency_key: req.idempotency_key,
                         seq: state.next_seq,
                         at,
-                    }))
+                    }));
                 }
                 // The run moved on (a worker appended): look again.
                 Err(_conflict) => continue,
@@ -620,7 +620,10 @@ impl<S: Store> Engine<S> {
             store.max_event_bytes(),
             Some(self.inner.metrics.clone()),
         );
-        self.inner.metrics.activations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .metrics
+            .activations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let workflow = (prepared.run)(ctx.clone(), prepared.input);
         let outcome = tokio::select! {
             outcome = drive(&ctx, workflow) => outcome,

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Bucket bounds in seconds.
-const BOUNDS: [f64; 12] = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0];
+const BOUNDS: [f64; 12] = [
+    0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0,
+];
 
 /// A fixed-bucket histogram of durations, lock-free.
 #[derive(Default)]
@@ -36,7 +38,11 @@ impl Histogram {
     pub fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (bound, bucket) in BOUNDS.iter().zip(&self.buckets) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
         }
         let count = self.count();
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
@@ -57,8 +63,11 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn render(&self, out: &mut String) {
-        self.step_duration
-            .render("holdpoint_step_duration_seconds", "Wall time of step bodies, per attempt.", out);
+        self.step_duration.render(
+            "holdpoint_step_duration_seconds",
+            "Wall time of step bodies, per attempt.",
+            out,
+        );
         self.decision_latency.render(
             "holdpoint_decision_latency_seconds",
             "Time from a gate opening to its decision being recorded.",

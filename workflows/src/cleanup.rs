@@ -62,7 +62,10 @@ impl Table {
             std::fs::create_dir_all(dir)?;
         }
         let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(rows).map_err(std::io::Error::other)?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(rows).map_err(std::io::Error::other)?,
+        )?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(tmp, &self.path)
     }
@@ -101,13 +104,22 @@ pub enum CleanupOutcome {
 /// Below this confidence the agent asks before proposing a deletion.
 pub const CONFIDENCE_THRESHOLD: f64 = 0.8;
 
-pub async fn cleanup_agent(ctx: Ctx, req: CleanupRequest, table: Arc<Table>) -> Result<CleanupOutcome, Failure> {
+pub async fn cleanup_agent(
+    ctx: Ctx,
+    req: CleanupRequest,
+    table: Arc<Table>,
+) -> Result<CleanupOutcome, Failure> {
     let t = table.clone();
     let days = req.older_than_days;
     let stale: Vec<Row> = ctx
         .step("find_stale", || {
             let t = t.clone();
-            async move { Ok(t.rows()?.into_values().filter(|r| r.last_seen_days > days).collect()) }
+            async move {
+                Ok(t.rows()?
+                    .into_values()
+                    .filter(|r| r.last_seen_days > days)
+                    .collect())
+            }
         })
         .await?;
     if stale.is_empty() {
@@ -121,7 +133,11 @@ pub async fn cleanup_agent(ctx: Ctx, req: CleanupRequest, table: Arc<Table>) -> 
             "{} of {} stale rows are flagged important ({}). Respond with the list of ids to keep.",
             unsure.len(),
             stale.len(),
-            unsure.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ")
+            unsure
+                .iter()
+                .map(|r| r.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         match ctx.ask::<Vec<String>>(&question).await? {
             Answer::Responded { value: keep, .. } => ids.retain(|id| !keep.contains(id)),
@@ -154,6 +170,8 @@ pub async fn cleanup_agent(ctx: Ctx, req: CleanupRequest, table: Arc<Table>) -> 
 
 pub fn register(registry: Registry, table: Arc<Table>) -> Registry {
     registry
-        .workflow("data_cleanup", 1, move |ctx, req| cleanup_agent(ctx, req, table.clone()))
+        .workflow("data_cleanup", 1, move |ctx, req| {
+            cleanup_agent(ctx, req, table.clone())
+        })
         .action::<Deletion>("delete_data")
 }

@@ -46,14 +46,23 @@ impl Outbox {
         std::fs::create_dir_all(&self.dir)?;
         let name: String = key
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let path = self.dir.join(format!("{name}.json"));
         if path.exists() {
             return Ok(path);
         }
         let tmp = self.dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(email).map_err(std::io::Error::other)?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(email).map_err(std::io::Error::other)?,
+        )?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         Ok(path)
@@ -92,11 +101,12 @@ fn draft(c: &Complaint) -> Email {
 
 pub async fn email_agent(ctx: Ctx, c: Complaint, outbox: Arc<Outbox>) -> Result<EmailOutcome, Failure> {
     let complaint = c.clone();
-    let email = ctx.step("draft_reply", || {
-        let c = complaint.clone();
-        async move { Ok(draft(&c)) }
-    })
-    .await?;
+    let email = ctx
+        .step("draft_reply", || {
+            let c = complaint.clone();
+            async move { Ok(draft(&c)) }
+        })
+        .await?;
     let context = serde_json::json!({ "customer": c.customer, "complaint": c.complaint });
     let email = match ctx.gate("email_customer", email, context).await? {
         Gated::Approved { args, .. } | Gated::Edited { args, .. } => args,
@@ -119,6 +129,8 @@ pub async fn email_agent(ctx: Ctx, c: Complaint, outbox: Arc<Outbox>) -> Result<
 
 pub fn register(registry: Registry, outbox: Arc<Outbox>) -> Registry {
     registry
-        .workflow("customer_email", 1, move |ctx, c| email_agent(ctx, c, outbox.clone()))
+        .workflow("customer_email", 1, move |ctx, c| {
+            email_agent(ctx, c, outbox.clone())
+        })
         .action::<Email>("email_customer")
 }

@@ -63,6 +63,9 @@ impl Ledger {
         {
             return Ok(done);
         }
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let mut file = OpenOptions::new().create(true).append(true).open(&self.path)?;
         let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
