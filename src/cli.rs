@@ -218,6 +218,23 @@ impl From<std::io::Error> for CliError {
 
 type Result<T, E = CliError> = std::result::Result<T, E>;
 
+/// Marks the error of writing to a closed pipe (`holdpoint pending | head`): the reader
+/// has what it wanted, so the program stops quietly with success.
+const BROKEN_PIPE: &str = "\0broken pipe";
+
+/// Writes a line to stdout, turning a closed pipe into [`BROKEN_PIPE`].
+fn emit(args: fmt::Arguments<'_>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|_| out.write_all(b"\n")) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(CliError(BROKEN_PIPE.into())),
+        other => Ok(other?),
+    }
+}
+
+macro_rules! say {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*))? };
+}
+
 /// The program, with one registry for every data directory.
 pub fn main(registry: Registry) -> i32 {
     main_with(move |_| registry.clone())
@@ -242,6 +259,7 @@ pub fn main_with(registry: impl Fn(&Path) -> Registry) -> i32 {
         .try_init();
     match run(cli, &registry) {
         Ok(()) => 0,
+        Err(e) if e.0 == BROKEN_PIPE => 0,
         Err(e) => {
             eprintln!("error: {}", sanitize(&e.0));
             1
@@ -267,9 +285,9 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
                 &json!({"workflow": workflow, "input": input, "idempotency_key": idempotency_key}),
             )?;
             if json {
-                println!("{out}");
+                say!("{out}");
             } else {
-                println!("started run {}", sanitize(out["run"].as_str().unwrap_or("?")));
+                say!("started run {}", sanitize(out["run"].as_str().unwrap_or("?")));
             }
             Ok(())
         }
@@ -280,12 +298,12 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             }
             let runs = client()?.get(&path)?;
             if json {
-                println!("{runs}");
+                say!("{runs}");
                 return Ok(());
             }
-            println!("{:<36}  {:<9}  {:<20}  {:>6}  {:<5}  UPDATED", "RUN", "STATUS", "WORKFLOW", "EVENTS", "GATES");
+            say!("{:<36}  {:<9}  {:<20}  {:>6}  {:<5}  UPDATED", "RUN", "STATUS", "WORKFLOW", "EVENTS", "GATES");
             for r in runs.as_array().into_iter().flatten() {
-                println!(
+                say!(
                     "{:<36}  {:<9}  {:<20}  {:>6}  {:<5}  {}",
                     text(&r["id"]),
                     text(&r["status"]),
@@ -302,18 +320,18 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             let view = c.get(&format!("/v1/runs/{run}"))?;
             let events = c.get(&format!("/v1/runs/{run}/events"))?;
             if json {
-                println!("{}", json!({"run": view, "events": events}));
+                say!("{}", json!({"run": view, "events": events}));
                 return Ok(());
             }
             let events: Vec<Event> = serde_json::from_value(events)
                 .map_err(|e| CliError(format!("server sent events this client cannot read: {e}")))?;
-            print!("{}", timeline(&view, &events));
+            emit(format_args!("{}", timeline(&view, &events).trim_end()))?;
             Ok(())
         }
         Command::Wait { run, timeout, json } => {
             let out = client()?.get(&format!("/v1/runs/{run}/wait?timeout_ms={}", timeout.saturating_mul(1000)))?;
             if json {
-                println!("{out}");
+                say!("{out}");
             }
             let status = text(&out["summary"]["status"]);
             if out["settled"] != json!(true) {
@@ -321,19 +339,19 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             }
             if !json {
                 let open = out["summary"]["open_gates"].as_array().map(|g| g.len()).unwrap_or(0);
-                println!("run {run}: {status}{}", if open > 0 { format!(" ({open} open gate(s))") } else { String::new() });
+                say!("run {run}: {status}{}", if open > 0 { format!(" ({open} open gate(s))") } else { String::new() });
             }
             Ok(())
         }
         Command::Pending { limit, json } => {
             let gates = client()?.get(&format!("/v1/pending?limit={limit}"))?;
             if json {
-                println!("{gates}");
+                say!("{gates}");
                 return Ok(());
             }
             let list = gates.as_array().cloned().unwrap_or_default();
             if list.is_empty() {
-                println!("nothing is waiting for a decision");
+                say!("nothing is waiting for a decision");
             }
             let now = chrono::Utc::now();
             for g in list {
@@ -342,19 +360,19 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
                     .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
                     .map(|t| human(now - t.to_utc()))
                     .unwrap_or_default();
-                println!(
+                say!(
                     "run {} gate {}  {} / {}  waiting {age}",
                     text(&g["run"]),
                     g["gate"],
                     text(&g["workflow"]),
                     text(&g["action"]),
                 );
-                println!("  args:    {}", json_line(&g["args"]));
-                println!("  why:     {}", text(&g["reason"]));
+                say!("  args:    {}", json_line(&g["args"]));
+                say!("  why:     {}", text(&g["reason"]));
                 if !g["context"].is_null() {
-                    println!("  context: {}", json_line(&g["context"]));
+                    say!("  context: {}", json_line(&g["context"]));
                 }
-                println!("  decide:  {}", allowed_hint(&g));
+                say!("  decide:  {}", allowed_hint(&g));
             }
             Ok(())
         }
@@ -386,7 +404,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
         }
         Command::Cancel { run, reason } => {
             client()?.post(&format!("/v1/runs/{run}/cancel"), &json!({"reason": reason}))?;
-            println!("cancelled run {run}");
+            say!("cancelled run {run}");
             Ok(())
         }
         Command::Verify { data, head } => verify(&data, head),
@@ -411,12 +429,12 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             let events = events?;
             match replay(&registry(&data), &events).await {
                 Replay::Consistent { would_append } if would_append.is_empty() => {
-                    println!("run {run}: the current code matches its journal ({} events)", events.len());
+                    say!("run {run}: the current code matches its journal ({} events)", events.len());
                     Ok(())
                 }
                 Replay::Consistent { would_append } => {
                     let next: Vec<&str> = would_append.iter().map(|e| e.tag()).collect();
-                    println!(
+                    say!(
                         "run {run}: the current code matches its journal ({} events); it would go on with: {}",
                         events.len(),
                         next.join(", ")
@@ -514,9 +532,9 @@ fn decide(
     )?;
     let by = text(&out["decision"]["by"]);
     if out["recorded"] == json!(true) {
-        println!("recorded: {kind} at run {run} gate {gate}, by {by}");
+        say!("recorded: {kind} at run {run} gate {gate}, by {by}");
     } else {
-        println!("already recorded (same idempotency key): {kind} at run {run} gate {gate}, by {by}");
+        say!("already recorded (same idempotency key): {kind} at run {run} gate {gate}, by {by}");
     }
     Ok(())
 }
@@ -662,20 +680,20 @@ fn verify(data: &Path, head: bool) -> Result<()> {
                     events += evs.len();
                     if head {
                         if let Some(s) = store.summary(run).await? {
-                            bar.suspend(|| println!("{run} {} {}", s.next_seq, s.head));
+                            bar.suspend(|| emit(format_args!("{run} {} {}", s.next_seq, s.head)))?;
                         }
                     }
                 }
                 Err(e) => {
                     bad += 1;
-                    bar.suspend(|| println!("BAD {run}: {}", sanitize(&e.to_string())));
+                    bar.suspend(|| emit(format_args!("BAD {run}: {}", sanitize(&e.to_string()))))?;
                 }
             }
             bar.inc(1);
         }
         bar.finish_and_clear();
         store.close()?;
-        println!("verified {} runs, {events} events: {bad} bad", runs.len());
+        say!("verified {} runs, {events} events: {bad} bad", runs.len());
         if bad > 0 {
             Err(CliError(format!(
                 "{bad} of {} journals failed verification",
@@ -808,7 +826,7 @@ async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
         Err(_) => tracing::warn!("engine still referenced at shutdown; the store closes on exit"),
     }
     served.map_err(|e| CliError(format!("server failed: {e}")))?;
-    println!("stopped");
+    say!("stopped");
     Ok(())
 }
 

@@ -312,7 +312,26 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// One structured log line per request: method, path, status, principal, latency.
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let began = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let principal = resp.extensions().get::<Principal>().map(|p| p.to_string());
+    tracing::info!(
+        %method,
+        path = %crate::sanitize::sanitize(&path),
+        status = resp.status().as_u16(),
+        principal = principal.as_deref().unwrap_or("-"),
+        latency_us = began.elapsed().as_micros() as u64,
+        "request"
+    );
+    resp
 }
 
 async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
@@ -325,8 +344,12 @@ async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Re
     };
     match state.tokens.lookup(token.trim()) {
         Some(caller) => {
+            let principal = caller.principal.clone();
             req.extensions_mut().insert(caller);
-            next.run(req).await
+            let mut resp = next.run(req).await;
+            // For the request log.
+            resp.extensions_mut().insert(principal);
+            resp
         }
         None => ApiError::unauthorized("unknown token").into_response(),
     }

@@ -325,6 +325,19 @@ fn exit_codes_and_offline_commands() {
         "refund",
         json!({"order_id": "E-1", "amount_cents": 30000, "reason": "x"}),
     );
+    // A closed pipe (`holdpoint runs | head -0`) ends the command quietly, not in a panic.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(["runs"])
+        .env("HOLDPOINT_SERVER", &s.url)
+        .env("HOLDPOINT_TOKEN", ADMIN)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
     // Deciding a gate twice differently: exit 1 and the recorded decision named.
     s.ok(&["approve", &run, "1"]);
     let out = s.hp(&["reject", &run, "1", "--reason", "no"]);
