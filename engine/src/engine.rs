@@ -596,12 +596,13 @@ impl<S: Store> Engine<S> {
                 return;
             }
         };
+        // Nothing follows a terminal event (the store refuses it), so it is the last.
+        if events.last().is_some_and(|e| e.event.is_terminal()) {
+            self.release(&lease, None).await;
+            return;
+        }
         let prepared = match prepare(&self.inner.registry, &events) {
-            Ok(Some(p)) => p,
-            Ok(None) => {
-                self.release(&lease, None).await;
-                return;
-            }
+            Ok(p) => p,
             Err(reason) => {
                 self.stuck(&lease, reason).await;
                 return;
@@ -741,8 +742,8 @@ struct Prepared {
     history: History,
 }
 
-/// Finds the workflow for a journal. `Ok(None)`: the run has ended, nothing to do.
-fn prepare(registry: &Registry, events: &[Event]) -> std::result::Result<Option<Prepared>, String> {
+/// Finds the workflow for a journal and indexes the journal for replay.
+fn prepare(registry: &Registry, events: &[Event]) -> std::result::Result<Prepared, String> {
     let Some(EventKind::RunStarted {
         workflow,
         version,
@@ -753,17 +754,14 @@ fn prepare(registry: &Registry, events: &[Event]) -> std::result::Result<Option<
         return Err("journal does not begin with run-started".into());
     };
     let history = History::build(events).map_err(|e| format!("journal inconsistent: {e}"))?;
-    if history.ended.is_some() {
-        return Ok(None);
-    }
     let registered = registry.get(workflow, *version).ok_or_else(|| {
         format!("workflow {workflow:?} version {version} is not registered in this process; register it to resume this run")
     })?;
-    Ok(Some(Prepared {
+    Ok(Prepared {
         run: registered.run.clone(),
         input: input.clone(),
         history,
-    }))
+    })
 }
 
 /// How a workflow future came to stop.
@@ -913,33 +911,9 @@ impl Sink for ReplaySink {
 /// call is answered from it, nothing is appended and no step body runs. The check to
 /// run before deploying changed workflow code.
 pub async fn replay(registry: &Registry, events: &[Event]) -> Replay {
+    // Ended runs replay too: the code must reach the same end.
     let prepared = match prepare(registry, events) {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            // Ended runs replay too: the code must reach the same end.
-            let Some(EventKind::RunStarted {
-                workflow,
-                version,
-                input,
-                ..
-            }) = events.first().map(|e| &e.event)
-            else {
-                return Replay::Broken("journal does not begin with run-started".into());
-            };
-            let Some(registered) = registry.get(workflow, *version) else {
-                return Replay::Broken(format!(
-                    "workflow {workflow:?} version {version} is not registered"
-                ));
-            };
-            match History::build(events) {
-                Ok(history) => Prepared {
-                    run: registered.run.clone(),
-                    input: input.clone(),
-                    history,
-                },
-                Err(e) => return Replay::Broken(e),
-            }
-        }
+        Ok(p) => p,
         Err(reason) => return Replay::Broken(reason),
     };
     if let Some(EventKind::RunCancelled { .. }) = prepared.history.ended {
