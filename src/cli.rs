@@ -5,7 +5,7 @@
 
 use crate::journal::{Decision, Event, EventKind, GateId, RunId, RunStatus, SledStore, Store};
 use crate::sanitize::{json_line, sanitize};
-use crate::server::{self, AppState, Caller, Role, Tokens, DEFAULT_BODY_LIMIT};
+use crate::server::{self, AppState, Caller, Tokens, DEFAULT_BODY_LIMIT};
 use crate::{replay, Engine, Registry, Replay};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
@@ -170,6 +170,10 @@ pub struct KeyArg {
     /// A retry with the same key and decision is a no-op success.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// The request hash `pending` showed: the decision is refused if the request has
+    /// changed since.
+    #[arg(long = "hash")]
+    pub request_hash: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -188,6 +192,10 @@ pub struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
+    /// Guardrails for `ctx.act` (TOML; see the README). Without it every action waits
+    /// for a person.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
 }
 
 /// A failure to report: the message is shown (sanitized) and the exit code is 1.
@@ -369,6 +377,23 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
                 );
                 say!("  args:    {}", json_line(&g["args"]));
                 say!("  why:     {}", text(&g["reason"]));
+                let mut who = String::new();
+                if let Some(roles) = g["roles"].as_array().filter(|r| !r.is_empty()) {
+                    let names: Vec<String> = roles.iter().map(text).collect();
+                    who.push_str(&format!("roles {}", names.join(", ")));
+                }
+                let quorum = g["quorum"].as_u64().unwrap_or(1);
+                if quorum > 1 {
+                    let have = g["approvals"].as_array().map(|a| a.len()).unwrap_or(0);
+                    who.push_str(&format!("{}{have} of {quorum} approvals", if who.is_empty() { "" } else { "; " }));
+                }
+                if let Some(d) = g["deadline"].as_str() {
+                    who.push_str(&format!("{}deadline {}", if who.is_empty() { "" } else { "; " }, sanitize(d)));
+                }
+                if !who.is_empty() {
+                    say!("  who:     {who}");
+                }
+                say!("  hash:    {}", text(&g["request_hash"]));
                 if !g["context"].is_null() {
                     say!("  context: {}", json_line(&g["context"]));
                 }
@@ -377,7 +402,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             Ok(())
         }
         Command::Approve { run, gate, comment, key } => {
-            decide(&client()?, run, gate, Decision::Approve, comment, key.idempotency_key)
+            decide(&client()?, run, gate, Decision::Approve, comment, key)
         }
         Command::Edit {
             run,
@@ -387,10 +412,10 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             key,
         } => {
             let args = parse_json(&args, "--args")?;
-            decide(&client()?, run, gate, Decision::Edit { args }, comment, key.idempotency_key)
+            decide(&client()?, run, gate, Decision::Edit { args }, comment, key)
         }
         Command::Reject { run, gate, reason, key } => {
-            decide(&client()?, run, gate, Decision::Reject { reason }, None, key.idempotency_key)
+            decide(&client()?, run, gate, Decision::Reject { reason }, None, key)
         }
         Command::Respond {
             run,
@@ -400,7 +425,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             key,
         } => {
             let input = parse_json(&input, "--input")?;
-            decide(&client()?, run, gate, Decision::Respond { input }, comment, key.idempotency_key)
+            decide(&client()?, run, gate, Decision::Respond { input }, comment, key)
         }
         Command::Cancel { run, reason } => {
             client()?.post(&format!("/v1/runs/{run}/cancel"), &json!({"reason": reason}))?;
@@ -498,7 +523,7 @@ fn decide(
     gate: Option<GateId>,
     decision: Decision,
     comment: Option<String>,
-    idempotency_key: Option<String>,
+    key: KeyArg,
 ) -> Result<()> {
     let gate = match gate {
         Some(g) => g,
@@ -528,8 +553,19 @@ fn decide(
     let kind = decision.kind();
     let out = client.post(
         &format!("/v1/runs/{run}/gates/{gate}/decision"),
-        &json!({"decision": decision, "comment": comment, "idempotency_key": idempotency_key}),
+        &json!({
+            "decision": decision, "comment": comment,
+            "idempotency_key": key.idempotency_key, "request_hash": key.request_hash,
+        }),
     )?;
+    if out["voted"] == json!(true) {
+        let approvals = out["approvals"].as_array().map(|a| a.len()).unwrap_or(0);
+        say!(
+            "vote counted at run {run} gate {gate}: {approvals} of {} approvals",
+            out["needed"]
+        );
+        return Ok(());
+    }
     let by = text(&out["decision"]["by"]);
     if out["recorded"] == json!(true) {
         say!("recorded: {kind} at run {run} gate {gate}, by {by}");
@@ -571,9 +607,26 @@ pub fn timeline(view: &Value, events: &[Event]) -> String {
                 position,
                 name,
                 attempt,
+                args_hash,
             } => {
-                format!("step {position} {:?} attempt {attempt} started", sanitize(name))
+                let mut l = format!("step {position} {:?} attempt {attempt} started", sanitize(name));
+                if let Some(h) = args_hash {
+                    l.push_str(&format!(" with args {h}"));
+                }
+                l
             }
+            EventKind::PolicyEvaluated { verdict, reason, .. } => {
+                format!("policy: {verdict} — {}", sanitize(reason))
+            }
+            EventKind::VoteRecorded { gate, vote, by, .. } => {
+                format!("gate {gate} vote: {vote} by {}", sanitize(by.as_str()))
+            }
+            EventKind::GateEscalated {
+                gate, level, roles, ..
+            } => format!(
+                "gate {gate} escalated to group {level} ({})",
+                sanitize(&roles.join(", "))
+            ),
             EventKind::StepCompleted { position, output } => {
                 format!("step {position} completed: {}", json_line(output))
             }
@@ -739,13 +792,7 @@ fn load_tokens(args: &ServeArgs) -> Result<(Tokens, Option<String>)> {
     };
     let mut tokens = Tokens::default();
     tokens
-        .add(
-            &token,
-            Caller {
-                principal: crate::journal::Principal::new("local"),
-                role: Role::Admin,
-            },
-        )
+        .add(&token, Caller::new("local", &[server::roles::ADMIN]))
         .map_err(CliError)?;
     Ok((tokens, Some(token)))
 }
@@ -787,7 +834,15 @@ async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
     std::fs::create_dir_all(&args.data)?;
     let store = SledStore::open(args.data.join("journal"))?;
     let (tokens, generated) = load_tokens(&args)?;
-    let engine = Engine::new(store, registry)?;
+    let policy = match &args.policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError(format!("reading {}: {e}", path.display())))?;
+            crate::Policy::from_toml(&text).map_err(|e| CliError(format!("{}: {e}", path.display())))?
+        }
+        None => crate::Policy::default(),
+    };
+    let engine = Engine::builder(store, registry).policy(policy).build()?;
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .map_err(|e| CliError(format!("cannot listen on {}: {e}", args.addr)))?;

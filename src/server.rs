@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -35,34 +35,50 @@ use subtle::ConstantTimeEq;
 /// Default request body limit.
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
-/// What an authenticated caller may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Role {
-    /// Read runs, events, pending gates, metrics.
-    Viewer,
-    /// Read, and decide gates.
-    Reviewer,
-    /// Read, start and cancel runs (what an agent host needs). Cannot decide.
-    Operator,
+/// Roles with a meaning to the API. Others (`finance`, `team-lead`, ...) are named by
+/// gates (policy rules) to say who may decide them.
+pub mod roles {
+    /// Read runs, events, pending gates, metrics. A principal with only this role
+    /// cannot decide.
+    pub const VIEWER: &str = "viewer";
+    /// Decide gates that name no roles.
+    pub const REVIEWER: &str = "reviewer";
+    /// Start and cancel runs (what an agent host needs). Cannot decide.
+    pub const OPERATOR: &str = "operator";
+    /// An agent's own principal: starts runs, can never approve.
+    pub const AGENT: &str = holdpoint_engine::engine::AGENT_ROLE;
     /// Everything.
-    Admin,
-}
-
-impl Role {
-    fn may_decide(self) -> bool {
-        matches!(self, Role::Reviewer | Role::Admin)
-    }
-    fn may_run(self) -> bool {
-        matches!(self, Role::Operator | Role::Admin)
-    }
+    pub const ADMIN: &str = holdpoint_engine::engine::ADMIN_ROLE;
 }
 
 /// An authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
     pub principal: Principal,
-    pub role: Role,
+    pub roles: Vec<String>,
+}
+
+impl Caller {
+    pub fn new(principal: &str, roles: &[&str]) -> Caller {
+        Caller {
+            principal: Principal::new(principal),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+    pub fn has(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role) || self.roles.iter().any(|r| r == roles::ADMIN)
+    }
+    /// May start and cancel runs.
+    fn may_run(&self) -> bool {
+        self.has(roles::OPERATOR) || self.has(roles::AGENT)
+    }
+    /// May try to decide: holds some role besides viewer and operator. The engine then
+    /// checks the gate's own roles, the initiator and agents.
+    fn may_decide(&self) -> bool {
+        self.roles
+            .iter()
+            .any(|r| r != roles::VIEWER && r != roles::OPERATOR)
+    }
 }
 
 /// Bearer tokens and whom they name. Tokens are kept as SHA-256 digests and compared
@@ -86,7 +102,11 @@ struct TokensFile {
 struct TokenEntry {
     token: String,
     principal: String,
-    role: Role,
+    /// One role (shorthand for `roles = [role]`).
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -112,18 +132,24 @@ impl Tokens {
         let file: TokensFile = toml::from_str(text).map_err(|e| e.to_string())?;
         let mut tokens = Tokens::default();
         for t in file.tokens {
+            let mut roles = t.roles;
+            roles.extend(t.role);
+            if roles.is_empty() {
+                return Err(format!("the token of {} has no role", t.principal));
+            }
             tokens.add(
                 &t.token,
                 Caller {
                     principal: Principal::new(t.principal),
-                    role: t.role,
+                    roles,
                 },
             )?;
         }
         Ok(tokens)
     }
 
-    /// From `HOLDPOINT_TOKENS`-style text: `TOKEN=PRINCIPAL:ROLE` separated by commas.
+    /// From `HOLDPOINT_TOKENS`-style text: `TOKEN=PRINCIPAL:ROLE[+ROLE...]`, separated
+    /// by commas (no role: reviewer).
     pub fn from_spec(spec: &str) -> Result<Tokens, String> {
         let mut tokens = Tokens::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -133,14 +159,12 @@ impl Tokens {
                     crate::sanitize::sanitize(item)
                 )
             })?;
-            let (principal, role) = who.split_once(':').unwrap_or((who, "reviewer"));
-            let role: Role = serde_json::from_value(json!(role))
-                .map_err(|_| format!("unknown role {role:?} (viewer, reviewer, operator or admin)"))?;
+            let (principal, roles) = who.split_once(':').unwrap_or((who, roles::REVIEWER));
             tokens.add(
                 token,
                 Caller {
                     principal: Principal::new(principal),
-                    role,
+                    roles: roles.split('+').map(str::to_string).collect(),
                 },
             )?;
         }
@@ -222,6 +246,12 @@ impl From<Error> for ApiError {
         let (status, code) = match &e {
             Error::UnknownRun(_) | Error::UnknownGate { .. } | Error::UnknownWorkflow { .. } => {
                 (StatusCode::NOT_FOUND, "not_found")
+            }
+            Error::NotAllowed { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+            Error::StaleRequest { current, .. } => {
+                let mut err = ApiError::new(StatusCode::CONFLICT, "stale", message);
+                err.extra = Some(("current_request_hash", json!(current)));
+                return err;
             }
             Error::DecisionConflict { recorded, .. } => {
                 let mut err = ApiError::new(StatusCode::CONFLICT, "conflict", message);
@@ -370,7 +400,7 @@ async fn create_run(
     Extension(caller): Extension<Caller>,
     ApiJson(body): ApiJson<StartBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if !caller.role.may_run() {
+    if !caller.may_run() {
         return Err(ApiError::forbidden(format!(
             "{} may not start runs",
             caller.principal
@@ -378,7 +408,12 @@ async fn create_run(
     }
     let run = s
         .engine
-        .start(&body.workflow, &body.input, body.idempotency_key.as_deref())
+        .start_as(
+            Some(caller.principal),
+            &body.workflow,
+            &body.input,
+            body.idempotency_key.as_deref(),
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(json!({ "run": run }))))
 }
@@ -469,6 +504,9 @@ struct DecisionBody {
     comment: Option<String>,
     #[serde(default)]
     idempotency_key: Option<String>,
+    /// The hash of the request the decider saw (`request_hash` of the pending gate).
+    #[serde(default)]
+    request_hash: Option<String>,
 }
 
 async fn decide(
@@ -477,7 +515,7 @@ async fn decide(
     ApiPath((run, gate)): ApiPath<(RunId, GateId)>,
     ApiJson(body): ApiJson<DecisionBody>,
 ) -> Result<Json<Value>, ApiError> {
-    if !caller.role.may_decide() {
+    if !caller.may_decide() {
         return Err(ApiError::forbidden(format!(
             "{} may not decide gates",
             caller.principal
@@ -489,12 +527,16 @@ async fn decide(
         by: caller.principal,
         comment: body.comment,
         idempotency_key: body.idempotency_key,
+        roles: caller.roles,
+        request_hash: body.request_hash,
     };
-    let decided = s.engine.decide(run, req).await?;
-    let recorded = matches!(decided, Decided::Recorded(_));
-    Ok(Json(
-        json!({"recorded": recorded, "decision": decided.decision()}),
-    ))
+    Ok(Json(match s.engine.decide(run, req).await? {
+        Decided::Recorded(d) => json!({"recorded": true, "decision": d}),
+        Decided::AlreadyRecorded(d) => json!({"recorded": false, "decision": d}),
+        Decided::Voted { approvals, needed } => {
+            json!({"recorded": false, "voted": true, "approvals": approvals, "needed": needed})
+        }
+    }))
 }
 
 #[derive(Deserialize, Default)]
@@ -510,7 +552,7 @@ async fn cancel_run(
     ApiPath(run): ApiPath<RunId>,
     ApiJson(body): ApiJson<CancelBody>,
 ) -> Result<Json<Value>, ApiError> {
-    if !caller.role.may_run() {
+    if !caller.may_run() {
         return Err(ApiError::forbidden(format!(
             "{} may not cancel runs",
             caller.principal

@@ -79,10 +79,14 @@ role = "operator"
     }
 
     fn hp(&self, args: &[&str]) -> Output {
+        self.hp_as(ADMIN, args)
+    }
+
+    fn hp_as(&self, token: &str, args: &[&str]) -> Output {
         Command::new(BIN)
             .args(args)
             .env("HOLDPOINT_SERVER", &self.url)
-            .env("HOLDPOINT_TOKEN", ADMIN)
+            .env("HOLDPOINT_TOKEN", token)
             .output()
             .unwrap()
     }
@@ -103,8 +107,11 @@ role = "operator"
         serde_json::from_str(&self.ok(args)).unwrap()
     }
 
+    /// Starts a run as the agent host (operator token) and waits for it to settle.
     fn start_run(&self, workflow: &str, input: Value) -> String {
-        let out = self.json(&["start", workflow, "--input", &input.to_string(), "--json"]);
+        let out = self.hp_as(OPERATOR, &["start", workflow, "--input", &input.to_string(), "--json"]);
+        assert!(out.status.success(), "start failed: {}", stderr(&out));
+        let out: Value = serde_json::from_str(&stdout(&out)).unwrap();
         let run = out["run"].as_str().unwrap().to_string();
         self.ok(&["wait", &run]);
         run

@@ -267,6 +267,17 @@ impl Store for Crashing {
     async fn next_wake(&self) -> journal::Result<Option<chrono::DateTime<chrono::Utc>>> {
         self.inner.next_wake().await
     }
+    async fn due_deadlines(
+        &self,
+        n: chrono::DateTime<chrono::Utc>,
+        l: usize,
+    ) -> journal::Result<Vec<journal::DueDeadline>> {
+        self.alive()?;
+        self.inner.due_deadlines(n, l).await
+    }
+    async fn next_deadline(&self) -> journal::Result<Option<chrono::DateTime<chrono::Utc>>> {
+        self.inner.next_deadline().await
+    }
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.changes()
     }

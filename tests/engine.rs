@@ -182,7 +182,7 @@ async fn first_decision_wins_and_same_key_retry_is_a_no_op() {
     assert!(matches!(first, Decided::Recorded(_)));
     // The same decision, same key: success, nothing new recorded.
     let again = e.decide(run, approve).await.unwrap();
-    assert!(matches!(again, Decided::AlreadyRecorded(ref d) if d.seq == first.decision().seq));
+    assert!(matches!(again, Decided::AlreadyRecorded(ref d) if d.seq == first.decision().unwrap().seq));
     // A different decision: conflict naming the recorded one.
     let err = e
         .decide(run, DecisionRequest::reject(gate, "no", Principal::new("eve")))
@@ -428,6 +428,7 @@ async fn fold_of_every_prefix_agrees_with_the_index() {
     // Replaying the store's index derivation over each prefix must agree with fold.
     let first = holdpoint::journal::NewRun {
         id: run,
+        started_by: None,
         workflow: "refund".into(),
         version: 1,
         input: json!(null),

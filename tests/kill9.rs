@@ -104,10 +104,10 @@ async fn child(dir: &Path, seed: u64, runs: u64, cycle: u64) {
         changes.borrow_and_update();
         for gate in e.pending(None, 1000).await.unwrap() {
             let req = decision(seed, gate.run, gate.gate, &gate.args).comment(witness.clone());
-            if let Ok(decided) = e.decide(gate.run, req).await {
+            if let Ok(Some(decided)) = e.decide(gate.run, req).await.map(|d| d.decision().cloned()) {
                 let line = serde_json::json!({
-                    "run": gate.run, "gate": gate.gate, "decision": decided.decision().decision,
-                    "by": decided.decision().by, "comment": decided.decision().comment,
+                    "run": gate.run, "gate": gate.gate, "decision": decided.decision,
+                    "by": decided.by, "comment": decided.comment,
                 });
                 // Durable before anyone is told.
                 writeln!(acked, "{line}").unwrap();

@@ -17,8 +17,8 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use holdpoint_journal::{
-    self as journal, AppendConflict, Appended, Decision, DecisionKind, Event, EventKind, GateKind, Position,
-    Principal, RunId, Seq, ValueSource,
+    self as journal, request_hash, AppendConflict, Appended, Decision, DecisionKind, Event, EventKind,
+    GateKind, GateSpec, Position, Principal, RunId, Seq, ValueSource, Verdict,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -98,6 +98,14 @@ pub(crate) enum Recorded {
         fire_at: DateTime<Utc>,
         fired: bool,
     },
+    Policy {
+        seq: Seq,
+        action: String,
+        verdict: Verdict,
+        rule: Option<String>,
+        reason: String,
+        spec: Option<GateSpec>,
+    },
 }
 
 impl Recorded {
@@ -106,7 +114,8 @@ impl Recorded {
             Recorded::Step { seq, .. }
             | Recorded::Gate { seq, .. }
             | Recorded::Value { seq, .. }
-            | Recorded::Timer { seq, .. } => *seq,
+            | Recorded::Timer { seq, .. }
+            | Recorded::Policy { seq, .. } => *seq,
         }
     }
 
@@ -124,6 +133,7 @@ impl Recorded {
             } => "ask".to_string(),
             Recorded::Value { source, .. } => format!("{source}()"),
             Recorded::Timer { .. } => "sleep".to_string(),
+            Recorded::Policy { action, .. } => format!("act {action:?}"),
         }
     }
 
@@ -133,6 +143,7 @@ impl Recorded {
             (Recorded::Gate { kind, action, .. }, Call::Gate(k, a)) => kind == k && action == a,
             (Recorded::Value { source, .. }, Call::Value(s)) => source == s,
             (Recorded::Timer { .. }, Call::Timer) => true,
+            (Recorded::Policy { action, .. }, Call::Act(a)) => action == a,
             _ => false,
         }
     }
@@ -144,6 +155,7 @@ pub(crate) enum Call<'a> {
     Gate(GateKind, &'a str),
     Value(ValueSource),
     Timer,
+    Act(&'a str),
 }
 
 impl Call<'_> {
@@ -154,6 +166,7 @@ impl Call<'_> {
             Call::Gate(GateKind::Question, _) => "ask".to_string(),
             Call::Value(s) => format!("{s}()"),
             Call::Timer => "sleep".to_string(),
+            Call::Act(a) => format!("act {a:?}"),
         }
     }
 }
@@ -190,6 +203,7 @@ impl History {
                 position,
                 name,
                 attempt,
+                ..
             } => match self
                 .by_position
                 .entry(*position)
@@ -306,10 +320,37 @@ impl History {
                 Some(Recorded::Timer { fired, .. }) => *fired = true,
                 _ => return Err(inconsistent(*position)),
             },
+            EventKind::PolicyEvaluated {
+                position,
+                action,
+                verdict,
+                rule,
+                reason,
+                spec,
+            } => {
+                if self.by_position.contains_key(position) {
+                    return Err(inconsistent(*position));
+                }
+                self.by_position.insert(
+                    *position,
+                    Recorded::Policy {
+                        seq: e.seq,
+                        action: action.clone(),
+                        verdict: *verdict,
+                        rule: rule.clone(),
+                        reason: reason.clone(),
+                        spec: spec.clone(),
+                    },
+                );
+            }
             EventKind::RunCompleted { .. } | EventKind::RunFailed { .. } | EventKind::RunCancelled { .. } => {
                 self.ended = Some(e.event.clone())
             }
-            EventKind::RunStarted { .. } => {}
+            // Votes and escalations change who may decide, not what the code sees: a gate
+            // resolves only with `decision-recorded`.
+            EventKind::RunStarted { .. }
+            | EventKind::VoteRecorded { .. }
+            | EventKind::GateEscalated { .. } => {}
         }
         Ok(())
     }
@@ -334,6 +375,7 @@ struct State {
 pub(crate) struct Inner {
     run: RunId,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    policy: Arc<crate::policy::Policy>,
     clock: Arc<dyn Clock>,
     sink: Box<dyn Sink>,
     max_event_bytes: usize,
@@ -468,6 +510,7 @@ where
                 name,
                 f,
                 std::mem::take(&mut this.retry),
+                None,
             )));
         }
         match this.running.as_mut() {
@@ -516,6 +559,145 @@ pub enum Answer<T> {
     Declined { reason: String, by: Principal },
 }
 
+/// An action to run under the policy; finish with [`Act::run`].
+#[must_use = "an action does nothing until run"]
+pub struct Act<'a, A> {
+    ctx: &'a Ctx,
+    action: String,
+    args: A,
+    context: Value,
+    confidence: Option<f64>,
+    retry: RetryPolicy,
+}
+
+/// How an [`Act`] ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Acted<A, T> {
+    /// The action ran with `args` (as allowed, approved or edited).
+    Done {
+        output: T,
+        args: A,
+        /// Who approved or edited, when a person was asked.
+        approved_by: Option<Principal>,
+    },
+    /// The policy blocked it; nothing ran.
+    Denied { reason: String, rule: Option<String> },
+    /// A person rejected it; nothing ran.
+    Rejected { reason: String, by: Principal },
+}
+
+impl<'a, A> Act<'a, A>
+where
+    A: Serialize + DeserializeOwned + Send + 'a,
+{
+    /// What a reviewer needs to decide, if a person is asked.
+    pub fn context(mut self, context: impl Serialize) -> Self {
+        self.context = serde_json::to_value(context).unwrap_or(Value::Null);
+        self
+    }
+
+    /// The agent's confidence in this action (0..1), for rules that ask when it is low.
+    pub fn confidence(mut self, confidence: f64) -> Self {
+        self.confidence = Some(confidence);
+        self
+    }
+
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Runs the policy, maybe a gate, and then `f` with the args to execute.
+    pub async fn run<T, F, Fut>(self, mut f: F) -> Result<Acted<A, T>, Failure>
+    where
+        F: FnMut(A) -> Fut + Send,
+        Fut: Future<Output = Result<T, Failure>> + Send,
+        T: Serialize + DeserializeOwned + Send,
+    {
+        let ctx = self.ctx;
+        let action = self.action;
+        let proposed = encode(&self.args, "action arguments")?;
+        drop(self.args);
+        let (position, recorded) = match ctx.begin(Call::Act(&action)) {
+            Ok(x) => x,
+            Err(Parked) => return ctx.park().await,
+        };
+        let (verdict, rule, reason, spec) = match recorded {
+            Some(Recorded::Policy {
+                verdict,
+                rule,
+                reason,
+                spec,
+                ..
+            }) => (verdict, rule, reason, spec),
+            _ => {
+                let e = ctx.inner.policy.evaluate(&action, &proposed, self.confidence);
+                let spec = (e.verdict == Verdict::RequireApproval).then_some(e.gate);
+                ctx.push(EventKind::PolicyEvaluated {
+                    position,
+                    action: action.clone(),
+                    verdict: e.verdict,
+                    rule: e.rule.clone(),
+                    reason: e.reason.clone(),
+                    spec: spec.clone(),
+                });
+                (e.verdict, e.rule, e.reason, spec)
+            }
+        };
+        let (args, approved_by) = match verdict {
+            Verdict::Deny => return Ok(Acted::Denied { reason, rule }),
+            Verdict::Allow => (proposed, None),
+            Verdict::RequireApproval => {
+                let (recorded_args, info) = ctx
+                    .open_gate(
+                        GateKind::Approval,
+                        &action,
+                        proposed,
+                        self.context,
+                        reason,
+                        APPROVAL_DECISIONS.to_vec(),
+                        rule,
+                        spec,
+                    )
+                    .await?;
+                match info.decision {
+                    Decision::Approve => (recorded_args, Some(info.by)),
+                    Decision::Edit { args } => (args, Some(info.by)),
+                    Decision::Reject { reason } => return Ok(Acted::Rejected { reason, by: info.by }),
+                    Decision::Respond { .. } => {
+                        return Err(Failure::terminal(format!(
+                            "action {action:?} received a respond decision"
+                        )))
+                    }
+                }
+            }
+        };
+        let hash = request_hash(&action, &args);
+        let typed = || {
+            serde_json::from_value::<A>(args.clone())
+                .map_err(|e| Failure::terminal(format!("arguments for {action:?} do not fit its type: {e}")))
+        };
+        let output = ctx
+            .clone()
+            .run_step(
+                action.clone(),
+                || {
+                    let a = typed();
+                    let fut = a.map(&mut f);
+                    async move { fut?.await }
+                },
+                self.retry,
+                Some(hash),
+            )
+            .await?;
+        Ok(Acted::Done {
+            output,
+            args: typed()?,
+            approved_by,
+        })
+    }
+}
+
 /// Decisions an approval gate accepts.
 pub const APPROVAL_DECISIONS: [DecisionKind; 3] =
     [DecisionKind::Approve, DecisionKind::Edit, DecisionKind::Reject];
@@ -530,12 +712,14 @@ impl Ctx {
         clock: Arc<dyn Clock>,
         max_event_bytes: usize,
         metrics: Option<Arc<crate::metrics::Metrics>>,
+        policy: Arc<crate::policy::Policy>,
     ) -> Ctx {
         let journal_len = history.next_seq;
         Ctx {
             inner: Arc::new(Inner {
                 run,
                 metrics,
+                policy,
                 clock,
                 sink,
                 max_event_bytes,
@@ -594,6 +778,8 @@ impl Ctx {
                 context,
                 "explicit gate in workflow code".to_string(),
                 APPROVAL_DECISIONS.to_vec(),
+                None,
+                None,
             )
             .await?;
         let decode = |v: Value| {
@@ -629,6 +815,8 @@ impl Ctx {
                 Value::Null,
                 "the agent asked a question".to_string(),
                 QUESTION_DECISIONS.to_vec(),
+                None,
+                None,
             )
             .await?;
         match info.decision {
@@ -640,6 +828,22 @@ impl Ctx {
             }),
             Decision::Reject { reason } => Ok(Answer::Declined { reason, by: info.by }),
             other => Err(Failure::terminal(format!("a question received {other}"))),
+        }
+    }
+
+    /// A risky action, guarded by the engine's [`Policy`](crate::policy::Policy): allowed
+    /// actions run at once, denied ones never run (the agent gets the reason), and the
+    /// rest wait at a gate for a person. The verdict is journaled. The closure gets the
+    /// args to execute: the approved or edited ones, never the agent's proposal after a
+    /// person changed it; their hash is journaled with the step.
+    pub fn act<A>(&self, action: &str, args: A) -> Act<'_, A> {
+        Act {
+            ctx: self,
+            action: action.to_string(),
+            args,
+            context: Value::Null,
+            confidence: None,
+            retry: RetryPolicy::default(),
         }
     }
 
@@ -728,7 +932,13 @@ impl Ctx {
         }
     }
 
-    async fn run_step<T, F, Fut>(self, name: String, mut f: F, retry: RetryPolicy) -> Result<T, Failure>
+    async fn run_step<T, F, Fut>(
+        self,
+        name: String,
+        mut f: F,
+        retry: RetryPolicy,
+        args_hash: Option<String>,
+    ) -> Result<T, Failure>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
@@ -793,6 +1003,7 @@ impl Ctx {
                 position,
                 name: name.clone(),
                 attempt,
+                args_hash: args_hash.clone(),
             });
             // The body may have effects: its start must be durable first, so a crash
             // during it is seen (and counted) on recovery.
@@ -870,6 +1081,7 @@ impl Ctx {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn open_gate(
         &self,
         kind: GateKind,
@@ -878,6 +1090,8 @@ impl Ctx {
         context: Value,
         reason: String,
         allowed: Vec<DecisionKind>,
+        rule: Option<String>,
+        spec: Option<GateSpec>,
     ) -> Result<(Value, DecisionInfo), Failure> {
         let (position, recorded) = match self.begin(Call::Gate(kind, action)) {
             Ok(x) => x,
@@ -908,6 +1122,15 @@ impl Ctx {
             _ => {
                 self.check_size(&args, "gate arguments")?;
                 self.check_size(&context, "gate context")?;
+                let deadline = spec
+                    .as_ref()
+                    .and_then(|s| s.levels.first())
+                    .and_then(|l| l.timeout_secs)
+                    .map(|secs| {
+                        let now = self.inner.clock.now();
+                        now.checked_add_signed(chrono::Duration::seconds(secs.min(i64::MAX as u64) as i64))
+                            .unwrap_or(now)
+                    });
                 self.push(EventKind::ApprovalRequested {
                     gate: position.into(),
                     kind,
@@ -916,7 +1139,9 @@ impl Ctx {
                     context,
                     reason,
                     allowed,
-                    deadline: None,
+                    deadline,
+                    rule,
+                    spec,
                 });
                 self.block(None).await
             }

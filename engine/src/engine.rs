@@ -13,13 +13,15 @@ use crate::clock::{Clock, SystemClock};
 use crate::ctx::{Abort, Ctx, History, Sink};
 use crate::error::{Error, Failure, Nondeterminism, Result};
 use crate::fold::{fold, RunState};
+use crate::policy::Policy;
 use crate::registry::Registry;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use holdpoint_journal::{
     self as journal, Append, AppendConflict, Appended, Decision, Event, EventKind, GateId, Lease, NewRun,
-    PendingGate, Principal, RecordedDecision, RunId, RunStatus, RunSummary, Seq, Store, WorkerId,
+    PendingGate, Principal, RecordedDecision, RunId, RunStatus, RunSummary, Seq, Store, TimeoutOutcome,
+    WorkerId,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -60,6 +62,11 @@ pub struct DecisionRequest {
     pub comment: Option<String>,
     /// A retry with the same key (and the same decision) is a no-op success.
     pub idempotency_key: Option<String>,
+    /// The decider's roles, checked against the roles the gate names.
+    pub roles: Vec<String>,
+    /// The hash of the request the decider saw (`GateState::request_hash`); a decision
+    /// for a request that has since changed is refused.
+    pub request_hash: Option<String>,
 }
 
 impl DecisionRequest {
@@ -70,7 +77,17 @@ impl DecisionRequest {
             by,
             comment: None,
             idempotency_key: None,
+            roles: Vec::new(),
+            request_hash: None,
         }
+    }
+    pub fn roles(mut self, roles: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.roles = roles.into_iter().map(Into::into).collect();
+        self
+    }
+    pub fn request_hash(mut self, hash: impl Into<String>) -> Self {
+        self.request_hash = Some(hash.into());
+        self
     }
     pub fn approve(gate: GateId, by: Principal) -> Self {
         Self::new(gate, Decision::Approve, by)
@@ -100,22 +117,31 @@ impl DecisionRequest {
     }
 }
 
-/// A decision that stands, durably.
+/// What a decision did, durably.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decided {
-    /// Recorded now.
+    /// The gate's decision, recorded now.
     Recorded(RecordedDecision),
     /// The same decision with the same idempotency key was recorded before.
     AlreadyRecorded(RecordedDecision),
+    /// A vote at a quorum gate, counted (once per principal); the gate is still open.
+    Voted { approvals: Vec<Principal>, needed: u32 },
 }
 
 impl Decided {
-    pub fn decision(&self) -> &RecordedDecision {
+    /// The gate's decision, when there is one.
+    pub fn decision(&self) -> Option<&RecordedDecision> {
         match self {
-            Decided::Recorded(d) | Decided::AlreadyRecorded(d) => d,
+            Decided::Recorded(d) | Decided::AlreadyRecorded(d) => Some(d),
+            Decided::Voted { .. } => None,
         }
     }
 }
+
+/// Role name of agents' own principals: they can never approve.
+pub const AGENT_ROLE: &str = "agent";
+/// Role name that may decide any gate.
+pub const ADMIN_ROLE: &str = "admin";
 
 /// A run as queries see it: the index summary and the state folded from its journal.
 #[derive(Clone, Debug, PartialEq)]
@@ -157,6 +183,7 @@ struct Inner<S> {
     config: EngineConfig,
     worker: WorkerId,
     metrics: Arc<crate::metrics::Metrics>,
+    policy: Arc<Policy>,
 }
 
 /// Builds an [`Engine`].
@@ -165,6 +192,7 @@ pub struct EngineBuilder<S> {
     registry: Registry,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
+    policy: Policy,
 }
 
 impl<S: Store> EngineBuilder<S> {
@@ -174,6 +202,11 @@ impl<S: Store> EngineBuilder<S> {
     }
     pub fn config(mut self, config: EngineConfig) -> Self {
         self.config = config;
+        self
+    }
+    /// The guardrails `ctx.act` consults (default: every action waits for a person).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
         self
     }
     pub fn build(self) -> Result<Engine<S>> {
@@ -186,6 +219,7 @@ impl<S: Store> EngineBuilder<S> {
                 config: self.config,
                 worker: WorkerId::new(),
                 metrics: Arc::default(),
+                policy: Arc::new(self.policy),
             }),
         })
     }
@@ -210,6 +244,7 @@ impl<S: Store> Engine<S> {
             registry,
             clock: Arc::new(SystemClock),
             config: EngineConfig::default(),
+            policy: Policy::default(),
         }
     }
 
@@ -248,6 +283,18 @@ impl<S: Store> Engine<S> {
         input: &I,
         idempotency_key: Option<&str>,
     ) -> Result<RunId> {
+        self.start_as(None, workflow, input, idempotency_key).await
+    }
+
+    /// [`Engine::start`], recording who started the run: the initiator can never
+    /// approve the run's own actions.
+    pub async fn start_as<I: Serialize + ?Sized>(
+        &self,
+        by: Option<Principal>,
+        workflow: &str,
+        input: &I,
+        idempotency_key: Option<&str>,
+    ) -> Result<RunId> {
         let registry = &self.inner.registry;
         let version = registry
             .latest_version(workflow)
@@ -271,6 +318,7 @@ impl<S: Store> Engine<S> {
             .store
             .create_run(NewRun {
                 id: RunId::new(),
+                started_by: by,
                 workflow: workflow.to_string(),
                 version,
                 input,
@@ -328,6 +376,43 @@ impl<S: Store> Engine<S> {
                     allowed: gate.allowed.clone(),
                 });
             }
+            let refuse = |reason: String| Error::NotAllowed {
+                run,
+                gate: req.gate,
+                by: req.by.clone(),
+                reason,
+            };
+            let holds = |role: &str| req.roles.iter().any(|r| r == role);
+            let roles = gate.roles();
+            if !roles.is_empty() && !holds(ADMIN_ROLE) && !roles.iter().any(|r| holds(r)) {
+                return Err(refuse(format!(
+                    "the gate needs one of the roles {}",
+                    roles.join(", ")
+                )));
+            }
+            let approves = matches!(req.decision, Decision::Approve | Decision::Edit { .. });
+            let quorum = gate.spec.quorum.max(1);
+            // Four-eyes: where a gate needs several approvers, the one who started the
+            // run is never one of them.
+            if approves && quorum > 1 && state.started_by.as_ref() == Some(&req.by) {
+                return Err(refuse(
+                    "the run's initiator cannot approve at a gate that needs several approvers".into(),
+                ));
+            }
+            if approves && holds(AGENT_ROLE) {
+                return Err(refuse("an agent cannot approve".into()));
+            }
+            let current = gate.request_hash.clone();
+            if let Some(seen) = &req.request_hash {
+                if *seen != current {
+                    return Err(Error::StaleRequest {
+                        run,
+                        gate: req.gate,
+                        seen: seen.clone(),
+                        current,
+                    });
+                }
+            }
             if let Decision::Edit { args } = &req.decision {
                 self.inner
                     .registry
@@ -340,41 +425,173 @@ impl<S: Store> Engine<S> {
                     })?;
             }
             let at = self.inner.clock.now();
-            let appended = self
-                .inner
-                .store
-                .append(Append {
-                    run,
-                    expected: state.next_seq,
-                    at,
-                    events: vec![EventKind::DecisionRecorded {
-                        gate: req.gate,
-                        decision: req.decision.clone(),
-                        by: req.by.clone(),
-                        comment: req.comment.clone(),
-                        idempotency_key: req.idempotency_key.clone(),
-                    }],
-                    lease: None,
-                })
-                .await
-                .map_err(journal_err)?;
-            match appended {
-                Ok(_) => {
-                    if let Ok(waited) = (at - gate.requested_at).to_std() {
-                        self.inner.metrics.decision_latency.observe(waited);
-                    }
-                    return Ok(Decided::Recorded(RecordedDecision {
-                        gate: req.gate,
-                        decision: req.decision,
-                        by: req.by,
-                        comment: req.comment,
-                        idempotency_key: req.idempotency_key,
-                        seq: state.next_seq,
-                        at,
-                    }));
+            let mut events = Vec::new();
+            let mut approvals: Vec<Principal> = gate.approvers().into_iter().cloned().collect();
+            let mut final_decision = req.decision.clone();
+            let mut comment = req.comment.clone();
+            if approves && quorum > 1 {
+                if matches!(req.decision, Decision::Approve) && approvals.contains(&req.by) {
+                    // One person approving twice counts once.
+                    return Ok(Decided::Voted {
+                        approvals,
+                        needed: quorum,
+                    });
                 }
+                events.push(EventKind::VoteRecorded {
+                    gate: req.gate,
+                    vote: req.decision.clone(),
+                    by: req.by.clone(),
+                    comment: req.comment.clone(),
+                    request_hash: current.clone(),
+                });
+                let mut args = gate.current_args.clone();
+                match &req.decision {
+                    Decision::Edit { args: edited } => {
+                        args = edited.clone();
+                        approvals = vec![req.by.clone()];
+                    }
+                    _ => approvals.push(req.by.clone()),
+                }
+                if (approvals.len() as u32) < quorum {
+                    self.append_external(run, state.next_seq, at, events).await?;
+                    return Ok(Decided::Voted {
+                        approvals,
+                        needed: quorum,
+                    });
+                }
+                final_decision = if args == gate.args {
+                    Decision::Approve
+                } else {
+                    Decision::Edit { args }
+                };
+                let names: Vec<&str> = approvals.iter().map(|p| p.as_str()).collect();
+                comment = Some(format!(
+                    "quorum {} of {quorum}: {}",
+                    approvals.len(),
+                    names.join(", ")
+                ));
+            }
+            let decided_seq = state.next_seq.plus(events.len() as u64);
+            events.push(EventKind::DecisionRecorded {
+                gate: req.gate,
+                decision: final_decision.clone(),
+                by: req.by.clone(),
+                comment: comment.clone(),
+                idempotency_key: req.idempotency_key.clone(),
+                request_hash: Some(current),
+            });
+            if !self.append_external(run, state.next_seq, at, events).await? {
                 // The run moved on (a worker appended): look again.
-                Err(_conflict) => continue,
+                continue;
+            }
+            if let Ok(waited) = (at - gate.requested_at).to_std() {
+                self.inner.metrics.decision_latency.observe(waited);
+            }
+            return Ok(Decided::Recorded(RecordedDecision {
+                gate: req.gate,
+                decision: final_decision,
+                by: req.by,
+                comment,
+                idempotency_key: req.idempotency_key,
+                seq: decided_seq,
+                at,
+            }));
+        }
+    }
+
+    /// Appends events that come from outside the workflow (no lease). `false` on a seq
+    /// conflict: the caller looks again.
+    async fn append_external(
+        &self,
+        run: RunId,
+        expected: Seq,
+        at: DateTime<Utc>,
+        events: Vec<EventKind>,
+    ) -> Result<bool> {
+        let appended = self
+            .inner
+            .store
+            .append(Append {
+                run,
+                expected,
+                at,
+                events,
+                lease: None,
+            })
+            .await
+            .map_err(journal_err)?;
+        Ok(appended.is_ok())
+    }
+
+    /// Applies every gate deadline that is due: the gate moves to its next approver
+    /// group, or its default-safe outcome is recorded as a decision by the system.
+    /// Returns how many deadlines were applied.
+    pub async fn expire_due(&self) -> Result<usize> {
+        let now = self.inner.clock.now();
+        let due = self
+            .inner
+            .store
+            .due_deadlines(now, 256)
+            .await
+            .map_err(journal_err)?;
+        let mut applied = 0;
+        for d in due {
+            match self.expire(d.run, d.gate).await {
+                Ok(true) => applied += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(run = %d.run, gate = %d.gate, error = %e, "applying a deadline failed")
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    async fn expire(&self, run: RunId, gate_id: GateId) -> Result<bool> {
+        loop {
+            let now = self.inner.clock.now();
+            let events = self.inner.store.read(run, Seq::ZERO).await.map_err(journal_err)?;
+            let state = fold(&events);
+            let Some(gate) = state.gates.get(&gate_id) else {
+                return Ok(false);
+            };
+            let due = gate.deadline.is_some_and(|d| d <= now);
+            if gate.decision.is_some() || state.status.is_terminal() || !due {
+                return Ok(false);
+            }
+            let next = gate.level + 1;
+            let event = match gate.spec.levels.get(next as usize) {
+                Some(level) => EventKind::GateEscalated {
+                    gate: gate_id,
+                    level: next,
+                    roles: level.roles.clone(),
+                    deadline: level.timeout_secs.map(|secs| {
+                        now.checked_add_signed(chrono::Duration::seconds(secs.min(i64::MAX as u64) as i64))
+                            .unwrap_or(now)
+                    }),
+                },
+                None => EventKind::DecisionRecorded {
+                    gate: gate_id,
+                    decision: match gate.spec.on_timeout {
+                        TimeoutOutcome::Reject => Decision::Reject {
+                            reason: format!(
+                                "timed out: no decision by {}",
+                                gate.deadline.map(|d| d.to_rfc3339()).unwrap_or_default()
+                            ),
+                        },
+                        TimeoutOutcome::Approve => Decision::Approve,
+                    },
+                    by: Principal::system(),
+                    comment: Some("deadline passed".into()),
+                    idempotency_key: None,
+                    request_hash: Some(gate.request_hash.clone()),
+                },
+            };
+            if self
+                .append_external(run, state.next_seq, now, vec![event])
+                .await?
+            {
+                return Ok(true);
             }
         }
     }
@@ -486,6 +703,7 @@ impl<S: Store> Engine<S> {
     pub async fn drain(&self) -> Result<usize> {
         let mut n = 0;
         loop {
+            let expired = self.expire_due().await?;
             let leases = self
                 .inner
                 .store
@@ -497,7 +715,7 @@ impl<S: Store> Engine<S> {
                 )
                 .await
                 .map_err(journal_err)?;
-            if leases.is_empty() {
+            if leases.is_empty() && expired == 0 {
                 return Ok(n);
             }
             for lease in leases {
@@ -523,6 +741,23 @@ impl<S: Store> Engine<S> {
                     break;
                 }
                 changes.borrow_and_update();
+                // A due deadline that could not be applied must not make the timer fire at
+                // once forever: then only a change (or another due time) wakes the loop.
+                let deadlines_blocked = match engine.expire_due().await {
+                    Ok(0) => {
+                        let due = inner
+                            .store
+                            .due_deadlines(inner.clock.now(), 1)
+                            .await
+                            .map(|d| d.len());
+                        due.map_or(true, |n| n > 0)
+                    }
+                    Ok(_) => false,
+                    Err(e) => {
+                        tracing::error!(error = %e, "applying deadlines failed");
+                        true
+                    }
+                };
                 while tasks.try_join_next().is_some() {}
                 let free = slots.available_permits();
                 let mut claimed = 0;
@@ -552,10 +787,19 @@ impl<S: Store> Engine<S> {
                 if claimed > 0 {
                     continue;
                 }
-                let next = if free > 0 {
+                let next_run = if free > 0 {
                     inner.store.next_wake().await.ok().flatten()
                 } else {
                     None
+                };
+                let next_deadline = if deadlines_blocked {
+                    None
+                } else {
+                    inner.store.next_deadline().await.ok().flatten()
+                };
+                let next = match (next_run, next_deadline) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
                 };
                 let timer: BoxFuture<'static, ()> = match next {
                     Some(at) => inner.clock.sleep_until(at),
@@ -620,6 +864,7 @@ impl<S: Store> Engine<S> {
             self.inner.clock.clone(),
             store.max_event_bytes(),
             Some(self.inner.metrics.clone()),
+            self.inner.policy.clone(),
         );
         self.inner
             .metrics
@@ -930,6 +1175,7 @@ pub async fn replay(registry: &Registry, events: &[Event]) -> Replay {
         Arc::new(SystemClock),
         usize::MAX,
         None,
+        Arc::new(Policy::default()),
     );
     let outcome = drive(&ctx, (prepared.run)(ctx.clone(), prepared.input)).await;
     let conclusion = conclude(&ctx, outcome).await;

@@ -59,6 +59,28 @@ pub enum Error {
         reason: String,
     },
 
+    /// The decider may not decide this gate: not in the gate's roles, the run's own
+    /// initiator, or an agent. Nothing was recorded.
+    #[error("{by} may not decide gate {gate} of run {run}: {reason}")]
+    NotAllowed {
+        run: RunId,
+        gate: GateId,
+        by: holdpoint_journal::Principal,
+        reason: String,
+    },
+
+    /// The decision names a request that is no longer the gate's (an edit vote revised
+    /// it): the decider saw something else. Nothing was recorded.
+    #[error(
+        "gate {gate} of run {run} changed since it was shown (request {seen}, now {current}); look again"
+    )]
+    StaleRequest {
+        run: RunId,
+        gate: GateId,
+        seen: String,
+        current: String,
+    },
+
     /// A decision that is malformed in itself (an empty reject reason, ...).
     #[error("invalid decision: {0}")]
     InvalidDecision(String),

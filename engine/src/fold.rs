@@ -6,8 +6,8 @@
 
 use chrono::{DateTime, Utc};
 use holdpoint_journal::{
-    DecisionKind, Event, EventKind, GateId, GateKind, Position, Principal, RecordedDecision, RunId,
-    RunStatus, Seq,
+    request_hash, Decision, DecisionKind, Event, EventKind, GateId, GateKind, GateSpec, Position, Principal,
+    RecordedDecision, RunId, RunStatus, Seq, Verdict,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -32,12 +32,38 @@ pub struct RunState {
     pub output: Option<Value>,
     pub error: Option<String>,
     pub cancelled_by: Option<Principal>,
+    /// Who started the run.
+    pub started_by: Option<Principal>,
+    /// Policy verdicts, by position.
+    pub verdicts: BTreeMap<Position, VerdictState>,
+}
+
+/// What the policy said about an action.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VerdictState {
+    pub action: String,
+    pub verdict: Verdict,
+    pub rule: Option<String>,
+    pub reason: String,
+}
+
+/// One approver's vote at a quorum gate.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Vote {
+    pub by: Principal,
+    pub vote: Decision,
+    pub comment: Option<String>,
+    pub request_hash: String,
+    pub seq: Seq,
+    pub at: DateTime<Utc>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StepState {
     pub name: String,
     pub attempts: u32,
+    /// Hash of the args an action's step executed with (see `request_hash`).
+    pub args_hash: Option<String>,
     pub output: Option<Value>,
     /// The last failure's message.
     pub error: Option<String>,
@@ -54,10 +80,39 @@ pub struct GateState {
     pub context: Value,
     pub reason: String,
     pub allowed: Vec<DecisionKind>,
+    /// The current deadline (of the current approver group).
     pub deadline: Option<DateTime<Utc>>,
     pub requested_at: DateTime<Utc>,
     pub requested_seq: Seq,
     pub decision: Option<RecordedDecision>,
+    pub rule: Option<String>,
+    pub spec: GateSpec,
+    /// The current approver group.
+    pub level: u32,
+    /// The args now proposed: the original ones, or the last edit vote's.
+    pub current_args: Value,
+    /// Votes on the current version of the request (an edit vote starts a new version).
+    pub votes: Vec<Vote>,
+    /// The hash a decision must name to be bound to the request as it stands.
+    pub request_hash: String,
+}
+
+impl GateState {
+    /// Roles that may decide now (empty: any reviewer).
+    pub fn roles(&self) -> &[String] {
+        self.spec.roles_at(self.level)
+    }
+
+    /// Distinct principals who approved the current version.
+    pub fn approvers(&self) -> Vec<&Principal> {
+        let mut out: Vec<&Principal> = Vec::new();
+        for v in &self.votes {
+            if matches!(v.vote, Decision::Approve | Decision::Edit { .. }) && !out.contains(&&v.by) {
+                out.push(&v.by);
+            }
+        }
+        out
+    }
 }
 
 impl RunState {
@@ -86,6 +141,8 @@ impl Default for RunState {
             output: None,
             error: None,
             cancelled_by: None,
+            started_by: None,
+            verdicts: BTreeMap::new(),
         }
     }
 }
@@ -115,25 +172,32 @@ fn apply(st: &mut RunState, e: &Event) {
             workflow,
             version,
             input,
+            started_by,
             ..
         } => {
             st.workflow = Some(workflow.clone());
             st.version = Some(*version);
             st.input = input.clone();
+            st.started_by = started_by.clone();
         }
         EventKind::StepStarted {
             position,
             name,
             attempt,
+            args_hash,
         } => {
             let s = st.steps.entry(*position).or_insert_with(|| StepState {
                 name: name.clone(),
                 attempts: 0,
+                args_hash: None,
                 output: None,
                 error: None,
                 done: false,
             });
             s.attempts = s.attempts.max(*attempt);
+            if args_hash.is_some() {
+                s.args_hash = args_hash.clone();
+            }
         }
         EventKind::StepCompleted { position, output } => {
             if let Some(s) = st.steps.get_mut(position) {
@@ -161,6 +225,8 @@ fn apply(st: &mut RunState, e: &Event) {
             reason,
             allowed,
             deadline,
+            rule,
+            spec,
         } => {
             st.gates.entry(*gate).or_insert_with(|| GateState {
                 gate: *gate,
@@ -174,7 +240,65 @@ fn apply(st: &mut RunState, e: &Event) {
                 requested_at: e.at,
                 requested_seq: e.seq,
                 decision: None,
+                rule: rule.clone(),
+                spec: spec.clone().unwrap_or_default(),
+                level: 0,
+                current_args: args.clone(),
+                votes: Vec::new(),
+                request_hash: request_hash(action, args),
             });
+        }
+        EventKind::VoteRecorded {
+            gate,
+            vote,
+            by,
+            comment,
+            request_hash: seen,
+        } => {
+            if let Some(g) = st.gates.get_mut(gate) {
+                if let Decision::Edit { args } = vote {
+                    g.current_args = args.clone();
+                    g.request_hash = request_hash(&g.action, args);
+                    g.votes.clear();
+                }
+                g.votes.push(Vote {
+                    by: by.clone(),
+                    vote: vote.clone(),
+                    comment: comment.clone(),
+                    request_hash: seen.clone(),
+                    seq: e.seq,
+                    at: e.at,
+                });
+            }
+        }
+        EventKind::GateEscalated {
+            gate,
+            level,
+            deadline,
+            ..
+        } => {
+            if let Some(g) = st.gates.get_mut(gate) {
+                g.level = *level;
+                g.deadline = *deadline;
+            }
+        }
+        EventKind::PolicyEvaluated {
+            position,
+            action,
+            verdict,
+            rule,
+            reason,
+            ..
+        } => {
+            st.verdicts.insert(
+                *position,
+                VerdictState {
+                    action: action.clone(),
+                    verdict: *verdict,
+                    rule: rule.clone(),
+                    reason: reason.clone(),
+                },
+            );
         }
         EventKind::DecisionRecorded {
             gate,
@@ -182,6 +306,7 @@ fn apply(st: &mut RunState, e: &Event) {
             by,
             comment,
             idempotency_key,
+            ..
         } => {
             if let Some(g) = st.gates.get_mut(gate) {
                 if g.decision.is_none() {

@@ -10,16 +10,20 @@ pub mod engine;
 pub mod error;
 pub mod fold;
 pub mod metrics;
+pub mod policy;
 pub mod registry;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use ctx::{Answer, Ctx, Gated, RetryPolicy, Step, StepInfo, APPROVAL_DECISIONS, QUESTION_DECISIONS};
+pub use ctx::{
+    Act, Acted, Answer, Ctx, Gated, RetryPolicy, Step, StepInfo, APPROVAL_DECISIONS, QUESTION_DECISIONS,
+};
 pub use engine::{
     replay, Decided, DecisionRequest, Engine, EngineBuilder, EngineConfig, Replay, RunView, Workers,
 };
 pub use error::{Error, Failure, Nondeterminism, Result};
-pub use fold::{fold, GateState, RunState, StepState};
+pub use fold::{fold, GateState, RunState, StepState, VerdictState, Vote};
 pub use metrics::{Histogram, Metrics};
+pub use policy::{Condition, Evaluation, Op, Policy, Rule};
 pub use registry::Registry;
 
 /// The journal types authors and operators meet through the engine.

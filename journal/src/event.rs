@@ -11,8 +11,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::fmt;
 
-/// The event format this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The newest event format this build writes and reads. Each event is written with the
+/// lowest version that can express it ([`EventKind::format`]), so journals that use no
+/// v2 feature stay v1, byte for byte.
+///
+/// - v1: the original events.
+/// - v2: `policy-evaluated`, `vote-recorded`, `gate-escalated`; gates with a
+///   [`GateSpec`] or a policy rule; decisions bound to a request hash; steps that record
+///   the hash of the args they executed. A v1 reader must refuse these rather than
+///   ignore a quorum or a binding it does not know.
+pub const FORMAT_VERSION: u16 = 2;
 
 /// One entry of a run's journal: the envelope plus what happened.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,6 +46,9 @@ pub enum EventKind {
         input: Value,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
+        /// Who started the run (v2); never allowed to approve its gates.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        started_by: Option<Principal>,
     },
     /// A step's body is about to run (live). Durable before the body runs, so a crash
     /// mid-step is seen on recovery and the next attempt gets `attempt + 1`.
@@ -45,6 +56,10 @@ pub enum EventKind {
         position: Position,
         name: String,
         attempt: u32,
+        /// For an action's step: the hash of the args it executes with, to compare with
+        /// the approved request (v2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        args_hash: Option<String>,
     },
     StepCompleted {
         position: Position,
@@ -72,6 +87,12 @@ pub enum EventKind {
         allowed: Vec<DecisionKind>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         deadline: Option<DateTime<Utc>>,
+        /// The policy rule that asked for this gate (v2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule: Option<String>,
+        /// Who may decide, how many must approve, what happens at the deadline (v2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spec: Option<GateSpec>,
     },
     DecisionRecorded {
         gate: GateId,
@@ -81,6 +102,40 @@ pub enum EventKind {
         comment: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
+        /// The hash of the request the decider saw (v2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_hash: Option<String>,
+    },
+    /// One approver's vote at a gate that needs several (v2). An `edit` vote revises the
+    /// request: earlier approvals were for other args and no longer count.
+    VoteRecorded {
+        gate: GateId,
+        vote: Decision,
+        by: Principal,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        comment: Option<String>,
+        request_hash: String,
+    },
+    /// A gate's deadline passed and it moved to the next approver group (v2).
+    GateEscalated {
+        gate: GateId,
+        level: u32,
+        roles: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline: Option<DateTime<Utc>>,
+    },
+    /// What the policy said about an action, journaled so replay never asks a policy
+    /// that may have changed since (v2).
+    PolicyEvaluated {
+        position: Position,
+        action: String,
+        verdict: Verdict,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule: Option<String>,
+        reason: String,
+        /// The gate the rule asks for (with `require-approval`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spec: Option<GateSpec>,
     },
     /// A nondeterministic value (`ctx.now()`, `ctx.uuid()`, `ctx.random()`) as first seen.
     ValueRecorded {
@@ -125,6 +180,30 @@ impl EventKind {
             EventKind::RunCompleted { .. } => "run-completed",
             EventKind::RunFailed { .. } => "run-failed",
             EventKind::RunCancelled { .. } => "run-cancelled",
+            EventKind::VoteRecorded { .. } => "vote-recorded",
+            EventKind::GateEscalated { .. } => "gate-escalated",
+            EventKind::PolicyEvaluated { .. } => "policy-evaluated",
+        }
+    }
+
+    /// The lowest format version that can express this event.
+    pub fn format(&self) -> u16 {
+        match self {
+            EventKind::VoteRecorded { .. }
+            | EventKind::GateEscalated { .. }
+            | EventKind::PolicyEvaluated { .. } => 2,
+            EventKind::ApprovalRequested { rule, spec, .. } if rule.is_some() || spec.is_some() => 2,
+            EventKind::DecisionRecorded {
+                request_hash: Some(_),
+                ..
+            } => 2,
+            EventKind::StepStarted {
+                args_hash: Some(_), ..
+            } => 2,
+            EventKind::RunStarted {
+                started_by: Some(_), ..
+            } => 2,
+            _ => 1,
         }
     }
 
@@ -137,7 +216,8 @@ impl EventKind {
             | EventKind::StepFailed { position, .. }
             | EventKind::ValueRecorded { position, .. }
             | EventKind::TimerStarted { position, .. }
-            | EventKind::TimerFired { position } => Some(*position),
+            | EventKind::TimerFired { position }
+            | EventKind::PolicyEvaluated { position, .. } => Some(*position),
             EventKind::ApprovalRequested { gate, .. } => Some(gate.position()),
             _ => None,
         }
@@ -149,7 +229,10 @@ impl EventKind {
     pub fn is_external(&self) -> bool {
         matches!(
             self,
-            EventKind::DecisionRecorded { .. } | EventKind::RunCancelled { .. }
+            EventKind::DecisionRecorded { .. }
+                | EventKind::RunCancelled { .. }
+                | EventKind::VoteRecorded { .. }
+                | EventKind::GateEscalated { .. }
         )
     }
 
@@ -244,4 +327,97 @@ impl fmt::Display for ValueSource {
             ValueSource::Random => "random",
         })
     }
+}
+
+/// What a policy said about an action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Runs as an ordinary step.
+    Allow,
+    /// Blocked; the agent gets the reason; nothing runs.
+    Deny,
+    /// Waits at a gate for a person.
+    RequireApproval,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::RequireApproval => "require-approval",
+        })
+    }
+}
+
+/// Who may decide a gate, how many approvals it needs, and what its deadlines do.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GateSpec {
+    /// Approver groups in order. The gate starts at the first; when a group's timeout
+    /// passes without a decision it moves to the next. Empty: any reviewer, no deadline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub levels: Vec<ApproverLevel>,
+    /// Approvals needed from distinct principals (four-eyes is 2). Any reject ends the gate.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub quorum: u32,
+    /// What is recorded when the last group's deadline passes (default-safe: reject).
+    #[serde(default, skip_serializing_if = "TimeoutOutcome::is_default")]
+    pub on_timeout: TimeoutOutcome,
+}
+
+fn one() -> u32 {
+    1
+}
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+impl GateSpec {
+    /// Roles allowed to decide at `level` (empty: any reviewer).
+    pub fn roles_at(&self, level: u32) -> &[String] {
+        self.levels
+            .get(level as usize)
+            .map(|l| l.roles.as_slice())
+            .unwrap_or(&[])
+    }
+}
+
+/// One approver group of a gate.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ApproverLevel {
+    /// Roles whose holders may decide while the gate is at this level.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// How long this group has, in seconds, from when the gate reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+/// What a gate's final deadline records.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimeoutOutcome {
+    /// Reject with "timed out": the action does not run.
+    #[default]
+    Reject,
+    /// Approve as proposed (for actions where silence means consent; use with care).
+    Approve,
+}
+
+impl TimeoutOutcome {
+    fn is_default(&self) -> bool {
+        *self == TimeoutOutcome::Reject
+    }
+}
+
+/// The hash that binds a decision to the request a reviewer saw: SHA-256 over the action
+/// and its args (canonical JSON: object keys sorted), hex, first 16 bytes.
+pub fn request_hash(action: &str, args: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(action.as_bytes());
+    h.update([0]);
+    h.update(args.to_string().as_bytes());
+    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
 }

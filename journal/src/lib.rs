@@ -13,10 +13,13 @@ pub mod store;
 
 pub use codec::ChainHash;
 pub use error::{Error, Result};
-pub use event::{Decision, DecisionKind, Event, EventKind, GateKind, ValueSource, FORMAT_VERSION};
+pub use event::{
+    request_hash, ApproverLevel, Decision, DecisionKind, Event, EventKind, GateKind, GateSpec,
+    TimeoutOutcome, ValueSource, Verdict, FORMAT_VERSION,
+};
 pub use ids::{GateId, LeaseToken, Position, Principal, RunId, Seq, WorkerId};
 pub use sled_store::{SledOptions, SledStore, DEFAULT_MAX_EVENT_BYTES};
 pub use store::{
-    Append, AppendConflict, Appended, Created, IndexChange, Lease, NewRun, PendingGate, RecordedDecision,
-    RunStatus, RunSummary, Store,
+    Append, AppendConflict, Appended, Created, DueDeadline, GateChange, IndexChange, Lease, NewRun,
+    PendingGate, RecordedDecision, RunStatus, RunSummary, Store,
 };

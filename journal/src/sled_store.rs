@@ -11,6 +11,7 @@
 //! | `ready`     | wake ms (8) ++ run (16)      | empty                     |
 //! | `leases`    | run (16)                     | `Lease` JSON              |
 //! | `starts`    | idempotency key              | run (16) ++ request hash  |
+//! | `deadlines` | due ms (8) ++ run (16) ++ gate (4) | empty               |
 //!
 //! **Write path.** An append encodes its records outside any transaction (sled retries
 //! transaction closures, so they must stay pure and cheap), then one multi-tree
@@ -28,11 +29,11 @@
 
 use crate::codec::{self, ChainHash};
 use crate::error::{Error, Result};
-use crate::event::{Event, EventKind, FORMAT_VERSION};
+use crate::event::{Event, EventKind};
 use crate::ids::{GateId, LeaseToken, RunId, Seq, WorkerId};
 use crate::store::{
-    Append, AppendConflict, Appended, Created, IndexChange, Lease, NewRun, PendingGate, RunStatus,
-    RunSummary, Store,
+    Append, AppendConflict, Appended, Created, DueDeadline, IndexChange, Lease, NewRun, PendingGate,
+    RunStatus, RunSummary, Store,
 };
 use chrono::{DateTime, TimeZone, Utc};
 use sha2::{Digest, Sha256};
@@ -94,6 +95,7 @@ struct Trees {
     ready: sled::Tree,
     leases: sled::Tree,
     starts: sled::Tree,
+    deadlines: sled::Tree,
 }
 
 // Positions of the trees in the slice every transaction uses.
@@ -104,9 +106,10 @@ const PENDING: usize = 3;
 const READY: usize = 4;
 const LEASES: usize = 5;
 const STARTS: usize = 6;
+const DEADLINES: usize = 7;
 
 impl Trees {
-    fn all(&self) -> [&sled::Tree; 7] {
+    fn all(&self) -> [&sled::Tree; 8] {
         [
             &self.events,
             &self.runs,
@@ -115,6 +118,7 @@ impl Trees {
             &self.ready,
             &self.leases,
             &self.starts,
+            &self.deadlines,
         ]
     }
 }
@@ -146,6 +150,7 @@ impl SledStore {
             ready: db.open_tree("ready")?,
             leases: db.open_tree("leases")?,
             starts: db.open_tree("starts")?,
+            deadlines: db.open_tree("deadlines")?,
         };
         // sled keeps its log in `<dir>/db`; we fsync it ourselves (see module docs).
         let data_file = File::open(dir.join("db"))?;
@@ -326,6 +331,14 @@ fn ready_key(at: DateTime<Utc>, run: RunId) -> [u8; 24] {
     k
 }
 
+fn deadline_key(at: DateTime<Utc>, run: RunId, gate: GateId) -> [u8; 28] {
+    let mut k = [0; 28];
+    k[..8].copy_from_slice(&ms(at).to_be_bytes());
+    k[8..24].copy_from_slice(run.as_bytes());
+    k[24..].copy_from_slice(&gate.0.to_be_bytes());
+    k
+}
+
 fn status_key(status: RunStatus, run: RunId) -> [u8; 17] {
     let mut k = [0; 17];
     k[0] = status.code();
@@ -431,6 +444,28 @@ fn apply_changes(
             }
             IndexChange::Wake(at) => schedule(t, summary, at)?,
             IndexChange::Ended => unschedule(t, summary)?,
+            IndexChange::DeadlineSet { gate, at, old } => {
+                if let Some(old) = old {
+                    t[DEADLINES].remove(&deadline_key(old, summary.id, gate)[..])?;
+                }
+                t[DEADLINES].insert(&deadline_key(at, summary.id, gate)[..], &[][..])?;
+            }
+            IndexChange::DeadlineCleared { gate, at } => {
+                t[DEADLINES].remove(&deadline_key(at, summary.id, gate)[..])?;
+            }
+            IndexChange::GateChanged(gate, change) => {
+                let key = gate_key(summary.id, gate);
+                if let Some(bytes) = t[PENDING].get(&key[..])? {
+                    let mut entry: PendingGate = serde_json::from_slice(&bytes).map_err(|e| {
+                        Tx::Abort(Error::Storage(format!(
+                            "pending entry of run {} does not decode: {e}",
+                            summary.id
+                        )))
+                    })?;
+                    entry.change(&change);
+                    t[PENDING].insert(&key[..], json(&entry)?)?;
+                }
+            }
         }
     }
     Ok(())
@@ -451,13 +486,18 @@ impl Store for SledStore {
             run: run.id,
             seq: Seq::ZERO,
             at: run.at,
-            v: FORMAT_VERSION,
+            v: 1,
             event: EventKind::RunStarted {
                 workflow: run.workflow.clone(),
                 version: run.version,
                 input: run.input.clone(),
                 idempotency_key: run.idempotency_key.clone(),
+                started_by: run.started_by.clone(),
             },
+        };
+        let event = Event {
+            v: event.event.format(),
+            ..event
         };
         let (record, head) = codec::encode(&event, &ChainHash::GENESIS, self.inner.options.max_event_bytes)?;
         let hash = request_hash(&run)?;
@@ -519,7 +559,7 @@ impl Store for SledStore {
                 run,
                 seq: append.expected.plus(i as u64),
                 at: append.at,
-                v: FORMAT_VERSION,
+                v: kind.format(),
                 event: kind,
             };
             let (record, hash) = codec::encode(&event, &head, self.inner.options.max_event_bytes)?;
@@ -898,6 +938,39 @@ impl Store for SledStore {
             k[..8]
                 .try_into()
                 .map_err(|_| Error::Storage("malformed ready key".into()))?,
+        );
+        Ok(Utc.timestamp_millis_opt(ms as i64).single())
+    }
+
+    async fn due_deadlines(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<DueDeadline>> {
+        let end = deadline_key(now, RunId::from_bytes([0xff; 16]), GateId(u32::MAX));
+        let mut out = Vec::new();
+        for key in self.inner.trees.deadlines.range(..=end).keys().take(limit) {
+            let key = key?;
+            if key.len() != 28 {
+                return Err(Error::Storage("malformed deadline key".into()));
+            }
+            let ms = u64::from_be_bytes(key[..8].try_into().unwrap_or_default());
+            let (Some(run), Some(at)) = (
+                run_from_key(&key[8..24]),
+                Utc.timestamp_millis_opt(ms as i64).single(),
+            ) else {
+                return Err(Error::Storage("malformed deadline key".into()));
+            };
+            let gate = GateId(u32::from_be_bytes(key[24..28].try_into().unwrap_or_default()));
+            out.push(DueDeadline { run, gate, at });
+        }
+        Ok(out)
+    }
+
+    async fn next_deadline(&self) -> Result<Option<DateTime<Utc>>> {
+        let Some((k, _)) = self.inner.trees.deadlines.first()? else {
+            return Ok(None);
+        };
+        let ms = u64::from_be_bytes(
+            k[..8]
+                .try_into()
+                .map_err(|_| Error::Storage("malformed deadline key".into()))?,
         );
         Ok(Utc.timestamp_millis_opt(ms as i64).single())
     }

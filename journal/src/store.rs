@@ -8,7 +8,7 @@
 
 use crate::codec::ChainHash;
 use crate::error::Result;
-use crate::event::{Decision, DecisionKind, Event, EventKind, GateKind};
+use crate::event::{request_hash, Decision, DecisionKind, Event, EventKind, GateKind};
 use crate::ids::{GateId, LeaseToken, Position, Principal, RunId, Seq, WorkerId};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -22,6 +22,8 @@ use std::time::Duration;
 #[derive(Clone, Debug)]
 pub struct NewRun {
     pub id: RunId,
+    /// Who started it (recorded; never allowed to approve its gates).
+    pub started_by: Option<Principal>,
     pub workflow: String,
     pub version: u32,
     pub input: Value,
@@ -182,6 +184,9 @@ pub struct RunSummary {
     /// Why the run is stuck, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stuck: Option<String>,
+    /// Deadlines of open gates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deadlines: Vec<(GateId, DateTime<Utc>)>,
 }
 
 /// What an event did to a run's indexes, for the store to mirror into its trees.
@@ -193,6 +198,63 @@ pub enum IndexChange {
     Wake(DateTime<Utc>),
     /// The run has ended: drop it from every queue.
     Ended,
+    /// A gate's deadline is now `at`, replacing `old`.
+    DeadlineSet {
+        gate: GateId,
+        at: DateTime<Utc>,
+        old: Option<DateTime<Utc>>,
+    },
+    /// A gate's deadline (`at`) no longer applies.
+    DeadlineCleared {
+        gate: GateId,
+        at: DateTime<Utc>,
+    },
+    /// An open gate changed: a vote, a revised request, or a new approver group.
+    GateChanged(GateId, GateChange),
+}
+
+/// How an open gate's inbox entry changes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GateChange {
+    Vote {
+        by: Principal,
+        vote: Decision,
+    },
+    Escalated {
+        level: u32,
+        roles: Vec<String>,
+        deadline: Option<DateTime<Utc>>,
+    },
+}
+
+impl PendingGate {
+    /// Applies a change to this entry.
+    pub fn change(&mut self, change: &GateChange) {
+        match change {
+            GateChange::Vote { by, vote } => match vote {
+                Decision::Edit { args } => {
+                    self.args = args.clone();
+                    self.request_hash = request_hash(&self.action, args);
+                    self.approvals = vec![by.clone()];
+                }
+                Decision::Approve => {
+                    if !self.approvals.contains(by) {
+                        self.approvals.push(by.clone());
+                    }
+                }
+                _ => {}
+            },
+            GateChange::Escalated {
+                level,
+                roles,
+                deadline,
+            } => {
+                self.level = *level;
+                self.roles = roles.clone();
+                self.deadline = *deadline;
+            }
+        }
+    }
 }
 
 impl RunSummary {
@@ -212,7 +274,22 @@ impl RunSummary {
             updated_at: run.at,
             idempotency_key: run.idempotency_key.clone(),
             stuck: None,
+            deadlines: Vec::new(),
         }
+    }
+
+    fn set_deadline(&mut self, gate: GateId, at: DateTime<Utc>, changes: &mut Vec<IndexChange>) {
+        let old = self.deadlines.iter().find(|(g, _)| *g == gate).map(|(_, t)| *t);
+        self.deadlines.retain(|(g, _)| *g != gate);
+        self.deadlines.push((gate, at));
+        changes.push(IndexChange::DeadlineSet { gate, at, old });
+    }
+
+    fn clear_deadline(&mut self, gate: GateId, changes: &mut Vec<IndexChange>) {
+        if let Some((_, at)) = self.deadlines.iter().find(|(g, _)| *g == gate) {
+            changes.push(IndexChange::DeadlineCleared { gate, at: *at });
+        }
+        self.deadlines.retain(|(g, _)| *g != gate);
     }
 
     /// Applies one event (already given its seq) and reports the index changes it
@@ -233,10 +310,13 @@ impl RunSummary {
                 reason,
                 allowed,
                 deadline,
+                rule,
+                spec,
             } => {
                 if !self.open_gates.contains(gate) {
                     self.open_gates.push(*gate);
                 }
+                let spec = spec.clone().unwrap_or_default();
                 changes.push(IndexChange::GateOpened(PendingGate {
                     run: self.id,
                     gate: *gate,
@@ -249,12 +329,54 @@ impl RunSummary {
                     allowed: allowed.clone(),
                     deadline: *deadline,
                     requested_at: event.at,
+                    rule: rule.clone(),
+                    level: 0,
+                    roles: spec.roles_at(0).to_vec(),
+                    quorum: spec.quorum,
+                    approvals: Vec::new(),
+                    request_hash: request_hash(action, args),
                 }));
+                if let Some(at) = deadline {
+                    self.set_deadline(*gate, *at, &mut changes);
+                }
             }
             EventKind::DecisionRecorded { gate, .. } => {
                 self.open_gates.retain(|g| g != gate);
+                self.clear_deadline(*gate, &mut changes);
                 changes.push(IndexChange::GateClosed(*gate));
                 changes.push(IndexChange::Wake(event.at));
+            }
+            EventKind::VoteRecorded { gate, vote, by, .. } => {
+                if self.open_gates.contains(gate) {
+                    changes.push(IndexChange::GateChanged(
+                        *gate,
+                        GateChange::Vote {
+                            by: by.clone(),
+                            vote: vote.clone(),
+                        },
+                    ));
+                }
+            }
+            EventKind::GateEscalated {
+                gate,
+                level,
+                roles,
+                deadline,
+            } => {
+                if self.open_gates.contains(gate) {
+                    match deadline {
+                        Some(at) => self.set_deadline(*gate, *at, &mut changes),
+                        None => self.clear_deadline(*gate, &mut changes),
+                    }
+                    changes.push(IndexChange::GateChanged(
+                        *gate,
+                        GateChange::Escalated {
+                            level: *level,
+                            roles: roles.clone(),
+                            deadline: *deadline,
+                        },
+                    ));
+                }
             }
             EventKind::TimerStarted { position, .. } => {
                 if !self.open_timers.contains(position) {
@@ -266,6 +388,9 @@ impl RunSummary {
                 for gate in self.open_gates.drain(..) {
                     changes.push(IndexChange::GateClosed(gate));
                 }
+                for (gate, at) in self.deadlines.drain(..) {
+                    changes.push(IndexChange::DeadlineCleared { gate, at });
+                }
                 self.open_timers.clear();
                 self.wake_at = None;
                 changes.push(IndexChange::Ended);
@@ -273,7 +398,8 @@ impl RunSummary {
             EventKind::StepStarted { .. }
             | EventKind::StepCompleted { .. }
             | EventKind::StepFailed { .. }
-            | EventKind::ValueRecorded { .. } => {}
+            | EventKind::ValueRecorded { .. }
+            | EventKind::PolicyEvaluated { .. } => {}
         }
         self.status = match &event.event {
             EventKind::RunCompleted { .. } => RunStatus::Completed,
@@ -299,9 +425,40 @@ pub struct PendingGate {
     pub context: Value,
     pub reason: String,
     pub allowed: Vec<DecisionKind>,
+    /// The current deadline (of the current approver group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DateTime<Utc>>,
     pub requested_at: DateTime<Utc>,
+    /// The policy rule that asked for the gate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The current approver group (0 = first).
+    #[serde(default)]
+    pub level: u32,
+    /// Roles that may decide now (empty: any reviewer).
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Approvals needed.
+    #[serde(default = "one")]
+    pub quorum: u32,
+    /// Approvals so far (of the current version of the request).
+    #[serde(default)]
+    pub approvals: Vec<Principal>,
+    /// The hash a decision names to be bound to this request.
+    #[serde(default)]
+    pub request_hash: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A gate whose deadline is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DueDeadline {
+    pub run: RunId,
+    pub gate: GateId,
+    pub at: DateTime<Utc>,
 }
 
 /// A worker's claim on a run. While it holds, no other worker drives the run, and
@@ -400,6 +557,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// The earliest time any run needs a worker.
     fn next_wake(&self) -> impl Future<Output = Result<Option<DateTime<Utc>>>> + Send;
+
+    /// Gate deadlines due by `now`, earliest first.
+    fn due_deadlines(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DueDeadline>>> + Send;
+
+    /// The earliest gate deadline.
+    fn next_deadline(&self) -> impl Future<Output = Result<Option<DateTime<Utc>>>> + Send;
 
     /// A counter bumped after every change that could make a run ready or change its
     /// state; workers and waiters watch it instead of polling.

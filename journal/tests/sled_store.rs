@@ -8,6 +8,7 @@ use std::time::Duration;
 fn new_run(workflow: &str) -> NewRun {
     NewRun {
         id: RunId::new(),
+        started_by: None,
         workflow: workflow.into(),
         version: 1,
         input: json!({"n": 1}),
@@ -33,6 +34,8 @@ fn gate(p: u32) -> EventKind {
         reason: "test".into(),
         allowed: vec![DecisionKind::Approve, DecisionKind::Reject],
         deadline: None,
+        rule: None,
+        spec: None,
     }
 }
 
@@ -161,6 +164,7 @@ async fn gates_index_follows_events_and_pages_without_scanning_runs() {
         by: Principal::new("bob"),
         comment: None,
         idempotency_key: None,
+        request_hash: None,
     };
     store
         .append(append(runs[0], 2, vec![decided]))
@@ -284,6 +288,7 @@ async fn a_wake_up_during_a_lease_is_kept_for_its_release() {
         by: Principal::new("bob"),
         comment: None,
         idempotency_key: None,
+        request_hash: None,
     };
     store
         .append(append(run, 2, vec![decided]))
