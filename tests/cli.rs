@@ -109,7 +109,10 @@ role = "operator"
 
     /// Starts a run as the agent host (operator token) and waits for it to settle.
     fn start_run(&self, workflow: &str, input: Value) -> String {
-        let out = self.hp_as(OPERATOR, &["start", workflow, "--input", &input.to_string(), "--json"]);
+        let out = self.hp_as(
+            OPERATOR,
+            &["start", workflow, "--input", &input.to_string(), "--json"],
+        );
         assert!(out.status.success(), "start failed: {}", stderr(&out));
         let out: Value = serde_json::from_str(&stdout(&out)).unwrap();
         let run = out["run"].as_str().unwrap().to_string();

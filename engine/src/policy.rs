@@ -54,6 +54,9 @@ pub struct Rule {
     pub gate: GateSpec,
 }
 
+/// A condition written in Rust: the args (as JSON) and the stated confidence.
+pub type Predicate = Arc<dyn Fn(&Value, Option<f64>) -> bool + Send + Sync>;
+
 /// When a rule applies.
 #[derive(Clone)]
 pub enum Condition {
@@ -73,7 +76,7 @@ pub enum Condition {
     /// Rust code over the args (as JSON) and the stated confidence.
     Custom {
         description: String,
-        test: Arc<dyn Fn(&Value, Option<f64>) -> bool + Send + Sync>,
+        test: Predicate,
     },
 }
 

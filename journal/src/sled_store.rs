@@ -437,7 +437,7 @@ fn apply_changes(
     for change in changes {
         match change {
             IndexChange::GateOpened(gate) => {
-                t[PENDING].insert(&gate_key(gate.run, gate.gate)[..], json(&gate)?)?;
+                t[PENDING].insert(&gate_key(gate.run, gate.gate)[..], json(&*gate)?)?;
             }
             IndexChange::GateClosed(gate) => {
                 t[PENDING].remove(&gate_key(summary.id, gate)[..])?;

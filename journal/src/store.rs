@@ -192,7 +192,7 @@ pub struct RunSummary {
 /// What an event did to a run's indexes, for the store to mirror into its trees.
 #[derive(Clone, Debug, PartialEq)]
 pub enum IndexChange {
-    GateOpened(PendingGate),
+    GateOpened(Box<PendingGate>),
     GateClosed(GateId),
     /// The run needs a worker at this time.
     Wake(DateTime<Utc>),
@@ -237,11 +237,7 @@ impl PendingGate {
                     self.request_hash = request_hash(&self.action, args);
                     self.approvals = vec![by.clone()];
                 }
-                Decision::Approve => {
-                    if !self.approvals.contains(by) {
-                        self.approvals.push(by.clone());
-                    }
-                }
+                Decision::Approve if !self.approvals.contains(by) => self.approvals.push(by.clone()),
                 _ => {}
             },
             GateChange::Escalated {
@@ -317,7 +313,7 @@ impl RunSummary {
                     self.open_gates.push(*gate);
                 }
                 let spec = spec.clone().unwrap_or_default();
-                changes.push(IndexChange::GateOpened(PendingGate {
+                changes.push(IndexChange::GateOpened(Box::new(PendingGate {
                     run: self.id,
                     gate: *gate,
                     workflow: self.workflow.clone(),
@@ -335,7 +331,7 @@ impl RunSummary {
                     quorum: spec.quorum,
                     approvals: Vec::new(),
                     request_hash: request_hash(action, args),
-                }));
+                })));
                 if let Some(at) = deadline {
                     self.set_deadline(*gate, *at, &mut changes);
                 }
