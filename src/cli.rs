@@ -135,6 +135,12 @@ pub enum Command {
         #[command(flatten)]
         key: KeyArg,
     },
+    /// Review workload per action class: how often people are asked, how they answer,
+    /// how fast, and what the current policy would have let through.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a run.
     Cancel {
         run: RunId,
@@ -426,6 +432,38 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
         } => {
             let input = parse_json(&input, "--input")?;
             decide(&client()?, run, gate, Decision::Respond { input }, comment, key)
+        }
+        Command::Stats { json } => {
+            let stats = client()?.get("/v1/stats")?;
+            if json {
+                say!("{stats}");
+                return Ok(());
+            }
+            say!(
+                "{:<20} {:>6} {:>5} {:>8} {:>6} {:>8} {:>8} {:>10} {:>6} {:>10}",
+                "ACTION", "GATES", "OPEN", "APPROVE", "EDIT", "REJECT", "TIMEOUT", "MEDIAN", "<2s", "AUTO-OK"
+            );
+            for s in stats.as_array().into_iter().flatten() {
+                let pct = |k: &str| format!("{:.0}%", s[k].as_f64().unwrap_or(0.0) * 100.0);
+                let median = s["median_secs_to_decide"]
+                    .as_f64()
+                    .map(|m| human(chrono::TimeDelta::milliseconds((m * 1000.0) as i64)))
+                    .unwrap_or_else(|| "-".into());
+                say!(
+                    "{:<20} {:>6} {:>5} {:>8} {:>6} {:>8} {:>8} {:>10} {:>6} {:>10}",
+                    text(&s["action"]),
+                    s["gates"],
+                    s["open"],
+                    pct("approve_rate"),
+                    pct("edit_rate"),
+                    pct("reject_rate"),
+                    s["timed_out"],
+                    median,
+                    s["fast_decisions"],
+                    s["would_auto_approve"]
+                );
+            }
+            Ok(())
         }
         Command::Cancel { run, reason } => {
             client()?.post(&format!("/v1/runs/{run}/cancel"), &json!({"reason": reason}))?;

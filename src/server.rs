@@ -335,6 +335,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/v1/runs/{run}/cancel", post(cancel_run))
         .route("/v1/runs/{run}/gates/{gate}/decision", post(decide))
         .route("/v1/pending", get(pending))
+        .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -560,6 +561,11 @@ async fn cancel_run(
     }
     s.engine.cancel(run, caller.principal, body.reason).await?;
     Ok(Json(json!({"cancelled": run})))
+}
+
+/// Review workload per action class (see `holdpoint stats`).
+async fn stats(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(s.engine.stats().await?)))
 }
 
 async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {

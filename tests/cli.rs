@@ -232,6 +232,11 @@ fn approve_edit_reject_respond_through_the_cli() {
         ids.len()
     );
 
+    // Review workload per action.
+    let stats = s.ok(&["stats"]);
+    for action in ["send_money", "email_customer", "delete_data"] {
+        assert!(stats.contains(action), "{stats}");
+    }
     // Every run completed; runs --status filters.
     let completed = s.json(&["runs", "--status", "completed", "--json"]);
     assert_eq!(completed.as_array().unwrap().len(), 4);

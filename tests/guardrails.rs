@@ -601,6 +601,9 @@ async fn a_deadline_that_passed_while_the_server_was_down_is_applied_on_restart(
     let out = done["state"]["output"][0].as_str().unwrap();
     assert!(out.starts_with("rejected by system: timed out"), "{out}");
     assert!(api.paid().is_empty(), "a timed-out action never runs");
+    let (_, stats) = api.call("GET", "/v1/stats", BOB, None).await;
+    assert_eq!(stats[0]["timed_out"], 1);
+    assert_eq!(stats[0]["rejected"], 0, "a timeout is not a person's rejection");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

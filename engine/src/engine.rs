@@ -265,6 +265,33 @@ impl<S: Store> Engine<S> {
         &self.inner.registry
     }
 
+    /// Review workload per action class, from every journal (see [`crate::stats`]).
+    pub async fn stats(&self) -> Result<Vec<crate::stats::ActionStats>> {
+        let mut journals = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.list(None, after, 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            for run in &page {
+                match self.events(run.id).await {
+                    Ok(events) => journals.push(events),
+                    // A corrupt journal is reported by `verify`; stats go on without it.
+                    Err(e) => tracing::warn!(run = %run.id, error = %e, "skipping a journal in stats"),
+                }
+            }
+        }
+        Ok(crate::stats::review_stats(
+            journals.iter().map(|j| j.as_slice()),
+            &self.inner.policy,
+        ))
+    }
+
+    /// The policy `ctx.act` consults.
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
     /// What this engine measured about itself.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.inner.metrics

@@ -12,6 +12,7 @@ pub mod fold;
 pub mod metrics;
 pub mod policy;
 pub mod registry;
+pub mod stats;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use ctx::{
@@ -25,6 +26,7 @@ pub use fold::{fold, GateState, RunState, StepState, VerdictState, Vote};
 pub use metrics::{Histogram, Metrics};
 pub use policy::{Condition, Evaluation, Op, Policy, Rule};
 pub use registry::Registry;
+pub use stats::{review_stats, ActionStats};
 
 /// The journal types authors and operators meet through the engine.
 pub use holdpoint_journal as journal;
