@@ -275,6 +275,10 @@ impl Store for Crashing {
         self.alive()?;
         self.inner.due_deadlines(n, l).await
     }
+    async fn rule_history(&self, r: &str, l: usize) -> journal::Result<Vec<journal::RuleDecision>> {
+        self.alive()?;
+        self.inner.rule_history(r, l).await
+    }
     async fn next_deadline(&self) -> journal::Result<Option<chrono::DateTime<chrono::Utc>>> {
         self.inner.next_deadline().await
     }

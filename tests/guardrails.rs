@@ -659,3 +659,71 @@ async fn an_unanswered_gate_escalates_to_the_next_group() {
     assert_eq!(api.paid().len(), 1);
     assert_executed_args_match_decisions(&api, run).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_grows_with_unchanged_approvals_spot_checks_and_resets_after_an_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let policy = Policy::new(Verdict::RequireApproval)
+        .rule(Rule::new("payouts", "send_money", Verdict::RequireApproval).trust_after(2));
+    let api = boot(dir.path(), &clock, policy, Arc::default()).await;
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        json!([{"to": "ben", "amount_cents": n}])
+    };
+    // Starts a run; answers its gate (if asked) with `decision` as `token`.
+    async fn run(api: &Api, input: Value, answer: Option<(&str, Value)>) -> bool {
+        let run = api.start(AGENT, input).await;
+        let pending = api.pending_for(run).await;
+        let asked = !pending.is_empty();
+        if let (true, Some((token, decision))) = (asked, answer) {
+            let gate = pending[0]["gate"].as_u64().unwrap();
+            let (st, b) = api
+                .decide(run, gate, token, json!({ "decision": decision }))
+                .await;
+            assert_eq!(st, 200, "{b}");
+            api.settle(run).await;
+        }
+        asked
+    }
+    let approve = json!({"kind": "approve"});
+    assert!(
+        run(&api, next(), Some((BOB, approve.clone()))).await,
+        "asked at first"
+    );
+    assert!(run(&api, next(), Some((CAROL, approve.clone()))).await);
+    // Two unchanged approvals by two people: the next one runs on trust...
+    assert!(!run(&api, next(), None).await, "trusted");
+    // ...and after two runs on trust, one is asked again: a spot check.
+    assert!(!run(&api, next(), None).await, "trusted");
+    assert!(
+        run(
+            &api,
+            next(),
+            Some((
+                DAVE,
+                json!({"kind": "edit", "args": {"to": "ben", "amount_cents": 1}})
+            ))
+        )
+        .await,
+        "spot check"
+    );
+    // The edit took the trust away: asked until two fresh unchanged approvals.
+    assert!(run(&api, next(), Some((BOB, approve.clone()))).await);
+    assert!(
+        run(&api, next(), Some((BOB, approve.clone()))).await,
+        "one person twice does not count"
+    );
+    assert!(run(&api, next(), Some((CAROL, approve.clone()))).await);
+    assert!(!run(&api, next(), None).await, "trusted again");
+    let trusted: Vec<_> = api.engine.list(None, None, 100).await.unwrap();
+    let mut reasons = Vec::new();
+    for r in trusted {
+        for v in fold(&api.engine.events(r.id).await.unwrap()).verdicts.values() {
+            reasons.push((v.verdict, v.reason.starts_with("trusted:")));
+        }
+    }
+    assert_eq!(reasons.iter().filter(|(_, t)| *t).count(), 3);
+    assert_eq!(api.paid().len(), 9);
+}

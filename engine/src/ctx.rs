@@ -39,6 +39,12 @@ pub(crate) trait Sink: Send + Sync {
         events: Vec<EventKind>,
     ) -> BoxFuture<'_, journal::Result<Result<Appended, AppendConflict>>>;
     fn read_from(&self, from: Seq) -> BoxFuture<'_, journal::Result<Vec<Event>>>;
+    /// The latest decisions of a policy rule (for trust that grows).
+    fn rule_history(
+        &self,
+        rule: &str,
+        limit: usize,
+    ) -> BoxFuture<'_, journal::Result<Vec<journal::RuleDecision>>>;
 }
 
 /// Why an activation stopped early.
@@ -327,6 +333,7 @@ impl History {
                 rule,
                 reason,
                 spec,
+                ..
             } => {
                 if self.by_position.contains_key(position) {
                     return Err(inconsistent(*position));
@@ -631,7 +638,15 @@ where
                 ..
             }) => (verdict, rule, reason, spec),
             _ => {
-                let e = ctx.inner.policy.evaluate(&action, &proposed, self.confidence);
+                let mut e = ctx.inner.policy.evaluate(&action, &proposed, self.confidence);
+                if let (Some(n), Some(rule)) = (e.trust_after, e.rule.clone()) {
+                    // Trust is read live and its verdict journaled like any other. Up to n
+                    // runs allowed on trust, then n decisions: 2n entries at most.
+                    match ctx.inner.sink.rule_history(&rule, 2 * n as usize).await {
+                        Ok(history) => e = e.with_trust(&history),
+                        Err(err) => tracing::warn!(%rule, error = %err, "rule history unavailable; asking"),
+                    }
+                }
                 let spec = (e.verdict == Verdict::RequireApproval).then_some(e.gate);
                 ctx.push(EventKind::PolicyEvaluated {
                     position,
@@ -640,6 +655,7 @@ where
                     rule: e.rule.clone(),
                     reason: e.reason.clone(),
                     spec: spec.clone(),
+                    trusted: e.trusted,
                 });
                 (e.verdict, e.rule, e.reason, spec)
             }

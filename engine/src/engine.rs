@@ -1149,6 +1149,15 @@ impl<S: Store> Sink for LeasedSink<S> {
     fn read_from(&self, from: Seq) -> BoxFuture<'_, journal::Result<Vec<Event>>> {
         Box::pin(self.engine.store.read(self.run, from))
     }
+
+    fn rule_history(
+        &self,
+        rule: &str,
+        limit: usize,
+    ) -> BoxFuture<'_, journal::Result<Vec<journal::RuleDecision>>> {
+        let rule = rule.to_string();
+        Box::pin(async move { self.engine.store.rule_history(&rule, limit).await })
+    }
 }
 
 /// Refuses every append and remembers what it was offered: replay checks never write
@@ -1175,6 +1184,14 @@ impl Sink for ReplaySink {
     }
 
     fn read_from(&self, _from: Seq) -> BoxFuture<'_, journal::Result<Vec<Event>>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn rule_history(
+        &self,
+        _rule: &str,
+        _limit: usize,
+    ) -> BoxFuture<'_, journal::Result<Vec<journal::RuleDecision>>> {
         Box::pin(async { Ok(Vec::new()) })
     }
 }

@@ -52,6 +52,11 @@ pub struct Rule {
     pub reason: Option<String>,
     /// The gate's approvers, quorum and deadlines, for `RequireApproval`.
     pub gate: GateSpec,
+    /// Trust that grows (opt-in): after this many consecutive approvals without edits,
+    /// by as many distinct reviewers, of gates this rule asked for, the action runs
+    /// without asking — up to that many times, then one is asked again; any edit,
+    /// reject or timeout makes it ask until trust is earned anew.
+    pub trust_after: Option<u32>,
 }
 
 /// A condition written in Rust: the args (as JSON) and the stated confidence.
@@ -131,6 +136,43 @@ pub struct Evaluation {
     /// Why, for a person: "amount_cents 25000 > 10000 (rule refunds.large)".
     pub reason: String,
     pub gate: GateSpec,
+    /// The matching rule's `trust_after`.
+    pub trust_after: Option<u32>,
+    /// Allowed on the rule's trust (see [`Evaluation::with_trust`]).
+    pub trusted: bool,
+}
+
+impl Evaluation {
+    /// Applies trust that grows. `history` is the rule's latest entries, newest first
+    /// (decisions of people, and runs allowed on trust). A `RequireApproval` becomes
+    /// `Allow` when, skipping the runs allowed on trust since, the last `n` decisions
+    /// were unchanged approvals by `n` different people — and fewer than `n` runs were
+    /// allowed on that trust since: then one is asked again (a spot check), so a person
+    /// keeps looking and an edit or a reject takes the trust away.
+    pub fn with_trust(mut self, history: &[holdpoint_journal::RuleDecision]) -> Evaluation {
+        use holdpoint_journal::{DecisionKind, Principal};
+        let (Some(n), Some(rule), Verdict::RequireApproval) = (self.trust_after, &self.rule, self.verdict)
+        else {
+            return self;
+        };
+        let n = n as usize;
+        let autos = history.iter().take_while(|d| d.auto).count();
+        let people: Vec<_> = history[autos..].iter().filter(|d| !d.auto).take(n).collect();
+        let unchanged = people
+            .iter()
+            .all(|d| d.kind == DecisionKind::Approve && d.by != Principal::system());
+        let mut who: Vec<&Principal> = people.iter().map(|d| &d.by).collect();
+        who.sort();
+        who.dedup();
+        if n > 0 && autos < n && people.len() == n && unchanged && who.len() == n {
+            self.verdict = Verdict::Allow;
+            self.trusted = true;
+            self.reason = format!(
+                "trusted: the last {n} requests under rule {rule} were approved unchanged by {n} different reviewers (rule {rule})"
+            );
+        }
+        self
+    }
 }
 
 fn lookup<'v>(args: &'v Value, path: &str) -> Option<&'v Value> {
@@ -220,7 +262,13 @@ impl Rule {
             verdict,
             reason: None,
             gate: GateSpec::default(),
+            trust_after: None,
         }
+    }
+    /// Opt in to trust that grows (see [`Rule::trust_after`]).
+    pub fn trust_after(mut self, approvals: u32) -> Rule {
+        self.trust_after = Some(approvals);
+        self
     }
     pub fn when(mut self, condition: Condition) -> Rule {
         self.condition = condition;
@@ -268,6 +316,8 @@ impl Policy {
                     rule: Some(rule.name.clone()),
                     reason: format!("{what} (rule {})", rule.name),
                     gate: rule.gate.clone(),
+                    trust_after: rule.trust_after,
+                    trusted: false,
                 };
             }
         }
@@ -276,6 +326,8 @@ impl Policy {
             rule: None,
             reason: format!("{action}: no rule matched; the default is {}", self.default),
             gate: GateSpec::default(),
+            trust_after: None,
+            trusted: false,
         }
     }
 
@@ -299,6 +351,8 @@ impl Policy {
     /// timeout_secs = 14400                  # the first group's deadline
     /// escalate = [{ roles = ["cfo"], timeout_secs = 3600 }]
     /// on_timeout = "reject"                 # or "approve"
+    /// trust_after = 5                       # opt-in: stop asking after 5 unchanged
+    ///                                       # approvals by 5 different reviewers
     ///
     /// [[rule]]
     /// name = "unsure"
@@ -340,6 +394,7 @@ impl Policy {
                     quorum: r.quorum,
                     on_timeout: r.on_timeout,
                 },
+                trust_after: r.trust_after,
             });
         }
         Ok(policy)
@@ -383,6 +438,8 @@ struct RuleSpec {
     escalate: Vec<LevelSpec>,
     #[serde(default)]
     on_timeout: TimeoutOutcome,
+    #[serde(default)]
+    trust_after: Option<u32>,
 }
 
 #[derive(Deserialize)]

@@ -245,3 +245,138 @@ proptest! {
         }
     }
 }
+
+mod trust {
+    use super::*;
+    use holdpoint_engine::journal::{DecisionKind, GateId, Principal, RuleDecision, RunId};
+
+    fn d(kind: DecisionKind, by: &str) -> RuleDecision {
+        RuleDecision {
+            auto: false,
+            kind,
+            by: Principal::new(by),
+            at: chrono::Utc::now(),
+            run: RunId::new(),
+            gate: GateId(1),
+        }
+    }
+
+    fn policy() -> Policy {
+        Policy::new(Verdict::RequireApproval)
+            .rule(Rule::new("payouts", "pay", Verdict::RequireApproval).trust_after(3))
+    }
+
+    fn verdict(history: &[RuleDecision]) -> Verdict {
+        policy()
+            .evaluate("pay", &json!({}), None)
+            .with_trust(history)
+            .verdict
+    }
+
+    #[test]
+    fn grows_after_n_unchanged_approvals_by_distinct_reviewers() {
+        use DecisionKind::*;
+        assert_eq!(
+            verdict(&[d(Approve, "a"), d(Approve, "b"), d(Approve, "c")]),
+            Verdict::Allow
+        );
+        let e = policy().evaluate("pay", &json!({}), None).with_trust(&[
+            d(Approve, "a"),
+            d(Approve, "b"),
+            d(Approve, "c"),
+        ]);
+        assert!(
+            e.reason
+                .starts_with("trusted: the last 3 requests under rule payouts"),
+            "{}",
+            e.reason
+        );
+        // Older history beyond the last n does not matter.
+        assert_eq!(
+            verdict(&[d(Approve, "a"), d(Approve, "b"), d(Approve, "c"), d(Reject, "x")]),
+            Verdict::Allow
+        );
+    }
+
+    #[test]
+    fn any_edit_reject_or_timeout_in_the_streak_asks_again() {
+        use DecisionKind::*;
+        for breaker in [
+            d(Edit, "c"),
+            d(Reject, "c"),
+            d(Reject, "system"),
+            d(Approve, "system"),
+        ] {
+            assert_eq!(
+                verdict(&[d(Approve, "a"), d(Approve, "b"), breaker.clone()]),
+                Verdict::RequireApproval,
+                "{breaker:?}"
+            );
+            assert_eq!(
+                verdict(&[breaker.clone(), d(Approve, "a"), d(Approve, "b")]),
+                Verdict::RequireApproval
+            );
+        }
+    }
+
+    fn auto() -> RuleDecision {
+        RuleDecision {
+            auto: true,
+            ..d(DecisionKind::Approve, "system")
+        }
+    }
+
+    #[test]
+    fn trust_covers_fewer_than_n_automatic_runs_then_asks_for_a_spot_check() {
+        use DecisionKind::*;
+        let earned = [d(Approve, "a"), d(Approve, "b"), d(Approve, "c")];
+        let with_autos = |k: usize| {
+            let mut h: Vec<RuleDecision> = (0..k).map(|_| auto()).collect();
+            h.extend(earned.iter().cloned());
+            h
+        };
+        assert_eq!(verdict(&with_autos(1)), Verdict::Allow);
+        assert_eq!(verdict(&with_autos(2)), Verdict::Allow);
+        assert_eq!(verdict(&with_autos(3)), Verdict::RequireApproval, "spot check");
+        // The spot check approved by someone new keeps the streak: trusted again.
+        let mut h = vec![d(Approve, "d")];
+        h.extend(with_autos(3));
+        assert_eq!(verdict(&h), Verdict::Allow);
+        // An edit at the spot check takes the trust away.
+        let mut h = vec![d(Edit, "d")];
+        h.extend(with_autos(3));
+        assert_eq!(verdict(&h), Verdict::RequireApproval);
+    }
+
+    #[test]
+    fn the_same_reviewer_twice_or_too_short_a_history_does_not_count() {
+        use DecisionKind::*;
+        assert_eq!(
+            verdict(&[d(Approve, "a"), d(Approve, "a"), d(Approve, "b")]),
+            Verdict::RequireApproval
+        );
+        assert_eq!(
+            verdict(&[d(Approve, "a"), d(Approve, "b")]),
+            Verdict::RequireApproval
+        );
+        assert_eq!(verdict(&[]), Verdict::RequireApproval);
+    }
+
+    #[test]
+    fn rules_without_trust_are_never_relaxed() {
+        use DecisionKind::*;
+        let p =
+            Policy::new(Verdict::RequireApproval).rule(Rule::new("strict", "pay", Verdict::RequireApproval));
+        let e = p.evaluate("pay", &json!({}), None).with_trust(&[
+            d(Approve, "a"),
+            d(Approve, "b"),
+            d(Approve, "c"),
+        ]);
+        assert_eq!(e.verdict, Verdict::RequireApproval);
+        let toml = Policy::from_toml(
+            "[[rule]]\nname = \"p\"\naction = \"pay\"\nverdict = \"require-approval\"\ntrust_after = 2",
+        )
+        .unwrap();
+        assert_eq!(toml.rules[0].trust_after, Some(2));
+    }
+}

@@ -136,6 +136,9 @@ pub enum EventKind {
         /// The gate the rule asks for (with `require-approval`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         spec: Option<GateSpec>,
+        /// Allowed because the rule's trust has grown (no person was asked).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        trusted: bool,
     },
     /// A nondeterministic value (`ctx.now()`, `ctx.uuid()`, `ctx.random()`) as first seen.
     ValueRecorded {

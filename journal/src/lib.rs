@@ -21,5 +21,5 @@ pub use ids::{GateId, LeaseToken, Position, Principal, RunId, Seq, WorkerId};
 pub use sled_store::{SledOptions, SledStore, DEFAULT_MAX_EVENT_BYTES};
 pub use store::{
     Append, AppendConflict, Appended, Created, DueDeadline, GateChange, IndexChange, Lease, NewRun,
-    PendingGate, RecordedDecision, RunStatus, RunSummary, Store,
+    PendingGate, RecordedDecision, RuleDecision, RunStatus, RunSummary, Store,
 };

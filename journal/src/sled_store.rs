@@ -12,6 +12,7 @@
 //! | `leases`    | run (16)                     | `Lease` JSON              |
 //! | `starts`    | idempotency key              | run (16) ++ request hash  |
 //! | `deadlines` | due ms (8) ++ run (16) ++ gate (4) | empty               |
+//! | `rule_decisions` | rule ++ 0 ++ ms (8) ++ run (16) ++ gate (4) | `RuleDecision` JSON |
 //!
 //! **Write path.** An append encodes its records outside any transaction (sled retries
 //! transaction closures, so they must stay pure and cheap), then one multi-tree
@@ -33,7 +34,7 @@ use crate::event::{Event, EventKind};
 use crate::ids::{GateId, LeaseToken, RunId, Seq, WorkerId};
 use crate::store::{
     Append, AppendConflict, Appended, Created, DueDeadline, IndexChange, Lease, NewRun, PendingGate,
-    RunStatus, RunSummary, Store,
+    RuleDecision, RunStatus, RunSummary, Store,
 };
 use chrono::{DateTime, TimeZone, Utc};
 use sha2::{Digest, Sha256};
@@ -96,6 +97,7 @@ struct Trees {
     leases: sled::Tree,
     starts: sled::Tree,
     deadlines: sled::Tree,
+    rule_decisions: sled::Tree,
 }
 
 // Positions of the trees in the slice every transaction uses.
@@ -107,9 +109,10 @@ const READY: usize = 4;
 const LEASES: usize = 5;
 const STARTS: usize = 6;
 const DEADLINES: usize = 7;
+const RULE_DECISIONS: usize = 8;
 
 impl Trees {
-    fn all(&self) -> [&sled::Tree; 8] {
+    fn all(&self) -> [&sled::Tree; 9] {
         [
             &self.events,
             &self.runs,
@@ -119,6 +122,7 @@ impl Trees {
             &self.leases,
             &self.starts,
             &self.deadlines,
+            &self.rule_decisions,
         ]
     }
 }
@@ -151,6 +155,7 @@ impl SledStore {
             leases: db.open_tree("leases")?,
             starts: db.open_tree("starts")?,
             deadlines: db.open_tree("deadlines")?,
+            rule_decisions: db.open_tree("rule_decisions")?,
         };
         // sled keeps its log in `<dir>/db`; we fsync it ourselves (see module docs).
         let data_file = File::open(dir.join("db"))?;
@@ -449,6 +454,45 @@ fn apply_changes(
                     t[DEADLINES].remove(&deadline_key(old, summary.id, gate)[..])?;
                 }
                 t[DEADLINES].insert(&deadline_key(at, summary.id, gate)[..], &[][..])?;
+            }
+            IndexChange::Decided { gate, kind, by, at } => {
+                // The gate's entry is still there (it is closed after this change).
+                if let Some(bytes) = t[PENDING].get(&gate_key(summary.id, gate)[..])? {
+                    if let Some(rule) = serde_json::from_slice::<PendingGate>(&bytes)
+                        .ok()
+                        .and_then(|g| g.rule)
+                    {
+                        let mut key = rule.into_bytes();
+                        key.push(0);
+                        key.extend_from_slice(&ms(at).to_be_bytes());
+                        key.extend_from_slice(&gate_key(summary.id, gate));
+                        let entry = RuleDecision {
+                            auto: false,
+                            kind,
+                            by,
+                            at,
+                            run: summary.id,
+                            gate,
+                        };
+                        t[RULE_DECISIONS].insert(key, json(&entry)?)?;
+                    }
+                }
+            }
+            IndexChange::TrustedAllow { rule, position, at } => {
+                let gate = GateId(position.0);
+                let mut key = rule.into_bytes();
+                key.push(0);
+                key.extend_from_slice(&ms(at).to_be_bytes());
+                key.extend_from_slice(&gate_key(summary.id, gate));
+                let entry = RuleDecision {
+                    auto: true,
+                    kind: crate::event::DecisionKind::Approve,
+                    by: crate::ids::Principal::system(),
+                    at,
+                    run: summary.id,
+                    gate,
+                };
+                t[RULE_DECISIONS].insert(key, json(&entry)?)?;
             }
             IndexChange::DeadlineCleared { gate, at } => {
                 t[DEADLINES].remove(&deadline_key(at, summary.id, gate)[..])?;
@@ -959,6 +1003,27 @@ impl Store for SledStore {
             };
             let gate = GateId(u32::from_be_bytes(key[24..28].try_into().unwrap_or_default()));
             out.push(DueDeadline { run, gate, at });
+        }
+        Ok(out)
+    }
+
+    async fn rule_history(&self, rule: &str, limit: usize) -> Result<Vec<RuleDecision>> {
+        let mut prefix = rule.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .trees
+            .rule_decisions
+            .scan_prefix(&prefix)
+            .rev()
+            .take(limit)
+        {
+            let (_, v) = item?;
+            out.push(
+                serde_json::from_slice(&v)
+                    .map_err(|e| Error::Storage(format!("rule history entry does not decode: {e}")))?,
+            );
         }
         Ok(out)
     }

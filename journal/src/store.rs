@@ -209,6 +209,19 @@ pub enum IndexChange {
         gate: GateId,
         at: DateTime<Utc>,
     },
+    /// A gate was decided (before it is closed): feeds the per-rule decision history.
+    Decided {
+        gate: GateId,
+        kind: DecisionKind,
+        by: Principal,
+        at: DateTime<Utc>,
+    },
+    /// An action ran on a rule's trust, without asking: also in the rule's history.
+    TrustedAllow {
+        rule: String,
+        position: Position,
+        at: DateTime<Utc>,
+    },
     /// An open gate changed: a vote, a revised request, or a new approver group.
     GateChanged(GateId, GateChange),
 }
@@ -336,7 +349,15 @@ impl RunSummary {
                     self.set_deadline(*gate, *at, &mut changes);
                 }
             }
-            EventKind::DecisionRecorded { gate, .. } => {
+            EventKind::DecisionRecorded {
+                gate, decision, by, ..
+            } => {
+                changes.push(IndexChange::Decided {
+                    gate: *gate,
+                    kind: decision.kind(),
+                    by: by.clone(),
+                    at: event.at,
+                });
                 self.open_gates.retain(|g| g != gate);
                 self.clear_deadline(*gate, &mut changes);
                 changes.push(IndexChange::GateClosed(*gate));
@@ -391,6 +412,16 @@ impl RunSummary {
                 self.wake_at = None;
                 changes.push(IndexChange::Ended);
             }
+            EventKind::PolicyEvaluated {
+                rule: Some(rule),
+                trusted: true,
+                position,
+                ..
+            } => changes.push(IndexChange::TrustedAllow {
+                rule: rule.clone(),
+                position: *position,
+                at: event.at,
+            }),
             EventKind::StepStarted { .. }
             | EventKind::StepCompleted { .. }
             | EventKind::StepFailed { .. }
@@ -447,6 +478,19 @@ pub struct PendingGate {
 
 fn one() -> u32 {
     1
+}
+
+/// A decision at a gate a policy rule asked for, in that rule's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RuleDecision {
+    /// `auto`: allowed on trust, nobody asked (`kind` is then `approve` and `by` system).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto: bool,
+    pub kind: DecisionKind,
+    pub by: Principal,
+    pub at: DateTime<Utc>,
+    pub run: RunId,
+    pub gate: GateId,
 }
 
 /// A gate whose deadline is due.
@@ -560,6 +604,14 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DueDeadline>>> + Send;
+
+    /// The latest decisions at gates opened by policy rule `rule`, newest first. An index
+    /// derived from `decision-recorded` events, for rules whose trust grows.
+    fn rule_history(
+        &self,
+        rule: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<RuleDecision>>> + Send;
 
     /// The earliest gate deadline.
     fn next_deadline(&self) -> impl Future<Output = Result<Option<DateTime<Utc>>>> + Send;
