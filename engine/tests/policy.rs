@@ -385,11 +385,23 @@ mod trust {
 fn the_shipped_example_policy_parses_and_means_what_it_says() {
     let p = Policy::from_toml(include_str!("../../examples/policy.toml")).unwrap();
     let v = |action: &str, args: serde_json::Value| p.evaluate(action, &args, None);
-    assert_eq!(v("send_money", json!({"amount_cents": 900, "to": "a"})).verdict, Verdict::Allow);
-    assert_eq!(v("send_money", json!({"amount_cents": 50_000, "to": "mallory"})).verdict, Verdict::Deny);
+    assert_eq!(
+        v("send_money", json!({"amount_cents": 900, "to": "a"})).verdict,
+        Verdict::Allow
+    );
+    assert_eq!(
+        v("send_money", json!({"amount_cents": 50_000, "to": "mallory"})).verdict,
+        Verdict::Deny
+    );
     let large = v("send_money", json!({"amount_cents": 250_000, "to": "a"}));
-    assert_eq!((large.rule.as_deref(), large.gate.quorum), (Some("refunds.large"), 2));
+    assert_eq!(
+        (large.rule.as_deref(), large.gate.quorum),
+        (Some("refunds.large"), 2)
+    );
     let medium = v("send_money", json!({"amount_cents": 50_000, "to": "a"}));
-    assert_eq!((medium.rule.as_deref(), medium.trust_after), (Some("refunds.medium"), Some(5)));
+    assert_eq!(
+        (medium.rule.as_deref(), medium.trust_after),
+        (Some("refunds.medium"), Some(5))
+    );
     assert_eq!(v("delete_data", json!({"table": "prod"})).verdict, Verdict::Deny);
 }
