@@ -584,6 +584,7 @@ async fn a_deadline_that_passed_while_the_server_was_down_is_applied_on_restart(
         }],
         quorum: 1,
         on_timeout: TimeoutOutcome::Reject,
+        allowed: vec![],
     };
     let bank: Arc<Bank> = Arc::default();
     let api = boot(dir.path(), &clock, spec_policy(spec.clone()), bank.clone()).await;
@@ -623,6 +624,7 @@ async fn an_unanswered_gate_escalates_to_the_next_group() {
         ],
         quorum: 1,
         on_timeout: TimeoutOutcome::Reject,
+        allowed: vec![],
     };
     let api = boot(dir.path(), &clock, spec_policy(spec), Arc::default()).await;
     let run = api
@@ -726,4 +728,41 @@ async fn trust_grows_with_unchanged_approvals_spot_checks_and_resets_after_an_ed
     }
     assert_eq!(reasons.iter().filter(|(_, t)| *t).count(), 3);
     assert_eq!(api.paid().len(), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_takes_only_the_decisions_its_rule_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let spec = GateSpec {
+        allowed: vec![
+            holdpoint::journal::DecisionKind::Approve,
+            holdpoint::journal::DecisionKind::Reject,
+        ],
+        ..GateSpec::default()
+    };
+    let api = boot(dir.path(), &clock, spec_policy(spec), Arc::default()).await;
+    let run = api
+        .start(AGENT, json!([{"to": "ben", "amount_cents": 48_000}]))
+        .await;
+    let g = &api.pending_for(run).await[0];
+    assert_eq!(g["allowed"], json!(["approve", "reject"]));
+    let gate = g["gate"].as_u64().unwrap();
+    let before = api.engine.events(run).await.unwrap().len();
+    let edit = json!({"decision": {"kind": "edit", "args": {"to": "ben", "amount_cents": 1}}});
+    let (st, b) = api.decide(run, gate, BOB, edit).await;
+    assert_eq!((st, b["error"]["code"].as_str()), (422, Some("invalid")), "{b}");
+    assert_eq!(api.engine.events(run).await.unwrap().len(), before, "no trace");
+    let (st, _) = api
+        .decide(run, gate, BOB, json!({"decision": {"kind": "approve"}}))
+        .await;
+    assert_eq!(st, 200);
+    api.settle(run).await;
+    assert_eq!(
+        api.paid(),
+        vec![Pay {
+            to: "ben".into(),
+            amount_cents: 48_000
+        }]
+    );
 }

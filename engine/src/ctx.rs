@@ -664,6 +664,10 @@ where
             Verdict::Deny => return Ok(Acted::Denied { reason, rule }),
             Verdict::Allow => (proposed, None),
             Verdict::RequireApproval => {
+                let allowed = match spec.as_ref().map(|s| s.allowed.clone()) {
+                    Some(a) if !a.is_empty() => a,
+                    _ => APPROVAL_DECISIONS.to_vec(),
+                };
                 let (recorded_args, info) = ctx
                     .open_gate(
                         GateKind::Approval,
@@ -671,7 +675,7 @@ where
                         proposed,
                         self.context,
                         reason,
-                        APPROVAL_DECISIONS.to_vec(),
+                        allowed,
                         rule,
                         spec,
                     )

@@ -216,6 +216,17 @@ impl Condition {
         }
     }
 
+    /// Rust code over the args read into the action's own type. Args that do not read
+    /// into `A` never match.
+    pub fn typed<A: serde::de::DeserializeOwned>(
+        description: &str,
+        test: impl Fn(&A) -> bool + Send + Sync + 'static,
+    ) -> Condition {
+        Condition::custom(description, move |args, _| {
+            serde_json::from_value::<A>(args.clone()).is_ok_and(|a| test(&a))
+        })
+    }
+
     pub fn custom(
         description: &str,
         test: impl Fn(&Value, Option<f64>) -> bool + Send + Sync + 'static,
@@ -351,6 +362,7 @@ impl Policy {
     /// timeout_secs = 14400                  # the first group's deadline
     /// escalate = [{ roles = ["cfo"], timeout_secs = 3600 }]
     /// on_timeout = "reject"                 # or "approve"
+    /// decisions = ["approve", "reject"]     # no edits at this gate
     /// trust_after = 5                       # opt-in: stop asking after 5 unchanged
     ///                                       # approvals by 5 different reviewers
     ///
@@ -393,6 +405,7 @@ impl Policy {
                     levels,
                     quorum: r.quorum,
                     on_timeout: r.on_timeout,
+                    allowed: r.decisions,
                 },
                 trust_after: r.trust_after,
             });
@@ -440,6 +453,9 @@ struct RuleSpec {
     on_timeout: TimeoutOutcome,
     #[serde(default)]
     trust_after: Option<u32>,
+    /// Decisions the gate takes (default: approve, edit, reject).
+    #[serde(default)]
+    decisions: Vec<holdpoint_journal::DecisionKind>,
 }
 
 #[derive(Deserialize)]

@@ -139,6 +139,37 @@ fn nested_paths_all_any_and_rust_predicates() {
 }
 
 #[test]
+fn typed_predicates_read_the_args_into_the_actions_own_type() {
+    #[derive(serde::Deserialize)]
+    struct Payment {
+        amount_cents: u64,
+        currency: String,
+    }
+    let p = Policy::new(Verdict::Allow).rule(Rule::new("fx.large", "pay", Verdict::RequireApproval).when(
+        Condition::typed("a large foreign-currency payment", |p: &Payment| {
+            p.currency != "EUR" && p.amount_cents > 100_00
+        }),
+    ));
+    let e = p.evaluate("pay", &json!({"amount_cents": 500_00, "currency": "USD"}), None);
+    assert_eq!(e.verdict, Verdict::RequireApproval);
+    assert!(
+        e.reason.contains("a large foreign-currency payment"),
+        "{}",
+        e.reason
+    );
+    assert_eq!(
+        p.evaluate("pay", &json!({"amount_cents": 500_00, "currency": "EUR"}), None)
+            .verdict,
+        Verdict::Allow
+    );
+    // Args that do not read into the type never match.
+    assert_eq!(
+        p.evaluate("pay", &json!({"amount_cents": "lots"}), None).verdict,
+        Verdict::Allow
+    );
+}
+
+#[test]
 fn toml_policy_with_gates_escalation_and_errors() {
     let p = Policy::from_toml(
         r#"
@@ -159,6 +190,7 @@ quorum = 2
 timeout_secs = 3600
 escalate = [{ roles = ["finance"], timeout_secs = 7200 }]
 on_timeout = "reject"
+decisions = ["approve", "reject"]
 
 [[rule]]
 name = "unsure"
@@ -176,6 +208,8 @@ verdict = "require-approval"
     assert_eq!(e.gate.levels[0].roles, vec!["team-lead".to_string()]);
     assert_eq!(e.gate.levels[1].timeout_secs, Some(7200));
     assert_eq!(e.gate.on_timeout, TimeoutOutcome::Reject);
+    use holdpoint_engine::journal::DecisionKind;
+    assert_eq!(e.gate.allowed, vec![DecisionKind::Approve, DecisionKind::Reject]);
     assert_eq!(
         p.evaluate("x", &json!({"risky": true}), None).rule.as_deref(),
         Some("unsure")

@@ -367,6 +367,10 @@ pub struct GateSpec {
     /// What is recorded when the last group's deadline passes (default-safe: reject).
     #[serde(default, skip_serializing_if = "TimeoutOutcome::is_default")]
     pub on_timeout: TimeoutOutcome,
+    /// The decisions the gate takes (empty: approve, edit and reject). For example
+    /// approve and reject only, where an edit would be unsafe.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed: Vec<DecisionKind>,
 }
 
 fn one() -> u32 {
