@@ -147,10 +147,10 @@ fn typed_predicates_read_the_args_into_the_actions_own_type() {
     }
     let p = Policy::new(Verdict::Allow).rule(Rule::new("fx.large", "pay", Verdict::RequireApproval).when(
         Condition::typed("a large foreign-currency payment", |p: &Payment| {
-            p.currency != "EUR" && p.amount_cents > 100_00
+            p.currency != "EUR" && p.amount_cents > 10_000
         }),
     ));
-    let e = p.evaluate("pay", &json!({"amount_cents": 500_00, "currency": "USD"}), None);
+    let e = p.evaluate("pay", &json!({"amount_cents": 50_000, "currency": "USD"}), None);
     assert_eq!(e.verdict, Verdict::RequireApproval);
     assert!(
         e.reason.contains("a large foreign-currency payment"),
@@ -158,7 +158,7 @@ fn typed_predicates_read_the_args_into_the_actions_own_type() {
         e.reason
     );
     assert_eq!(
-        p.evaluate("pay", &json!({"amount_cents": 500_00, "currency": "EUR"}), None)
+        p.evaluate("pay", &json!({"amount_cents": 50_000, "currency": "EUR"}), None)
             .verdict,
         Verdict::Allow
     );
