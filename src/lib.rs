@@ -41,6 +41,8 @@ pub use holdpoint_workflows as workflows;
 pub mod cli;
 pub mod sanitize;
 pub mod server;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 /// What a workflow author needs, in one import.
 pub mod prelude {
@@ -52,7 +54,7 @@ pub mod prelude {
     };
 }
 
-// The README's examples are compiled and run as doc tests.
+// The README's examples are compiled and run as doc tests (they use the test kit).
 #[doc = include_str!("../README.md")]
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "testing"))]
 pub struct ReadmeDoctests;

@@ -15,18 +15,16 @@
 //!
 //! Cases: `HOLDPOINT_PROPTEST_CASES` (default 48).
 
-use holdpoint::journal::{
-    self, Append, AppendConflict, Appended, Created, Event, EventKind, GateId, Lease, NewRun, PendingGate,
-    Position, RunId, RunStatus, RunSummary, Seq, SledStore, Store, ValueSource, WorkerId,
-};
+use holdpoint::journal::{Event, EventKind, GateId, PendingGate, Position, RunStatus, Seq, SledStore, Store};
 use holdpoint::prelude::*;
+use holdpoint::testing::{logical_journal, FaultyStore};
 use holdpoint::{fold, replay, Answer, ManualClock, Replay};
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -164,132 +162,6 @@ async fn generated(ctx: Ctx, ops: Vec<Op>, world: Arc<World>) -> Result<Value, F
     Ok(json!(out))
 }
 
-/// A store that "crashes" once `budget` events have been written: every call after
-/// that fails, as if the process had died. Batches are atomic in sled, so a crash
-/// lands between batches.
-#[derive(Clone)]
-struct Crashing {
-    inner: SledStore,
-    written: Arc<AtomicU64>,
-    budget: Option<u64>,
-    crashed: Arc<AtomicBool>,
-}
-
-impl Crashing {
-    fn new(inner: SledStore, budget: Option<u64>) -> Self {
-        Crashing {
-            inner,
-            written: Arc::new(AtomicU64::new(0)),
-            budget,
-            crashed: Arc::new(AtomicBool::new(false)),
-        }
-    }
-    fn alive(&self) -> journal::Result<()> {
-        if self.crashed.load(Ordering::SeqCst) {
-            Err(journal::Error::Injected("crashed".into()))
-        } else {
-            Ok(())
-        }
-    }
-    fn spend(&self, n: u64) -> journal::Result<()> {
-        self.alive()?;
-        if let Some(budget) = self.budget {
-            if self.written.load(Ordering::SeqCst) + n > budget {
-                self.crashed.store(true, Ordering::SeqCst);
-                return Err(journal::Error::Injected("crash point".into()));
-            }
-        }
-        self.written.fetch_add(n, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-impl Store for Crashing {
-    async fn create_run(&self, run: NewRun) -> journal::Result<Created> {
-        self.spend(1)?;
-        self.inner.create_run(run).await
-    }
-    async fn append(&self, a: Append) -> journal::Result<Result<Appended, AppendConflict>> {
-        self.spend(a.events.len() as u64)?;
-        self.inner.append(a).await
-    }
-    async fn read(&self, run: RunId, from: Seq) -> journal::Result<Vec<Event>> {
-        self.alive()?;
-        self.inner.read(run, from).await
-    }
-    async fn summary(&self, run: RunId) -> journal::Result<Option<RunSummary>> {
-        self.alive()?;
-        self.inner.summary(run).await
-    }
-    async fn list_runs(
-        &self,
-        s: Option<RunStatus>,
-        a: Option<RunId>,
-        l: usize,
-    ) -> journal::Result<Vec<RunSummary>> {
-        self.alive()?;
-        self.inner.list_runs(s, a, l).await
-    }
-    async fn pending(&self, a: Option<(RunId, GateId)>, l: usize) -> journal::Result<Vec<PendingGate>> {
-        self.alive()?;
-        self.inner.pending(a, l).await
-    }
-    async fn claim(
-        &self,
-        o: WorkerId,
-        n: chrono::DateTime<chrono::Utc>,
-        t: Duration,
-        m: usize,
-    ) -> journal::Result<Vec<Lease>> {
-        self.alive()?;
-        self.inner.claim(o, n, t, m).await
-    }
-    async fn release(&self, l: &Lease, w: Option<chrono::DateTime<chrono::Utc>>) -> journal::Result<()> {
-        self.alive()?;
-        self.inner.release(l, w).await
-    }
-    async fn renew(
-        &self,
-        l: &Lease,
-        n: chrono::DateTime<chrono::Utc>,
-        t: Duration,
-    ) -> journal::Result<Option<Lease>> {
-        self.alive()?;
-        self.inner.renew(l, n, t).await
-    }
-    async fn mark_stuck(&self, l: &Lease, r: String) -> journal::Result<()> {
-        self.alive()?;
-        self.inner.mark_stuck(l, r).await
-    }
-    async fn is_leased(&self, r: RunId) -> journal::Result<bool> {
-        self.inner.is_leased(r).await
-    }
-    async fn next_wake(&self) -> journal::Result<Option<chrono::DateTime<chrono::Utc>>> {
-        self.inner.next_wake().await
-    }
-    async fn due_deadlines(
-        &self,
-        n: chrono::DateTime<chrono::Utc>,
-        l: usize,
-    ) -> journal::Result<Vec<journal::DueDeadline>> {
-        self.alive()?;
-        self.inner.due_deadlines(n, l).await
-    }
-    async fn rule_history(&self, r: &str, l: usize) -> journal::Result<Vec<journal::RuleDecision>> {
-        self.alive()?;
-        self.inner.rule_history(r, l).await
-    }
-    async fn next_deadline(&self) -> journal::Result<Option<chrono::DateTime<chrono::Utc>>> {
-        self.inner.next_deadline().await
-    }
-    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.changes()
-    }
-    fn max_event_bytes(&self) -> usize {
-        self.inner.max_event_bytes()
-    }
-}
-
 struct Outcome {
     events: Vec<Event>,
     world: Arc<World>,
@@ -303,8 +175,8 @@ fn registry(world: Arc<World>) -> Registry {
     Registry::new().workflow("gen", 1, move |ctx, ops| generated(ctx, ops, world.clone()))
 }
 
-fn open(dir: &Path, world: &Arc<World>, clock: &ManualClock, budget: Option<u64>) -> Engine<Crashing> {
-    let store = Crashing::new(SledStore::open(dir).unwrap(), budget);
+fn open(dir: &Path, world: &Arc<World>, clock: &ManualClock, budget: Option<u64>) -> Engine<FaultyStore> {
+    let store = FaultyStore::new(SledStore::open(dir).unwrap(), budget);
     Engine::builder(store, registry(world.clone()))
         .clock(clock.clone())
         .build()
@@ -349,13 +221,13 @@ async fn execute(ops: &[Op], decs: &[Dec], budget: Option<u64>) -> Outcome {
     loop {
         rounds += 1;
         assert!(rounds < 200, "run did not finish");
-        let crashed = engine.store().crashed.load(Ordering::SeqCst);
+        let crashed = engine.store().crashed();
         if crashed {
             // The process died: drop everything, reopen, resume with a new worker.
             let Ok(store) = engine.into_store() else {
                 panic!("engine still shared")
             };
-            store.inner.close().unwrap();
+            store.into_inner().close().unwrap();
             let reopened = SledStore::open(dir.path()).unwrap();
             at_crash = Some(reopened.read(run, Seq::ZERO).await.unwrap());
             reopened.close().unwrap();
@@ -363,7 +235,7 @@ async fn execute(ops: &[Op], decs: &[Dec], budget: Option<u64>) -> Outcome {
             engine = open(dir.path(), &world, &clock, None);
             continue;
         }
-        if engine.drain().await.is_err() || engine.store().crashed.load(Ordering::SeqCst) {
+        if engine.drain().await.is_err() || engine.store().crashed() {
             continue;
         }
         let Ok(Some(s)) = engine.store().summary(run).await else {
@@ -406,25 +278,8 @@ async fn execute(ops: &[Op], decs: &[Dec], budget: Option<u64>) -> Outcome {
     }
 }
 
-/// The journal with what legitimately differs between two executions taken out.
-fn logical(events: &[Event]) -> Vec<Value> {
-    events
-        .iter()
-        .filter_map(|e| match &e.event {
-            EventKind::StepStarted { .. } => None,
-            EventKind::StepFailed { will_retry: true, .. } => None,
-            EventKind::ValueRecorded {
-                position,
-                source: source @ (ValueSource::Uuid | ValueSource::Random),
-                ..
-            } => Some(json!({"value": source, "position": position})),
-            other => Some(serde_json::to_value(other).unwrap()),
-        })
-        .collect()
-}
-
 fn check(ops: &[Op], decs: &[Dec], clean: &Outcome, crashed: &Outcome) -> Result<(), TestCaseError> {
-    prop_assert_eq!(logical(&clean.events), logical(&crashed.events));
+    prop_assert_eq!(logical_journal(&clean.events), logical_journal(&crashed.events));
 
     let at_crash = crashed.at_crash.clone().unwrap_or_default();
     // I4: acknowledged decisions survived.

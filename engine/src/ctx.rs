@@ -379,9 +379,23 @@ struct State {
     abort: Option<Abort>,
 }
 
+/// What a `Ctx` borrows from its engine.
+pub(crate) struct Services {
+    pub clock: Arc<dyn Clock>,
+    pub max_event_bytes: usize,
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    pub policy: Arc<crate::policy::Policy>,
+    pub observer: Option<StepObserver>,
+}
+
+/// Called with every step attempt just before its body runs (after its start is
+/// durable). For test kits that check what ran, and how often.
+pub type StepObserver = Arc<dyn Fn(&StepInfo) + Send + Sync>;
+
 pub(crate) struct Inner {
     run: RunId,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    observer: Option<StepObserver>,
     policy: Arc<crate::policy::Policy>,
     clock: Arc<dyn Clock>,
     sink: Box<dyn Sink>,
@@ -725,20 +739,20 @@ pub const APPROVAL_DECISIONS: [DecisionKind; 3] =
 pub const QUESTION_DECISIONS: [DecisionKind; 2] = [DecisionKind::Respond, DecisionKind::Reject];
 
 impl Ctx {
-    pub(crate) fn new(
-        run: RunId,
-        history: History,
-        sink: Box<dyn Sink>,
-        clock: Arc<dyn Clock>,
-        max_event_bytes: usize,
-        metrics: Option<Arc<crate::metrics::Metrics>>,
-        policy: Arc<crate::policy::Policy>,
-    ) -> Ctx {
+    pub(crate) fn new(run: RunId, history: History, sink: Box<dyn Sink>, services: Services) -> Ctx {
         let journal_len = history.next_seq;
+        let Services {
+            clock,
+            max_event_bytes,
+            metrics,
+            policy,
+            observer,
+        } = services;
         Ctx {
             inner: Arc::new(Inner {
                 run,
                 metrics,
+                observer,
                 policy,
                 clock,
                 sink,
@@ -1036,6 +1050,9 @@ impl Ctx {
                 attempt,
                 idempotency_key: format!("{}/{}", self.inner.run, position),
             };
+            if let Some(observe) = &self.inner.observer {
+                observe(&info);
+            }
             let began = std::time::Instant::now();
             let result = AssertUnwindSafe(STEP.scope(info, f())).catch_unwind().await;
             if let Some(m) = &self.inner.metrics {

@@ -10,7 +10,7 @@
 //! lease released. A paused run holds no task, no memory and no lease.
 
 use crate::clock::{Clock, SystemClock};
-use crate::ctx::{Abort, Ctx, History, Sink};
+use crate::ctx::{Abort, Ctx, History, Services, Sink};
 use crate::error::{Error, Failure, Nondeterminism, Result};
 use crate::fold::{fold, RunState};
 use crate::policy::Policy;
@@ -184,6 +184,7 @@ struct Inner<S> {
     worker: WorkerId,
     metrics: Arc<crate::metrics::Metrics>,
     policy: Arc<Policy>,
+    observer: Option<crate::ctx::StepObserver>,
 }
 
 /// Builds an [`Engine`].
@@ -193,9 +194,15 @@ pub struct EngineBuilder<S> {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     policy: Policy,
+    observer: Option<crate::ctx::StepObserver>,
 }
 
 impl<S: Store> EngineBuilder<S> {
+    /// Calls `observe` with every step attempt just before its body runs.
+    pub fn observe_steps(mut self, observe: impl Fn(&crate::ctx::StepInfo) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Arc::new(observe));
+        self
+    }
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
         self
@@ -220,6 +227,7 @@ impl<S: Store> EngineBuilder<S> {
                 worker: WorkerId::new(),
                 metrics: Arc::default(),
                 policy: Arc::new(self.policy),
+                observer: self.observer,
             }),
         })
     }
@@ -245,6 +253,7 @@ impl<S: Store> Engine<S> {
             clock: Arc::new(SystemClock),
             config: EngineConfig::default(),
             policy: Policy::default(),
+            observer: None,
         }
     }
 
@@ -888,10 +897,13 @@ impl<S: Store> Engine<S> {
             run,
             prepared.history,
             Box::new(sink),
-            self.inner.clock.clone(),
-            store.max_event_bytes(),
-            Some(self.inner.metrics.clone()),
-            self.inner.policy.clone(),
+            Services {
+                clock: self.inner.clock.clone(),
+                max_event_bytes: store.max_event_bytes(),
+                metrics: Some(self.inner.metrics.clone()),
+                policy: self.inner.policy.clone(),
+                observer: self.inner.observer.clone(),
+            },
         );
         self.inner
             .metrics
@@ -1216,10 +1228,13 @@ pub async fn replay(registry: &Registry, events: &[Event]) -> Replay {
         Box::new(ReplaySink {
             offered: offered.clone(),
         }),
-        Arc::new(SystemClock),
-        usize::MAX,
-        None,
-        Arc::new(Policy::default()),
+        Services {
+            clock: Arc::new(SystemClock),
+            max_event_bytes: usize::MAX,
+            metrics: None,
+            policy: Arc::new(Policy::default()),
+            observer: None,
+        },
     );
     let outcome = drive(&ctx, (prepared.run)(ctx.clone(), prepared.input)).await;
     let conclusion = conclude(&ctx, outcome).await;
