@@ -42,7 +42,7 @@ pub mod roles {
     /// cannot decide.
     pub const VIEWER: &str = "viewer";
     /// Decide gates that name no roles.
-    pub const REVIEWER: &str = "reviewer";
+    pub const REVIEWER: &str = holdpoint_engine::engine::REVIEWER_ROLE;
     /// Start and cancel runs (what an agent host needs). Cannot decide.
     pub const OPERATOR: &str = "operator";
     /// An agent's own principal: starts runs, can never approve.
@@ -325,18 +325,40 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+type Routes = Vec<(
+    &'static str,
+    &'static [&'static str],
+    axum::routing::MethodRouter<AppState>,
+)>;
+
+/// Every authenticated route: path, methods, handlers. The router is built from this
+/// table, and `routes()` exposes it, so a test can try every route (for example without
+/// a token) and a new route cannot be left out of that test.
+fn authed_routes() -> Routes {
+    vec![
+        ("/v1/runs", &["GET", "POST"], post(create_run).get(list_runs)),
+        ("/v1/runs/{run}", &["GET"], get(get_run)),
+        ("/v1/runs/{run}/events", &["GET"], get(run_events)),
+        ("/v1/runs/{run}/wait", &["GET"], get(wait_run)),
+        ("/v1/runs/{run}/cancel", &["POST"], post(cancel_run)),
+        ("/v1/runs/{run}/gates/{gate}/decision", &["POST"], post(decide)),
+        ("/v1/pending", &["GET"], get(pending)),
+        ("/v1/stats", &["GET"], get(stats)),
+        ("/metrics", &["GET"], get(metrics)),
+    ]
+}
+
+/// The authenticated routes: (path, methods). Every one needs a bearer token; only
+/// `GET /healthz` does not.
+pub fn routes() -> Vec<(&'static str, &'static [&'static str])> {
+    authed_routes().into_iter().map(|(p, m, _)| (p, m)).collect()
+}
+
 /// Builds the router. Every route but `/healthz` needs a bearer token.
 pub fn router(state: AppState, body_limit: usize) -> Router {
-    let authed = Router::new()
-        .route("/v1/runs", post(create_run).get(list_runs))
-        .route("/v1/runs/{run}", get(get_run))
-        .route("/v1/runs/{run}/events", get(run_events))
-        .route("/v1/runs/{run}/wait", get(wait_run))
-        .route("/v1/runs/{run}/cancel", post(cancel_run))
-        .route("/v1/runs/{run}/gates/{gate}/decision", post(decide))
-        .route("/v1/pending", get(pending))
-        .route("/v1/stats", get(stats))
-        .route("/metrics", get(metrics))
+    let authed = authed_routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, _, handlers)| r.route(path, handlers))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(authed)
@@ -528,7 +550,7 @@ async fn decide(
         by: caller.principal,
         comment: body.comment,
         idempotency_key: body.idempotency_key,
-        roles: caller.roles,
+        roles: Some(caller.roles),
         request_hash: body.request_hash,
     };
     Ok(Json(match s.engine.decide(run, req).await? {

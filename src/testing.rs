@@ -363,7 +363,6 @@ impl TestEnv {
         if let Some(gate) = gates.iter().find(|g| g.run == run) {
             let reviewer_principal = journal::Principal::new("reviewer");
             let mut req = DecisionRequest::new(gate.gate, reviewer.decide(gate), reviewer_principal.clone())
-                .roles(["admin"])
                 .idempotency_key(format!("kit-{}-{}", run, gate.gate));
             if let Err(e) = engine.decide(run, req.clone()).await {
                 // An edit that does not fit the action's type is refused: approve instead.

@@ -5,13 +5,15 @@
 use holdpoint::journal::{request_hash, EventKind, GateSpec, RunId, SledStore, Verdict};
 use holdpoint::journal::{ApproverLevel, TimeoutOutcome};
 use holdpoint::prelude::*;
-use holdpoint::server::{self, AppState, Caller, Tokens};
+use holdpoint::server::{Caller, Tokens};
 use holdpoint::{fold, Acted, Condition, Engine, ManualClock, Op, Policy, Rule, Workers};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+mod common;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Pay {
@@ -76,8 +78,7 @@ struct Api {
     url: String,
     engine: Engine<SledStore>,
     workers: Option<Workers>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<()>>,
+    server: Option<common::Server>,
     bank: Arc<Bank>,
 }
 
@@ -90,26 +91,11 @@ async fn boot(dir: &Path, clock: &ManualClock, policy: Policy, bank: Arc<Bank>) 
         .build()
         .unwrap();
     let workers = engine.spawn_workers();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let state = AppState {
-        engine: engine.clone(),
-        tokens: Arc::new(tokens()),
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, server::router(state, server::DEFAULT_BODY_LIMIT))
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
+    let server = common::serve(engine.clone(), tokens()).await;
     Api {
-        url,
+        url: server.url.clone(),
         engine,
         workers: Some(workers),
-        stop: Some(stop),
         server: Some(server),
         bank,
     }
@@ -118,8 +104,7 @@ async fn boot(dir: &Path, clock: &ManualClock, policy: Policy, bank: Arc<Bank>) 
 impl Api {
     /// Stops the server and workers and closes the store (a restart's first half).
     async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.server.take().unwrap().await.unwrap();
+        self.server.take().unwrap().stop().await;
         self.workers.take().unwrap().shutdown().await;
         let engine = self.engine.clone();
         drop(self);
@@ -132,30 +117,7 @@ impl Api {
     }
 
     async fn call(&self, method: &'static str, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("{}{path}", self.url);
-        let token = token.to_string();
-        tokio::task::spawn_blocking(move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .build()
-                .into();
-            let auth = format!("Bearer {token}");
-            let mut resp = match method {
-                "GET" => agent.get(&url).header("Authorization", &auth).call(),
-                _ => agent
-                    .post(&url)
-                    .header("Authorization", &auth)
-                    .send_json(body.unwrap_or(json!({}))),
-            }
-            .unwrap();
-            let status = resp.status().as_u16();
-            (
-                status,
-                resp.body_mut().read_json::<Value>().unwrap_or(Value::Null),
-            )
-        })
-        .await
-        .unwrap()
+        common::call(&self.url, method, path, Some(token), body).await
     }
 
     async fn start(&self, token: &str, payments: Value) -> RunId {
@@ -202,14 +164,6 @@ impl Api {
 
     fn paid(&self) -> Vec<Pay> {
         self.bank.paid.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
     }
 }
 

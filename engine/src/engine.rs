@@ -62,8 +62,11 @@ pub struct DecisionRequest {
     pub comment: Option<String>,
     /// A retry with the same key (and the same decision) is a no-op success.
     pub idempotency_key: Option<String>,
-    /// The decider's roles, checked against the roles the gate names.
-    pub roles: Vec<String>,
+    /// The decider's roles. `None`: a trusted caller in this process (no role checks).
+    /// `Some`: checked against the roles the gate names, or, for a gate that names none,
+    /// the decider needs `reviewer` (or `admin`); principals with the `agent` role never
+    /// decide.
+    pub roles: Option<Vec<String>>,
     /// The hash of the request the decider saw (`GateState::request_hash`); a decision
     /// for a request that has since changed is refused.
     pub request_hash: Option<String>,
@@ -77,12 +80,12 @@ impl DecisionRequest {
             by,
             comment: None,
             idempotency_key: None,
-            roles: Vec::new(),
+            roles: None,
             request_hash: None,
         }
     }
     pub fn roles(mut self, roles: impl IntoIterator<Item = impl Into<String>>) -> Self {
-        self.roles = roles.into_iter().map(Into::into).collect();
+        self.roles = Some(roles.into_iter().map(Into::into).collect());
         self
     }
     pub fn request_hash(mut self, hash: impl Into<String>) -> Self {
@@ -142,6 +145,8 @@ impl Decided {
 pub const AGENT_ROLE: &str = "agent";
 /// Role name that may decide any gate.
 pub const ADMIN_ROLE: &str = "admin";
+/// Role name that may decide gates that name no roles.
+pub const REVIEWER_ROLE: &str = "reviewer";
 
 /// A run as queries see it: the index summary and the state folded from its journal.
 #[derive(Clone, Debug, PartialEq)]
@@ -418,13 +423,23 @@ impl<S: Store> Engine<S> {
                 by: req.by.clone(),
                 reason,
             };
-            let holds = |role: &str| req.roles.iter().any(|r| r == role);
-            let roles = gate.roles();
-            if !roles.is_empty() && !holds(ADMIN_ROLE) && !roles.iter().any(|r| holds(r)) {
-                return Err(refuse(format!(
-                    "the gate needs one of the roles {}",
-                    roles.join(", ")
-                )));
+            let holds = |role: &str| req.roles.iter().flatten().any(|r| r == role);
+            if req.roles.is_some() {
+                if holds(AGENT_ROLE) {
+                    return Err(refuse("an agent never decides its own gates".into()));
+                }
+                let roles = gate.roles();
+                let needed: Vec<String> = if roles.is_empty() {
+                    vec![REVIEWER_ROLE.to_string()]
+                } else {
+                    roles.to_vec()
+                };
+                if !holds(ADMIN_ROLE) && !needed.iter().any(|r| holds(r)) {
+                    return Err(refuse(format!(
+                        "the gate needs one of the roles {}",
+                        needed.join(", ")
+                    )));
+                }
             }
             let approves = matches!(req.decision, Decision::Approve | Decision::Edit { .. });
             let quorum = gate.spec.quorum.max(1);
@@ -434,9 +449,6 @@ impl<S: Store> Engine<S> {
                 return Err(refuse(
                     "the run's initiator cannot approve at a gate that needs several approvers".into(),
                 ));
-            }
-            if approves && holds(AGENT_ROLE) {
-                return Err(refuse("an agent cannot approve".into()));
             }
             let current = gate.request_hash.clone();
             if let Some(seen) = &req.request_hash {
