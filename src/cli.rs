@@ -155,6 +155,10 @@ pub enum Command {
         /// truncation or rollback later.
         #[arg(long)]
         head: bool,
+        /// Check heads printed earlier by `--head`: every run must still hold at least
+        /// those events, ending in the same chain hash.
+        #[arg(long)]
+        heads: Option<PathBuf>,
     },
     /// A run's events as JSON lines (offline).
     Export {
@@ -470,7 +474,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             say!("cancelled run {run}");
             Ok(())
         }
-        Command::Verify { data, head } => verify(&data, head),
+        Command::Verify { data, head, heads } => verify(&data, head, heads.as_deref()),
         Command::Export { run, data } => runtime()?.block_on(async {
             let store = open_offline(&data)?;
             let events = store.read(run, crate::journal::Seq::ZERO).await;
@@ -755,7 +759,7 @@ fn open_offline(data: &Path) -> Result<SledStore> {
     Ok(SledStore::open(dir)?)
 }
 
-fn verify(data: &Path, head: bool) -> Result<()> {
+fn verify(data: &Path, head: bool, saved_heads: Option<&Path>) -> Result<()> {
     runtime()?.block_on(async {
         let store = open_offline(data)?;
         let runs: Vec<RunId> = store.run_ids().collect::<std::result::Result<_, _>>()?;
@@ -783,6 +787,9 @@ fn verify(data: &Path, head: bool) -> Result<()> {
             bar.inc(1);
         }
         bar.finish_and_clear();
+        if let Some(path) = saved_heads {
+            bad += check_heads(&store, path).await?;
+        }
         store.close()?;
         say!("verified {} runs, {events} events: {bad} bad", runs.len());
         if bad > 0 {
@@ -794,6 +801,50 @@ fn verify(data: &Path, head: bool) -> Result<()> {
             Ok(())
         }
     })
+}
+
+/// Compares saved chain heads with the store; returns how many runs fail.
+async fn check_heads(store: &SledStore, path: &Path) -> Result<usize> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| CliError(format!("reading {}: {e}", path.display())))?;
+    let mut bad = 0;
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let mut parts = line.split_whitespace();
+        let (Some(run), Some(next), Some(hash)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(CliError(format!(
+                "{} line {}: expected RUN NEXT_SEQ HEAD",
+                path.display(),
+                i + 1
+            )));
+        };
+        let (Ok(run), Ok(next)) = (run.parse::<RunId>(), next.parse::<u64>()) else {
+            return Err(CliError(format!(
+                "{} line {}: expected RUN NEXT_SEQ HEAD",
+                path.display(),
+                i + 1
+            )));
+        };
+        let problem = match store.summary(run).await? {
+            None => Some("the run is gone".to_string()),
+            Some(s) if s.next_seq.0 < next => Some(format!(
+                "the journal has {} events but had {next} when its head was saved: truncated or rolled back",
+                s.next_seq
+            )),
+            Some(_) if next == 0 => None,
+            Some(_) => match store.chain_hash_at(run, crate::journal::Seq(next - 1)) {
+                Ok(h) if h.to_hex() == hash => None,
+                Ok(_) => Some(format!(
+                    "the first {next} events differ from when the head was saved: rewritten"
+                )),
+                Err(e) => Some(e.to_string()),
+            },
+        };
+        if let Some(p) = problem {
+            bad += 1;
+            say!("BAD {run}: {}", sanitize(&p));
+        }
+    }
+    Ok(bad)
 }
 
 /// A random token: 32 bytes from the OS, hex.

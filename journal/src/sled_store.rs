@@ -238,6 +238,25 @@ impl SledStore {
         })
     }
 
+    /// The chain hash of the run's event at `seq`, verifying every record up to it. With
+    /// a head saved earlier (`holdpoint verify --head`), this tells whether the journal
+    /// still begins with what it held then.
+    pub fn chain_hash_at(&self, run: RunId, seq: Seq) -> Result<ChainHash> {
+        let mut prev = ChainHash::GENESIS;
+        for i in 0..=seq.0 {
+            let at = Seq(i);
+            let Some(record) = self.inner.trees.events.get(event_key(run, at))? else {
+                return Err(Error::Corrupt {
+                    run,
+                    seq: at,
+                    reason: "event is missing".into(),
+                });
+            };
+            prev = codec::decode(run, at, &record, &prev)?.1;
+        }
+        Ok(prev)
+    }
+
     /// Waits until everything written so far is durable.
     pub async fn sync(&self) -> Result<()> {
         self.inner.flusher.wait().await

@@ -1,0 +1,255 @@
+//! Tamper evidence on a 10,000-event journal: any modified (and re-checksummed),
+//! deleted, inserted or reordered event is found, naming the first bad seq; a
+//! truncation made consistent (summary rewritten too) is found against saved heads.
+
+use holdpoint::journal::{Append, EventKind, NewRun, Position, RunId, Seq, SledStore, Store};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const EVENTS: u64 = 10_000;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A store with one run of 10,000 events (and a small second run).
+async fn journal(dir: &Path) -> (RunId, RunId) {
+    let store = SledStore::open(dir).unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        runs.push(
+            store
+                .create_run(NewRun {
+                    id: RunId::new(),
+                    started_by: None,
+                    workflow: "w".into(),
+                    version: 1,
+                    input: json!(null),
+                    idempotency_key: None,
+                    at: chrono::Utc::now(),
+                })
+                .await
+                .unwrap()
+                .run(),
+        );
+    }
+    let mut next = 1;
+    while next < EVENTS {
+        let n = (EVENTS - next).min(500);
+        let events = (0..n)
+            .map(|i| EventKind::StepCompleted {
+                position: Position((next + i) as u32),
+                output: json!({"n": next + i}),
+            })
+            .collect();
+        store
+            .append(Append {
+                run: runs[0],
+                expected: Seq(next),
+                at: chrono::Utc::now(),
+                events,
+                lease: None,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        next += n;
+    }
+    store.close().unwrap();
+    (runs[0], runs[1])
+}
+
+fn key(run: RunId, seq: u64) -> Vec<u8> {
+    let mut k = run.as_bytes().to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Edits the raw trees with plain sled, then lets go of the directory.
+fn tamper(dir: &Path, f: impl FnOnce(&sled::Tree, &sled::Tree)) {
+    let db = sled::open(dir).unwrap();
+    let events = db.open_tree("events").unwrap();
+    let runs = db.open_tree("runs").unwrap();
+    f(&events, &runs);
+    db.flush().unwrap();
+    drop(events);
+    drop(runs);
+    drop(db);
+    let file = std::fs::File::open(dir.join("db")).unwrap();
+    fs2::FileExt::lock_exclusive(&file).unwrap();
+    fs2::FileExt::unlock(&file).unwrap();
+}
+
+/// The first bad seq that reading the run reports (None: reads clean).
+async fn first_bad(dir: &Path, run: RunId, other: RunId) -> Option<u64> {
+    let store = SledStore::open(dir).unwrap();
+    let result = store.read(run, Seq::ZERO).await;
+    // The other run is untouched and still reads.
+    assert_eq!(store.read(other, Seq::ZERO).await.unwrap().len(), 1);
+    store.close().unwrap();
+    match result {
+        Ok(events) => {
+            assert_eq!(events.len() as u64, EVENTS);
+            None
+        }
+        Err(holdpoint::journal::Error::Corrupt { seq, .. }) => Some(seq.0),
+        Err(e) => panic!("expected corruption, got {e}"),
+    }
+}
+
+fn fresh(base: &Path, name: &str) -> PathBuf {
+    let dir = base.join(name);
+    copy_dir(&base.join("pristine"), &dir);
+    dir
+}
+
+#[tokio::test]
+async fn modified_deleted_inserted_and_reordered_events_are_found() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, other) = journal(&tmp.path().join("pristine")).await;
+    assert_eq!(first_bad(&tmp.path().join("pristine"), run, other).await, None);
+
+    // Modified and re-checksummed, in the middle: the next event's link breaks.
+    let dir = fresh(tmp.path(), "modified");
+    tamper(&dir, |events, _| {
+        let mut v = events.get(key(run, 4321)).unwrap().unwrap().to_vec();
+        let body = String::from_utf8(v[37..].to_vec())
+            .unwrap()
+            .replace("\"n\":4321", "\"n\":9999");
+        v.truncate(37);
+        v.extend_from_slice(body.as_bytes());
+        let crc = crc32(&v[5..]);
+        v[1..5].copy_from_slice(&crc.to_be_bytes());
+        events.insert(key(run, 4321), v).unwrap();
+    });
+    assert_eq!(first_bad(&dir, run, other).await, Some(4322));
+
+    // Modified and re-checksummed, the last one: the summary's head no longer matches.
+    let dir = fresh(tmp.path(), "modified-last");
+    let last = EVENTS - 1;
+    tamper(&dir, |events, _| {
+        let mut v = events.get(key(run, last)).unwrap().unwrap().to_vec();
+        let body = String::from_utf8(v[37..].to_vec())
+            .unwrap()
+            .replace(&format!("\"n\":{last}"), "\"n\":0");
+        v.truncate(37);
+        v.extend_from_slice(body.as_bytes());
+        let crc = crc32(&v[5..]);
+        v[1..5].copy_from_slice(&crc.to_be_bytes());
+        events.insert(key(run, last), v).unwrap();
+    });
+    assert_eq!(first_bad(&dir, run, other).await, Some(last));
+
+    // Deleted.
+    let dir = fresh(tmp.path(), "deleted");
+    tamper(&dir, |events, _| {
+        events.remove(key(run, 777)).unwrap().unwrap();
+    });
+    assert_eq!(first_bad(&dir, run, other).await, Some(777));
+
+    // Inserted: a forged event at 5000, the rest shifted up by one.
+    let dir = fresh(tmp.path(), "inserted");
+    tamper(&dir, |events, _| {
+        for seq in (5000..EVENTS).rev() {
+            let v = events.get(key(run, seq)).unwrap().unwrap();
+            events.insert(key(run, seq + 1), v).unwrap();
+        }
+        let forged = events.get(key(run, 4999)).unwrap().unwrap();
+        events.insert(key(run, 5000), forged).unwrap();
+    });
+    assert_eq!(first_bad(&dir, run, other).await, Some(5000));
+
+    // Reordered: two events swapped.
+    let dir = fresh(tmp.path(), "reordered");
+    tamper(&dir, |events, _| {
+        let a = events.get(key(run, 100)).unwrap().unwrap();
+        let b = events.get(key(run, 101)).unwrap().unwrap();
+        events.insert(key(run, 100), b).unwrap();
+        events.insert(key(run, 101), a).unwrap();
+    });
+    assert_eq!(first_bad(&dir, run, other).await, Some(100));
+}
+
+#[tokio::test]
+async fn a_consistent_truncation_is_found_against_saved_heads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (run, _) = journal(&data.join("journal")).await;
+    let bin = env!("CARGO_BIN_EXE_holdpoint");
+    let out = Command::new(bin)
+        .args(["verify", "--head", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let heads: String = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| l.split_whitespace().count() == 3 && !l.starts_with("verified"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(heads.lines().count(), 2, "{heads}");
+    let saved = tmp.path().join("heads.txt");
+    std::fs::write(&saved, heads).unwrap();
+
+    // An attacker drops the last 100 events and rewrites the run's summary to match.
+    let store = SledStore::open(data.join("journal")).unwrap();
+    let new_head = store.chain_hash_at(run, Seq(EVENTS - 101)).unwrap();
+    store.close().unwrap();
+    tamper(&data.join("journal"), |events, runs| {
+        for seq in EVENTS - 100..EVENTS {
+            events.remove(key(run, seq)).unwrap();
+        }
+        let mut summary: Value = serde_json::from_slice(&runs.get(run.as_bytes()).unwrap().unwrap()).unwrap();
+        summary["next_seq"] = json!(EVENTS - 100);
+        summary["head"] = serde_json::to_value(new_head).unwrap();
+        runs.insert(run.as_bytes(), serde_json::to_vec(&summary).unwrap())
+            .unwrap();
+    });
+    // On its own the journal now looks whole...
+    let out = Command::new(bin)
+        .args(["verify", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    // ...but not against the heads saved before.
+    let out = Command::new(bin)
+        .args(["verify", "--data"])
+        .arg(&data)
+        .arg("--heads")
+        .arg(&saved)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("BAD {run}")) && text.contains("truncated or rolled back"),
+        "{text}"
+    );
+}
