@@ -770,13 +770,11 @@ fn verify(data: &Path, head: bool, saved_heads: Option<&Path>) -> Result<()> {
         let mut bad = 0;
         let mut events = 0;
         for &run in &runs {
-            match store.read(run, crate::journal::Seq::ZERO).await {
-                Ok(evs) => {
-                    events += evs.len();
+            match store.verify_run(run) {
+                Ok((next, chain_head)) => {
+                    events += next.0 as usize;
                     if head {
-                        if let Some(s) = store.summary(run).await? {
-                            bar.suspend(|| emit(format_args!("{run} {} {}", s.next_seq, s.head)))?;
-                        }
+                        bar.suspend(|| emit(format_args!("{run} {next} {chain_head}")))?;
                     }
                 }
                 Err(e) => {

@@ -238,6 +238,97 @@ impl SledStore {
         })
     }
 
+    /// Reads `[from, summary.next_seq)`: the events the summary (read first) knows.
+    /// Events below `next_seq` never change, so this is a consistent view even while
+    /// appends land; events appended after the summary was read are left for the next
+    /// read. (Reading to the end of the tree instead made a read racing an append see
+    /// events "past the summary" and report a healthy journal as corrupt.)
+    fn read_to(&self, run: RunId, from: Seq, summary: &RunSummary) -> Result<Vec<Event>> {
+        let events_tree = &self.inner.trees.events;
+        let mut prev = if from == Seq::ZERO {
+            ChainHash::GENESIS
+        } else {
+            let before = Seq(from.0 - 1);
+            let Some(record) = events_tree.get(event_key(run, before))? else {
+                return Err(Error::Corrupt {
+                    run,
+                    seq: before,
+                    reason: "event is missing".into(),
+                });
+            };
+            codec::check(run, before, &record)?.hash()
+        };
+        let mut out = Vec::new();
+        let mut expected = from;
+        for item in events_tree.range(event_key(run, from)..event_key(run, summary.next_seq)) {
+            let (key, record) = item?;
+            let seq = Seq(u64::from_be_bytes(key[16..24].try_into().map_err(|_| {
+                Error::Corrupt {
+                    run,
+                    seq: expected,
+                    reason: "malformed event key".into(),
+                }
+            })?));
+            if seq != expected {
+                return Err(Error::Corrupt {
+                    run,
+                    seq: expected,
+                    reason: format!("event is missing (the next stored event is seq {seq})"),
+                });
+            }
+            let (event, hash) = codec::decode(run, seq, &record, &prev)?;
+            out.push(event);
+            prev = hash;
+            expected = expected.next();
+        }
+        if expected < summary.next_seq {
+            return Err(Error::Corrupt {
+                run,
+                seq: expected,
+                reason: format!(
+                    "journal ends before seq {expected} but the run has {} events: events are missing at the end",
+                    summary.next_seq
+                ),
+            });
+        }
+        if expected > from && prev != summary.head {
+            return Err(Error::Corrupt {
+                run,
+                seq: Seq(expected.0 - 1),
+                reason: "last event's chain hash differs from the recorded head: the journal was rewritten"
+                    .into(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Verifies a whole journal strictly, for offline checks (no writer running): every
+    /// event read and chained, and nothing stored past what the summary knows.
+    /// Returns the number of events and the head.
+    pub fn verify_run(&self, run: RunId) -> Result<(Seq, ChainHash)> {
+        let Some(summary) = self.summary_now(run)? else {
+            return Err(Error::UnknownRun(run));
+        };
+        self.read_to(run, Seq::ZERO, &summary)?;
+        let past = self
+            .inner
+            .trees
+            .events
+            .range(event_key(run, summary.next_seq)..=event_key(run, Seq(u64::MAX)))
+            .next();
+        if past.is_some() {
+            return Err(Error::Corrupt {
+                run,
+                seq: summary.next_seq,
+                reason: format!(
+                    "journal has events past seq {} that the run's summary does not know",
+                    summary.next_seq
+                ),
+            });
+        }
+        Ok((summary.next_seq, summary.head))
+    }
+
     /// The chain hash of the run's event at `seq`, verifying every record up to it. With
     /// a head saved earlier (`holdpoint verify --head`), this tells whether the journal
     /// still begins with what it held then.
@@ -678,72 +769,7 @@ impl Store for SledStore {
         let Some(summary) = self.summary_now(run)? else {
             return Err(Error::UnknownRun(run));
         };
-        let events_tree = &self.inner.trees.events;
-        let mut prev = if from == Seq::ZERO {
-            ChainHash::GENESIS
-        } else {
-            let before = Seq(from.0 - 1);
-            let Some(record) = events_tree.get(event_key(run, before))? else {
-                return Err(Error::Corrupt {
-                    run,
-                    seq: before,
-                    reason: "event is missing".into(),
-                });
-            };
-            codec::check(run, before, &record)?.hash()
-        };
-        let mut out = Vec::new();
-        let mut expected = from;
-        for item in events_tree.range(event_key(run, from)..=event_key(run, Seq(u64::MAX))) {
-            let (key, record) = item?;
-            let seq = Seq(u64::from_be_bytes(key[16..24].try_into().map_err(|_| {
-                Error::Corrupt {
-                    run,
-                    seq: expected,
-                    reason: "malformed event key".into(),
-                }
-            })?));
-            if seq != expected {
-                return Err(Error::Corrupt {
-                    run,
-                    seq: expected,
-                    reason: format!("event is missing (the next stored event is seq {seq})"),
-                });
-            }
-            let (event, hash) = codec::decode(run, seq, &record, &prev)?;
-            out.push(event);
-            prev = hash;
-            expected = expected.next();
-        }
-        if expected < summary.next_seq {
-            return Err(Error::Corrupt {
-                run,
-                seq: expected,
-                reason: format!(
-                    "journal ends before seq {expected} but the run has {} events: events are missing at the end",
-                    summary.next_seq
-                ),
-            });
-        }
-        if expected > summary.next_seq {
-            return Err(Error::Corrupt {
-                run,
-                seq: summary.next_seq,
-                reason: format!(
-                    "journal has events past seq {} that the run's summary does not know",
-                    summary.next_seq
-                ),
-            });
-        }
-        if expected > from && prev != summary.head {
-            return Err(Error::Corrupt {
-                run,
-                seq: Seq(expected.0 - 1),
-                reason: "last event's chain hash differs from the recorded head: the journal was rewritten"
-                    .into(),
-            });
-        }
-        Ok(out)
+        self.read_to(run, from, &summary)
     }
 
     async fn summary(&self, run: RunId) -> Result<Option<RunSummary>> {

@@ -334,3 +334,40 @@ async fn concurrent_appends_share_group_commits() {
     assert!(syncs < 640, "{syncs} syncs for 640 appends");
     assert!(syncs > 0);
 }
+
+/// Regression (found by `tests/races.rs`): `read` took the summary, then scanned the
+/// events tree to its end; an append landing in between showed up as "events past the
+/// summary", and a healthy journal was reported corrupt — which would have made a worker
+/// quarantine a run a decision had just reached. `read` now scans only up to the
+/// summary's `next_seq`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_racing_appends_never_see_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let run = store.create_run(new_run("w")).await.unwrap().run();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..400u32 {
+                store
+                    .append(append(run, 1 + i as u64, vec![step(i)]))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+        })
+    };
+    let mut reads = 0;
+    while !writer.is_finished() {
+        let events = store
+            .read(run, Seq::ZERO)
+            .await
+            .expect("a read racing appends is consistent");
+        assert!(events.windows(2).all(|w| w[1].seq == w[0].seq.next()));
+        reads += 1;
+        tokio::task::yield_now().await;
+    }
+    writer.await.unwrap();
+    assert_eq!(store.read(run, Seq::ZERO).await.unwrap().len(), 401);
+    assert!(reads > 1);
+}
