@@ -265,7 +265,9 @@ impl From<Error> for ApiError {
             | Error::InvalidEdit { .. }
             | Error::InvalidInput { .. }
             | Error::InvalidDecision(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
-            Error::Journal(J::EventTooLarge { .. }) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Error::Journal(J::EventTooLarge { .. }) | Error::Journal(J::RunLimit { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too_large")
+            }
             Error::Journal(J::UnknownRun(_)) => (StatusCode::NOT_FOUND, "not_found"),
             _ => {
                 tracing::error!(error = %e, "request failed");

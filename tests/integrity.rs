@@ -270,3 +270,94 @@ async fn a_truncated_journal_is_detected() {
         other => panic!("expected corruption, got {other}"),
     }
 }
+
+async fn chatty(ctx: Ctx, n: u32) -> Result<u32, Failure> {
+    for i in 0..n {
+        ctx.step(&format!("s{i}"), || async { Ok("x".repeat(200)) })
+            .await?;
+    }
+    Ok(n)
+}
+
+async fn chatty_then_gate(ctx: Ctx, n: u32) -> Result<String, Failure> {
+    chatty(ctx.clone(), n).await?;
+    match ctx.gate("send_money", json!({"amount": 1}), json!(null)).await? {
+        holdpoint::Gated::Rejected { reason, .. } => Ok(format!("rejected: {reason}")),
+        _ => Ok("approved".into()),
+    }
+}
+
+fn limited(dir: &Path, events: u64, bytes: u64) -> Engine<SledStore> {
+    let options = holdpoint::journal::SledOptions {
+        max_run_events: events,
+        max_run_bytes: bytes,
+        ..Default::default()
+    };
+    Engine::new(
+        SledStore::open_with(dir, options).unwrap(),
+        Registry::new()
+            .workflow("chatty", 1, chatty)
+            .workflow("gated", 1, chatty_then_gate),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_run_over_its_event_or_byte_limit_fails_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = limited(dir.path(), 30, 1 << 20);
+    let run = e.start("chatty", &100u32, None).await.unwrap();
+    e.drain().await.unwrap();
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.summary.status, RunStatus::Failed);
+    assert!(
+        view.state.error.as_deref().unwrap().contains("reached its limit"),
+        "{:?}",
+        view.state.error
+    );
+    assert!(view.summary.next_seq.0 <= 30 + 1);
+    // Another run under the limit is unaffected.
+    let ok = e.start("chatty", &3u32, None).await.unwrap();
+    e.drain().await.unwrap();
+    assert_eq!(e.get(ok).await.unwrap().summary.status, RunStatus::Completed);
+
+    let dir = tempfile::tempdir().unwrap();
+    let e = limited(dir.path(), 100_000, 4096);
+    let run = e.start("chatty", &100u32, None).await.unwrap();
+    e.drain().await.unwrap();
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.summary.status, RunStatus::Failed);
+    assert!(view.summary.bytes <= 4096 + 1024 * 1024);
+}
+
+#[tokio::test]
+async fn a_run_at_its_limit_can_still_be_rejected_or_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    // 5 steps (10 events) + run-started + approval-requested = 12: exactly at the limit.
+    let e = limited(dir.path(), 12, 1 << 20);
+    let rejected = e.start("gated", &5u32, None).await.unwrap();
+    let cancelled = e.start("gated", &5u32, None).await.unwrap();
+    e.drain().await.unwrap();
+    for run in [rejected, cancelled] {
+        let s = e.store().summary(run).await.unwrap().unwrap();
+        assert_eq!((s.status, s.next_seq.0), (RunStatus::Waiting, 12));
+    }
+    let gate = e.pending(None, 10).await.unwrap()[0].gate;
+    e.decide(
+        rejected,
+        DecisionRequest::reject(gate, "over budget", Principal::new("bob")),
+    )
+    .await
+    .unwrap();
+    e.cancel(cancelled, Principal::new("op"), Some("stop".into()))
+        .await
+        .unwrap();
+    e.drain().await.unwrap();
+    let view = e.get(rejected).await.unwrap();
+    assert_eq!(view.summary.status, RunStatus::Completed);
+    assert_eq!(view.state.output, Some(json!("rejected: over budget")));
+    assert_eq!(
+        e.get(cancelled).await.unwrap().summary.status,
+        RunStatus::Cancelled
+    );
+}

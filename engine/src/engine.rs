@@ -941,6 +941,11 @@ impl<S: Store> Engine<S> {
             Conclusion::Abort(Abort::Store(
                 e @ (journal::Error::Corrupt { .. } | journal::Error::EventTooLarge { .. }),
             )) => self.stuck(&lease, e.to_string()).await,
+            Conclusion::Abort(Abort::Store(journal::Error::RunLimit { detail, .. })) => {
+                // Retrying cannot help: end the run, with the reason.
+                self.fail_run(&lease, format!("the run reached its limit: {detail}"))
+                    .await;
+            }
             Conclusion::Abort(Abort::Store(e)) => {
                 tracing::warn!(%run, error = %e, "append failed; run will be retried");
                 self.release(&lease, Some(self.retry_at())).await;
@@ -978,6 +983,34 @@ impl<S: Store> Engine<S> {
         if let Err(e) = self.inner.store.release(lease, wake).await {
             tracing::error!(run = %lease.run, error = %e, "releasing lease failed");
         }
+    }
+
+    /// Ends the run as failed (under its lease), then releases it.
+    async fn fail_run(&self, lease: &Lease, error: String) {
+        let store = &self.inner.store;
+        let failed = async {
+            let summary = store
+                .summary(lease.run)
+                .await?
+                .ok_or(journal::Error::UnknownRun(lease.run))?;
+            store
+                .append(Append {
+                    run: lease.run,
+                    expected: summary.next_seq,
+                    at: self.inner.clock.now(),
+                    events: vec![EventKind::RunFailed { error }],
+                    lease: Some(lease.token),
+                })
+                .await
+        };
+        match failed.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(conflict)) => {
+                tracing::warn!(run = %lease.run, %conflict, "could not fail the run; it will be retried")
+            }
+            Err(e) => tracing::error!(run = %lease.run, error = %e, "could not fail the run"),
+        }
+        self.release(lease, None).await;
     }
 
     async fn stuck(&self, lease: &Lease, reason: String) {

@@ -27,6 +27,12 @@ pub enum Error {
     #[error("event for run {run} is {size} bytes; the limit is {limit} bytes")]
     EventTooLarge { run: RunId, size: usize, limit: usize },
 
+    /// The run has reached its limit (events or bytes). Decisions, cancellation and
+    /// failure can still be recorded (a small reserve past the limit), so the run can
+    /// always be ended.
+    #[error("run {run} has reached its limit: {detail}")]
+    RunLimit { run: RunId, detail: String },
+
     /// Another process holds the data directory.
     #[error("data directory {dir} is in use by another process (is `holdpoint serve` running?): {detail}")]
     Locked { dir: PathBuf, detail: String },

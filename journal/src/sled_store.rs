@@ -61,6 +61,10 @@ pub struct SledOptions {
     pub max_event_bytes: usize,
     /// sled's page cache size.
     pub cache_bytes: u64,
+    /// Most events one run may have (default 100,000).
+    pub max_run_events: u64,
+    /// Most bytes one run's records may take (default 64 MiB).
+    pub max_run_bytes: u64,
 }
 
 impl Default for SledOptions {
@@ -68,8 +72,28 @@ impl Default for SledOptions {
         SledOptions {
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             cache_bytes: 64 * 1024 * 1024,
+            max_run_events: 100_000,
+            max_run_bytes: 64 * 1024 * 1024,
         }
     }
+}
+
+/// Past a run's limit, events that end or decide it still fit in this reserve, so a
+/// run at its limit can always be rejected, cancelled or failed.
+const RESERVE_EVENTS: u64 = 64;
+const RESERVE_BYTES: u64 = 1024 * 1024;
+
+/// Events allowed into a run's reserve.
+fn closes(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::DecisionRecorded { .. }
+            | EventKind::VoteRecorded { .. }
+            | EventKind::GateEscalated { .. }
+            | EventKind::RunCancelled { .. }
+            | EventKind::RunFailed { .. }
+            | EventKind::RunCompleted { .. }
+    )
 }
 
 /// The sled-backed [`Store`]. Cheap to clone (shares one database).
@@ -679,6 +703,7 @@ impl Store for SledStore {
                 ))));
             }
             let mut summary = RunSummary::start(&run);
+            summary.bytes = record.len() as u64;
             let changes = summary.apply(&event, head);
             t[EVENTS].insert(&event_key(run.id, Seq::ZERO)[..], record.clone())?;
             apply_changes(t, &mut summary, changes)?;
@@ -746,6 +771,25 @@ impl Store for SledStore {
                     return Err(Tx::Abort(Error::LeaseLost(run)));
                 }
             }
+            let added_bytes: u64 = records.iter().map(|r| r.len() as u64).sum();
+            let events_after = summary.next_seq.0 + events.len() as u64;
+            let bytes_after = summary.bytes + added_bytes;
+            let limits = &self.inner.options;
+            if events_after > limits.max_run_events || bytes_after > limits.max_run_bytes {
+                let closing = events.iter().all(|(e, _)| closes(&e.event));
+                let in_reserve = events_after <= limits.max_run_events + RESERVE_EVENTS
+                    && bytes_after <= limits.max_run_bytes + RESERVE_BYTES;
+                if !(closing && in_reserve) {
+                    return Err(Tx::Abort(Error::RunLimit {
+                        run,
+                        detail: format!(
+                            "{} events and {} bytes; the limits are {} events and {} bytes",
+                            events_after, bytes_after, limits.max_run_events, limits.max_run_bytes
+                        ),
+                    }));
+                }
+            }
+            summary.bytes = bytes_after;
             let old_status = summary.status;
             for ((event, hash), record) in events.iter().zip(&records) {
                 t[EVENTS].insert(&event_key(run, event.seq)[..], record.clone())?;

@@ -187,6 +187,9 @@ pub struct RunSummary {
     /// Deadlines of open gates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deadlines: Vec<(GateId, DateTime<Utc>)>,
+    /// Bytes of the run's stored records.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// What an event did to a run's indexes, for the store to mirror into its trees.
@@ -284,6 +287,7 @@ impl RunSummary {
             idempotency_key: run.idempotency_key.clone(),
             stuck: None,
             deadlines: Vec::new(),
+            bytes: 0,
         }
     }
 
