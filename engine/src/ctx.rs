@@ -86,6 +86,9 @@ pub(crate) enum Recorded {
         attempts: u32,
         failures: u32,
         outcome: Option<StepOutcome>,
+        /// An at-most-once step whose outcome is unknown: the attempt the question put to
+        /// a person was about, and the answer once there is one.
+        unknown: Option<(u32, Option<DecisionInfo>)>,
     },
     Gate {
         seq: Seq,
@@ -219,6 +222,7 @@ impl History {
                     attempts: 0,
                     failures: 0,
                     outcome: None,
+                    unknown: None,
                 }) {
                 Recorded::Step {
                     attempts, name: n, ..
@@ -254,6 +258,13 @@ impl History {
                 args,
                 ..
             } => {
+                if let Some(Recorded::Step { unknown, .. }) = self.by_position.get_mut(&gate.position()) {
+                    if action == OUTCOME_UNKNOWN && unknown.is_none() {
+                        let asked = args["attempt"].as_u64().unwrap_or(0) as u32;
+                        *unknown = Some((asked, None));
+                        return Ok(());
+                    }
+                }
                 if self.by_position.contains_key(&gate.position()) {
                     return Err(inconsistent(gate.position()));
                 }
@@ -275,6 +286,18 @@ impl History {
                 comment,
                 ..
             } => match self.by_position.get_mut(&gate.position()) {
+                Some(Recorded::Step {
+                    unknown: Some((_, answer)),
+                    ..
+                }) => {
+                    if answer.is_none() {
+                        *answer = Some(DecisionInfo {
+                            decision: decision.clone(),
+                            by: by.clone(),
+                            comment: comment.clone(),
+                        });
+                    }
+                }
                 Some(Recorded::Gate { decision: d, .. }) => {
                     // The first decision wins; the store's callers never record a second.
                     if d.is_none() {
@@ -495,6 +518,7 @@ pub struct Step<'a, T, F> {
     name: String,
     f: Option<F>,
     retry: RetryPolicy,
+    at_most_once: bool,
     running: Option<BoxFuture<'a, Result<T, Failure>>>,
 }
 
@@ -505,6 +529,15 @@ impl<T, F> Unpin for Step<'_, T, F> {}
 impl<T, F> Step<'_, T, F> {
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
+        self
+    }
+
+    /// The step's effect must never happen twice, and the external system cannot
+    /// deduplicate it. If the process stops while it runs, it is not run again on
+    /// recovery: the run waits for a person to say whether it happened (a question
+    /// with action `outcome-unknown`).
+    pub fn at_most_once(mut self) -> Self {
+        self.at_most_once = true;
         self
     }
 }
@@ -532,6 +565,7 @@ where
                 f,
                 std::mem::take(&mut this.retry),
                 None,
+                this.at_most_once,
             )));
         }
         match this.running.as_mut() {
@@ -722,6 +756,7 @@ where
                 },
                 self.retry,
                 Some(hash),
+                false,
             )
             .await?;
         Ok(Acted::Done {
@@ -731,6 +766,9 @@ where
         })
     }
 }
+
+/// The action of the question an at-most-once step asks after a crash.
+pub const OUTCOME_UNKNOWN: &str = "outcome-unknown";
 
 /// Decisions an approval gate accepts.
 pub const APPROVAL_DECISIONS: [DecisionKind; 3] =
@@ -791,6 +829,7 @@ impl Ctx {
             name: name.to_string(),
             f: Some(f),
             retry: RetryPolicy::default(),
+            at_most_once: false,
             running: None,
         }
     }
@@ -972,6 +1011,7 @@ impl Ctx {
         mut f: F,
         retry: RetryPolicy,
         args_hash: Option<String>,
+        at_most_once: bool,
     ) -> Result<T, Failure>
     where
         F: FnMut() -> Fut,
@@ -982,13 +1022,14 @@ impl Ctx {
             Ok(x) => x,
             Err(Parked) => return self.park().await,
         };
-        let _in_flight = InFlight::enter(&self);
+        let in_flight = InFlight::enter(&self);
         let mut attempt = 0;
         if let Some(Recorded::Step {
             seq,
             attempts,
             failures,
             outcome,
+            unknown,
             ..
         }) = recorded
         {
@@ -1010,7 +1051,92 @@ impl Ctx {
                 Some(StepOutcome::Failed(error)) => return Err(Failure::terminal(error)),
                 None => {
                     attempt = attempts;
-                    if attempts > failures {
+                    if attempts > failures && at_most_once {
+                        // Its effect may have happened and must not happen twice: a
+                        // person says what became of it.
+                        match unknown {
+                            None => {
+                                let key = format!("{}/{}", self.inner.run, position);
+                                self.push(EventKind::ApprovalRequested {
+                                    gate: position.into(),
+                                    kind: GateKind::Question,
+                                    action: OUTCOME_UNKNOWN.into(),
+                                    args: serde_json::json!({"step": name, "attempt": attempts, "idempotency_key": key}),
+                                    context: serde_json::json!({
+                                        "question": format!("The process stopped while step {name:?} (attempt {attempts}) was running, and it must not run twice. Did it happen?"),
+                                        "answers": {"respond {\"ran\": true, \"output\": ...}": "it happened; go on with this output",
+                                                    "respond {\"ran\": false}": "it did not; run it again",
+                                                    "reject": "give up on this step"},
+                                    }),
+                                    reason: format!("outcome of at-most-once step {name:?} is unknown after a crash"),
+                                    allowed: QUESTION_DECISIONS.to_vec(),
+                                    deadline: None,
+                                    rule: None,
+                                    spec: None,
+                                });
+                                // Waiting for a person is not a running step.
+                                drop(in_flight);
+                                return self.block(None).await;
+                            }
+                            Some((_, None)) => {
+                                drop(in_flight);
+                                return self.block(None).await;
+                            }
+                            Some((asked, Some(_))) if asked < attempts => {
+                                // Run again on a person's word, and interrupted again: one
+                                // question per step, and it may not run twice. Give up.
+                                let error = format!(
+                                    "the outcome of attempt {attempts} is unknown too; an at-most-once step is not run again"
+                                );
+                                self.push(EventKind::StepFailed {
+                                    position,
+                                    error: error.clone(),
+                                    retryable: false,
+                                    attempt: attempts,
+                                    will_retry: false,
+                                });
+                                return Err(Failure::terminal(error));
+                            }
+                            Some((_, Some(answer))) => match answer.decision {
+                                Decision::Respond { input } if input["ran"] == Value::Bool(true) => {
+                                    let output = input.get("output").cloned().unwrap_or(Value::Null);
+                                    self.push(EventKind::StepCompleted {
+                                        position,
+                                        output: output.clone(),
+                                    });
+                                    return serde_json::from_value(output).map_err(|e| {
+                                        Failure::terminal(format!(
+                                            "the output given for step {name:?} does not fit: {e}"
+                                        ))
+                                    });
+                                }
+                                Decision::Respond { .. } => {
+                                    self.push(EventKind::StepFailed {
+                                        position,
+                                        error: format!(
+                                            "attempt {attempts} did not happen ({} said)",
+                                            answer.by
+                                        ),
+                                        retryable: true,
+                                        attempt: attempts,
+                                        will_retry: true,
+                                    });
+                                }
+                                other => {
+                                    let error =
+                                        format!("outcome unknown; {} gave up on it: {other}", answer.by);
+                                    self.push(EventKind::StepFailed {
+                                        position,
+                                        error: error.clone(),
+                                        retryable: false,
+                                        attempt: attempts,
+                                        will_retry: false,
+                                    });
+                                    return Err(Failure::terminal(error));
+                                }
+                            },
+                        }
+                    } else if attempts > failures {
                         // The last attempt started but never reported: the process
                         // stopped mid-step. Its effect may or may not have happened.
                         let will_retry = attempts < retry.max_attempts;

@@ -17,7 +17,7 @@ pub mod stats;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use ctx::{
     Act, Acted, Answer, Ctx, Gated, RetryPolicy, Step, StepInfo, StepObserver, APPROVAL_DECISIONS,
-    QUESTION_DECISIONS,
+    OUTCOME_UNKNOWN, QUESTION_DECISIONS,
 };
 pub use engine::{
     replay, Decided, DecisionRequest, Engine, EngineBuilder, EngineConfig, Replay, RunView, Workers,
