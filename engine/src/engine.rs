@@ -717,7 +717,7 @@ impl<S: Store> Engine<S> {
     }
 
     /// Waits (by notification, not polling) until the run is quiet: ended, stuck, or
-    /// paused at a gate or a future timer with no worker on it.
+    /// paused at a gate or a future timer with no worker on it and no deadline due.
     pub async fn settled(&self, run: RunId) -> Result<RunSummary> {
         let store = &self.inner.store;
         let mut changes = store.changes();
@@ -734,9 +734,13 @@ impl<S: Store> Engine<S> {
                 .await
                 .map_err(journal_err)?
                 .ok_or(Error::UnknownRun(run))?;
+            let now = self.inner.clock.now();
+            // A due timer or a due gate deadline is work about to happen, not quiet.
             let quiet = again.status.is_terminal()
                 || again.status == RunStatus::Stuck
-                || (!leased && again.wake_at.is_none_or(|w| w > self.inner.clock.now()));
+                || (!leased
+                    && again.wake_at.is_none_or(|w| w > now)
+                    && again.deadlines.iter().all(|(_, at)| *at > now));
             if quiet && first == again {
                 return Ok(again);
             }
