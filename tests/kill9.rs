@@ -1,30 +1,34 @@
-//! A real process crash. This binary is both sides:
+//! The kill harness: real process crashes. This binary is both sides.
 //!
-//! - the parent (default) spawns itself as a child on a fresh data directory, lets it
-//!   start refund runs and decide their gates, SIGKILLs it at a random moment (after a
-//!   random number of acknowledged decisions), and repeats on the same directory; then
-//!   it reopens the directory itself, finishes every run, and checks the invariants;
-//! - the child (`HOLDPOINT_KILL9_CHILD=<dir>`) serves the workload: workers drive runs,
-//!   a scripted reviewer decides gates and writes each acknowledged decision to its
+//! - The parent (default) runs cycles on one data directory. Each cycle spawns the child,
+//!   lets it work, and kills it with SIGKILL at a random moment — or arms a failpoint
+//!   (feature `failpoints`) so the child aborts inside the engine: between an append and
+//!   its flush, inside a group commit before the fsync, or between a step's effect and
+//!   its record. After every cycle the parent reopens the directory and checks: every
+//!   acknowledged decision is in the journal (as acknowledged), no step position
+//!   completed twice, every executed payment was allowed (no gate, or an approve/edit
+//!   with exactly those args), every journal verifies. At the end it finishes every run.
+//! - The child (`HOLDPOINT_KILL9_CHILD=<dir>`) starts the runs (idempotently), runs
+//!   workers, and is a scripted reviewer that writes each acknowledged decision to its
 //!   own fsynced ledger before telling the parent.
 //!
-//! Checks: every acknowledged decision is in the journal, unchanged; every run
-//! completes; no step position completes twice; every payment in the ledger was made
-//! once per idempotency key, with exactly the args a person approved or edited.
-//!
-//! `HOLDPOINT_KILL9_CYCLES` (default 4), `HOLDPOINT_KILL9_RUNS` (default 40),
-//! `HOLDPOINT_KILL9_SEED` (default: from the clock; printed, and reproduces the choices).
+//! `HOLDPOINT_KILL9_CYCLES` (default 20), `HOLDPOINT_KILL9_RUNS` (default 10,000, a third
+//! of them gated), `HOLDPOINT_KILL9_SEED` (default: from the clock; printed).
 
-use holdpoint::journal::{Decision, EventKind, Position, RunStatus, SledStore, Store};
+use futures::future::join_all;
+use holdpoint::journal::{
+    Decision, EventKind, GateId, Position, RecordedDecision, RunId, RunStatus, SledStore, Store,
+};
 use holdpoint::prelude::*;
-use holdpoint::workflows::refund::{self, Payment, RefundRequest};
-use holdpoint::workflows::Ledger;
+use holdpoint::{EngineConfig, Gated};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -33,8 +37,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// A number in 0..n chosen by the seed and a label: the same inputs, the same choice,
-/// in every process.
+/// A number in 0..n chosen by the seed and a label, the same in every process.
 fn pick(seed: u64, label: &str, n: u64) -> u64 {
     let d = Sha256::new()
         .chain_update(seed.to_be_bytes())
@@ -43,18 +46,104 @@ fn pick(seed: u64, label: &str, n: u64) -> u64 {
     u64::from_be_bytes(d[..8].try_into().unwrap()) % n.max(1)
 }
 
-/// The scripted reviewer's decision for a gate.
-fn decision(seed: u64, run: RunId, gate: GateId, args: &serde_json::Value) -> DecisionRequest {
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Payment {
+    to: String,
+    amount_cents: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Order {
+    i: u64,
+    amount_cents: u64,
+}
+
+fn order(i: u64) -> Order {
+    Order {
+        i,
+        // A third above the threshold: those wait for a person.
+        amount_cents: if i % 3 == 0 { 20_000 + i } else { 1_000 + i },
+    }
+}
+
+/// The outside world: every payment made, appended to a file (a single write each, so a
+/// kill never tears a line; the page cache survives a process kill).
+struct Effects {
+    file: Mutex<std::fs::File>,
+}
+
+impl Effects {
+    fn open(path: &Path) -> Effects {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        Effects {
+            file: Mutex::new(file),
+        }
+    }
+    fn pay(&self, p: &Payment) {
+        let info = StepInfo::current().unwrap();
+        let mut line =
+            serde_json::to_vec(&json!({"key": info.idempotency_key, "attempt": info.attempt, "args": p}))
+                .unwrap();
+        line.push(b'\n');
+        self.file.lock().unwrap().write_all(&line).unwrap();
+    }
+}
+
+async fn pay(ctx: Ctx, o: Order, effects: Arc<Effects>) -> Result<String, Failure> {
+    let i = o.i;
+    ctx.step("plan", || async move { Ok(json!({"plan": i})) }).await?;
+    let proposed = Payment {
+        to: format!("customer-{i}"),
+        amount_cents: o.amount_cents,
+    };
+    let payment = if o.amount_cents > 10_000 {
+        match ctx.gate("send_money", proposed, json!({"order": i})).await? {
+            Gated::Approved { args, .. } | Gated::Edited { args, .. } => args,
+            Gated::Rejected { reason, .. } => return Ok(format!("rejected: {reason}")),
+        }
+    } else {
+        proposed
+    };
+    ctx.step("send_money", || {
+        let (effects, payment) = (effects.clone(), payment.clone());
+        async move {
+            effects.pay(&payment);
+            Ok(payment.amount_cents)
+        }
+    })
+    .await?;
+    Ok("paid".into())
+}
+
+fn engine(dir: &Path) -> Engine<SledStore> {
+    let effects = Arc::new(Effects::open(&dir.join("effects.jsonl")));
+    Engine::builder(
+        SledStore::open(dir.join("data")).expect("reopen after a crash"),
+        Registry::new().workflow("pay", 1, move |ctx, o| pay(ctx, o, effects.clone())),
+    )
+    .config(EngineConfig {
+        concurrency: 256,
+        ..EngineConfig::default()
+    })
+    .build()
+    .unwrap()
+}
+
+/// The scripted reviewer's decision (mostly approvals; some edits and rejections).
+fn decision(seed: u64, run: RunId, gate: GateId, args: &Value) -> DecisionRequest {
     let by = Principal::new(format!(
         "reviewer-{}",
         pick(seed, &format!("{run}/{gate}/who"), 3)
     ));
     let req = match pick(seed, &format!("{run}/{gate}"), 10) {
-        0..=5 => DecisionRequest::approve(gate, by),
-        6..=7 => {
+        0..=6 => DecisionRequest::approve(gate, by),
+        7..=8 => {
             let mut p: Payment = serde_json::from_value(args.clone()).unwrap();
             p.amount_cents /= 3;
-            p.memo = format!("edited: {}", p.memo);
             DecisionRequest::edit(gate, serde_json::to_value(p).unwrap(), by)
         }
         _ => DecisionRequest::reject(gate, "not this much", by),
@@ -62,73 +151,167 @@ fn decision(seed: u64, run: RunId, gate: GateId, args: &serde_json::Value) -> De
     req.idempotency_key(format!("{run}/{gate}"))
 }
 
-fn request(i: u64) -> RefundRequest {
-    RefundRequest {
-        order_id: format!("K-{i}"),
-        // Mostly above the auto-approve threshold, so most runs stop at a gate.
-        amount_cents: if i % 5 == 0 { 4_000 } else { 20_000 + i * 100 },
-        reason: "kill -9 test".into(),
+async fn start_all(e: &Engine<SledStore>, runs: u64) -> Vec<RunId> {
+    let mut ids = Vec::with_capacity(runs as usize);
+    let all: Vec<u64> = (0..runs).collect();
+    for chunk in all.chunks(512) {
+        let orders: Vec<(Order, String)> = chunk.iter().map(|&i| (order(i), format!("kill9-{i}"))).collect();
+        let started = join_all(orders.iter().map(|(o, key)| e.start("pay", o, Some(key))));
+        for r in started.await {
+            ids.push(r.expect("start"));
+        }
     }
-}
-
-fn engine(dir: &Path) -> Engine<SledStore> {
-    let ledger = Arc::new(Ledger::new(dir.join("ledger.jsonl")));
-    let store = SledStore::open(dir.join("data")).expect("open data dir");
-    Engine::new(store, refund::register(Registry::new(), ledger)).unwrap()
+    ids
 }
 
 async fn child(dir: &Path, seed: u64, runs: u64, cycle: u64) {
-    // Marks which process made a decision, so a decision lost in a crash and made again
-    // (the same way) by a later process does not pass for the acknowledged one.
     let witness = format!("cycle {cycle}, pid {}", std::process::id());
     let e = engine(dir);
     let workers = e.spawn_workers();
+    let out = std::io::stdout();
+    start_all(&e, runs).await;
+    writeln!(out.lock(), "started").unwrap();
     let mut acked = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("acked.jsonl"))
         .unwrap();
-    let out = std::io::stdout();
-    let mut run_ids = Vec::new();
-    for i in 0..runs {
-        // Idempotent: a restarted child gets the same runs back.
-        run_ids.push(
-            e.start("refund", &request(i), Some(&format!("kill9-{i}")))
-                .await
-                .unwrap(),
-        );
-    }
-    writeln!(out.lock(), "started").unwrap();
     let mut changes = e.store().changes();
     loop {
         changes.borrow_and_update();
-        for gate in e.pending(None, 1000).await.unwrap() {
+        let pending = e.pending(None, 1000).await.unwrap();
+        for gate in &pending {
             let req = decision(seed, gate.run, gate.gate, &gate.args).comment(witness.clone());
-            if let Ok(Some(decided)) = e.decide(gate.run, req).await.map(|d| d.decision().cloned()) {
-                let line = serde_json::json!({
-                    "run": gate.run, "gate": gate.gate, "decision": decided.decision,
-                    "by": decided.by, "comment": decided.comment,
-                });
-                // Durable before anyone is told.
+            if let Ok(Some(d)) = e.decide(gate.run, req).await.map(|d| d.decision().cloned()) {
+                let line =
+                    json!({"run": gate.run, "gate": gate.gate, "decision": d.decision, "comment": d.comment});
                 writeln!(acked, "{line}").unwrap();
-                acked.sync_data().unwrap();
-                writeln!(out.lock(), "acked {} {}", gate.run, gate.gate).unwrap();
+                acked.sync_data().unwrap(); // durable before anyone is told
+                writeln!(out.lock(), "acked").unwrap();
             }
         }
-        let mut done = true;
-        for &run in &run_ids {
-            let s = e.store().summary(run).await.unwrap().unwrap();
-            done &= s.status.is_terminal();
-        }
-        if done {
-            writeln!(out.lock(), "all-done").unwrap();
-            workers.shutdown().await;
-            return std::future::pending().await;
+        if pending.is_empty() {
+            let store = e.store();
+            let ended: usize = [RunStatus::Completed, RunStatus::Failed, RunStatus::Cancelled]
+                .into_iter()
+                .map(|s| store.count_runs(s).unwrap())
+                .sum();
+            if ended as u64 >= runs {
+                writeln!(out.lock(), "all-done").unwrap();
+                workers.shutdown().await;
+                return std::future::pending().await;
+            }
         }
         if changes.changed().await.is_err() {
-            break;
+            return;
         }
     }
+}
+
+#[derive(Default, Debug)]
+struct Figures {
+    acked: usize,
+    completed: usize,
+    payments: usize,
+    retried_payments: usize,
+}
+
+/// The invariants, checked on the directory as the crash left it.
+async fn check(dir: &Path, runs: u64) -> Result<Figures, String> {
+    let store = SledStore::open(dir.join("data")).map_err(|e| format!("reopen failed: {e}"))?;
+    let mut fig = Figures::default();
+    // Journals: each verifies; no position completes twice; what each gate allowed.
+    let mut allowed: BTreeMap<String, Option<Payment>> = BTreeMap::new(); // key run/pos -> allowed args (None: not allowed)
+    let mut gated_runs = BTreeSet::new();
+    let mut after = None;
+    let mut decisions: BTreeMap<(RunId, GateId), RecordedDecision> = BTreeMap::new();
+    loop {
+        let page = store
+            .list_runs(None, after, 1000)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        for s in &page {
+            let events = store
+                .read(s.id, holdpoint::journal::Seq::ZERO)
+                .await
+                .map_err(|e| e.to_string())?;
+            if s.status == RunStatus::Completed {
+                fig.completed += 1;
+            }
+            let state = holdpoint::fold(&events);
+            let mut completed = BTreeSet::new();
+            for e in &events {
+                if let EventKind::StepCompleted { position, .. } = e.event {
+                    if !completed.insert(position) {
+                        return Err(format!("run {}: position {position} completed twice", s.id));
+                    }
+                }
+            }
+            for (gate, g) in &state.gates {
+                gated_runs.insert(s.id);
+                let args = match g.decision.as_ref().map(|d| &d.decision) {
+                    Some(Decision::Approve) => serde_json::from_value(g.args.clone()).ok(),
+                    Some(Decision::Edit { args }) => serde_json::from_value(args.clone()).ok(),
+                    _ => None,
+                };
+                if let Some(d) = &g.decision {
+                    decisions.insert((s.id, *gate), d.clone());
+                }
+                allowed.insert(format!("{}/{}", s.id, Position(gate.0 + 1)), args);
+            }
+        }
+    }
+    if fig.completed as u64 > runs {
+        return Err("more runs than were started".into());
+    }
+    // Every acknowledged decision is in the journal, exactly as acknowledged.
+    let acked = std::fs::read_to_string(dir.join("acked.jsonl")).unwrap_or_default();
+    for line in acked.lines() {
+        let Ok(a) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        fig.acked += 1;
+        let run: RunId = serde_json::from_value(a["run"].clone()).unwrap();
+        let gate: GateId = serde_json::from_value(a["gate"].clone()).unwrap();
+        let want: Decision = serde_json::from_value(a["decision"].clone()).unwrap();
+        match decisions.get(&(run, gate)) {
+            Some(d) if d.decision == want && d.comment == a["comment"].as_str().map(str::to_string) => {}
+            other => {
+                return Err(format!(
+                    "acknowledged {want} at {run}/{gate} is missing or different: {other:?}"
+                ))
+            }
+        }
+    }
+    // Every payment made was allowed: no gate, or an approve/edit with exactly these args.
+    let effects = std::fs::read_to_string(dir.join("effects.jsonl")).unwrap_or_default();
+    let mut seen = BTreeSet::new();
+    for line in effects.lines() {
+        let Ok(e) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        fig.payments += 1;
+        let key = e["key"].as_str().unwrap().to_string();
+        if !seen.insert(key.clone()) {
+            fig.retried_payments += 1;
+        }
+        let run: RunId = key.split('/').next().unwrap().parse().unwrap();
+        let paid: Payment = serde_json::from_value(e["args"].clone()).unwrap();
+        if gated_runs.contains(&run) {
+            match allowed.get(&key) {
+                Some(Some(args)) if *args == paid => {}
+                other => {
+                    return Err(format!(
+                        "payment {key} {paid:?} ran without an approval of those args: {other:?}"
+                    ))
+                }
+            }
+        }
+    }
+    store.close().map_err(|e| e.to_string())?;
+    Ok(fig)
 }
 
 fn parent() -> Result<(), String> {
@@ -139,201 +322,120 @@ fn parent() -> Result<(), String> {
             .unwrap()
             .as_nanos() as u64,
     );
-    let cycles = env_u64("HOLDPOINT_KILL9_CYCLES", 4);
-    let runs = env_u64("HOLDPOINT_KILL9_RUNS", 40);
+    let cycles = env_u64("HOLDPOINT_KILL9_CYCLES", 20);
+    let runs = env_u64("HOLDPOINT_KILL9_RUNS", 10_000);
     println!("kill9: seed {seed} (HOLDPOINT_KILL9_SEED={seed} reproduces the choices), {cycles} cycles, {runs} runs");
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
-    let mut kills = 0;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let failpoints = [
+        "append-before-flush",
+        "group-commit-before-fsync",
+        "step-after-effect",
+    ];
+    let (mut kills, mut aborts, mut finished_early) = (0, 0, 0);
+    let gated = runs.div_ceil(3);
     for cycle in 0..cycles {
-        let mut child = Command::new(&exe)
-            .env("HOLDPOINT_KILL9_CHILD", dir.path())
+        let mut cmd = Command::new(&exe);
+        cmd.env("HOLDPOINT_KILL9_CHILD", dir.path())
             .env("HOLDPOINT_KILL9_SEED", seed.to_string())
             .env("HOLDPOINT_KILL9_RUNS", runs.to_string())
             .env("HOLDPOINT_KILL9_CYCLE", cycle.to_string())
+            .env_remove("HOLDPOINT_FAILPOINT")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("spawn child: {e}"))?;
-        let kill_after = 1 + pick(seed, &format!("cycle {cycle}"), 8);
-        let mut seen = 0;
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        for line in lines {
-            let line = line.map_err(|e| e.to_string())?;
-            if line.starts_with("acked") {
-                seen += 1;
-            }
-            if seen >= kill_after || line == "all-done" {
+            .stderr(Stdio::null());
+        // Every other cycle (with the feature), a crash point inside the engine instead.
+        let armed = cfg!(feature = "failpoints") && cycle % 2 == 1;
+        let mut how = "SIGKILL".to_string();
+        if armed {
+            let point = failpoints[pick(seed, &format!("fp {cycle}"), 3) as usize];
+            let after = 1 + pick(seed, &format!("fp n {cycle}"), 400);
+            cmd.env("HOLDPOINT_FAILPOINT", format!("{point}:{after}"));
+            how = format!("failpoint {point} after {after} passes");
+        }
+        let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
+        // Kill after a random share of this cycle's expected decisions.
+        let kill_after = 1 + pick(
+            seed,
+            &format!("cycle {cycle}"),
+            (2 * gated / cycles.max(1)).max(2),
+        );
+        let (mut acks, mut done) = (0, false);
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let Ok(line) = line else { break };
+            acks += (line == "acked") as u64;
+            done = line == "all-done";
+            if done || acks >= kill_after {
                 break;
             }
         }
-        child.kill().map_err(|e| format!("SIGKILL: {e}"))?;
+        let _ = child.kill();
         let status = child.wait().map_err(|e| e.to_string())?;
-        kills += 1;
-        println!("kill9: cycle {cycle}: killed after {seen} acknowledged decisions ({status})");
+        match (done, status.code()) {
+            (true, _) => finished_early += 1,
+            (false, None) if how == "SIGKILL" => kills += 1,
+            (false, None) => aborts += 1,
+            (false, Some(code)) => return Err(format!("the child exited by itself with {code} (a panic?)")),
+        }
+        let fig = rt
+            .block_on(check(dir.path(), runs))
+            .map_err(|e| format!("after cycle {cycle} ({how}): {e}"))?;
+        println!(
+            "kill9: cycle {cycle:>3}: {how}, after {acks} decisions in this cycle; {} acknowledged, all present; {} runs completed; {} payments ({} retried with the same key)",
+            fig.acked, fig.completed, fig.payments, fig.retried_payments
+        );
+        if done {
+            break;
+        }
     }
-
-    // Recovery in this process: finish every run.
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Finish every run here, and check once more.
     rt.block_on(async {
         let e = engine(dir.path());
         let workers = e.spawn_workers();
-        let mut run_ids = Vec::new();
-        for i in 0..runs {
-            run_ids.push(
-                e.start("refund", &request(i), Some(&format!("kill9-{i}")))
-                    .await
-                    .unwrap(),
-            );
-        }
-        for &run in &run_ids {
+        let ids = start_all(&e, runs).await;
+        for &run in &ids {
             loop {
                 let s = e.settled(run).await.map_err(|e| e.to_string())?;
                 if s.status.is_terminal() {
-                    if s.status != RunStatus::Completed {
-                        return Err(format!(
-                            "run {run} ended {}: {:?}",
-                            s.status,
-                            e.get(run).await.map(|v| v.state.error)
-                        ));
-                    }
                     break;
                 }
                 if s.status == RunStatus::Stuck {
                     return Err(format!("run {run} is stuck: {:?}", s.stuck));
                 }
-                for gate in e
+                for g in e
                     .pending(None, 1000)
                     .await
                     .unwrap()
                     .into_iter()
                     .filter(|g| g.run == run)
                 {
-                    e.decide(run, decision(seed, run, gate.gate, &gate.args))
+                    e.decide(run, decision(seed, run, g.gate, &g.args))
                         .await
-                        .map_err(|err| err.to_string())?;
+                        .map_err(|e| e.to_string())?;
                 }
             }
         }
         workers.shutdown().await;
-        verify(&e, dir.path(), &run_ids).await
+        e.into_store().ok().unwrap().close().map_err(|e| e.to_string())
     })?;
-    println!("kill9: {kills} kills, {runs} runs, all invariants held");
-    Ok(())
-}
-
-async fn verify(e: &Engine<SledStore>, dir: &Path, runs: &[RunId]) -> Result<(), String> {
-    // 1. Every acknowledged decision is in the journal, as acknowledged.
-    let acked = std::fs::read_to_string(dir.join("acked.jsonl")).unwrap_or_default();
-    let mut n_acked = 0;
-    for line in acked.lines() {
-        let Ok(a) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue; // torn last line: never acknowledged
-        };
-        n_acked += 1;
-        let run: RunId = serde_json::from_value(a["run"].clone()).unwrap();
-        let gate: GateId = serde_json::from_value(a["gate"].clone()).unwrap();
-        let want: Decision = serde_json::from_value(a["decision"].clone()).unwrap();
-        let witness = a["comment"].as_str().map(str::to_string);
-        let view = e.get(run).await.map_err(|e| e.to_string())?;
-        let got = view.state.gates.get(&gate).and_then(|g| g.decision.clone());
-        match got {
-            Some(d) if d.decision == want && d.comment == witness => {}
-            other => {
-                return Err(format!(
-                    "acknowledged decision {want} at {run}/{gate} missing: {other:?}"
-                ))
-            }
-        }
-    }
-    if n_acked == 0 {
-        return Err("no decision was acknowledged before the kills: the test proved nothing".into());
-    }
-    // 2. No position completes twice; 3. each payment matches what a person allowed.
-    let mut expected_payments = BTreeMap::new();
-    for &run in runs {
-        let events = e.events(run).await.map_err(|e| e.to_string())?;
-        let mut completed = BTreeSet::new();
-        let mut allowed: Option<Payment> = None;
-        let mut gates: BTreeMap<GateId, serde_json::Value> = BTreeMap::new();
-        for ev in &events {
-            match &ev.event {
-                EventKind::StepCompleted { position, output } => {
-                    if !completed.insert(*position) {
-                        return Err(format!("run {run}: position {position} completed twice"));
-                    }
-                    if let Some(name) = step_name(&events, *position) {
-                        if name == "send_money" {
-                            let paid: Payment = serde_json::from_value(output.clone()).unwrap();
-                            if !gates.is_empty() && allowed.as_ref() != Some(&paid) {
-                                return Err(format!(
-                                    "run {run}: paid {paid:?} but a person allowed {allowed:?}"
-                                ));
-                            }
-                            expected_payments.insert(format!("{run}/{position}"), paid);
-                        }
-                    }
-                }
-                EventKind::ApprovalRequested { gate, args, .. } => {
-                    gates.insert(*gate, args.clone());
-                    allowed = None;
-                }
-                EventKind::DecisionRecorded { gate, decision, .. } => {
-                    allowed = match decision {
-                        Decision::Approve => serde_json::from_value(gates[gate].clone()).ok(),
-                        Decision::Edit { args } => serde_json::from_value(args.clone()).ok(),
-                        _ => None,
-                    };
-                }
-                _ => {}
-            }
-        }
-    }
-    let ledger = Ledger::new(dir.join("ledger.jsonl"))
-        .entries()
-        .map_err(|e| e.to_string())?;
-    let mut keys = BTreeSet::new();
-    for entry in &ledger {
-        if !keys.insert(entry.idempotency_key.clone()) {
-            return Err(format!("paid twice for {}", entry.idempotency_key));
-        }
-        let Some(p) = expected_payments.get(&entry.idempotency_key) else {
-            return Err(format!("ledger has a payment no run recorded: {entry:?}"));
-        };
-        if (p.amount_cents, &p.to) != (entry.amount_cents, &entry.to) {
-            return Err(format!("ledger {entry:?} differs from the journal's {p:?}"));
-        }
-    }
-    if keys.len() != expected_payments.len() {
-        return Err(format!(
-            "{} payments recorded in journals, {} in the ledger",
-            expected_payments.len(),
-            keys.len()
-        ));
+    let fig = rt.block_on(check(dir.path(), runs))?;
+    if fig.completed as u64 != runs {
+        return Err(format!("{} of {runs} runs completed", fig.completed));
     }
     println!(
-        "kill9: {n_acked} acknowledged decisions all present; {} payments, each once",
-        keys.len()
+        "kill9: {kills} SIGKILLs, {aborts} failpoint aborts, {finished_early} cycles finished before the kill; {runs} runs completed; {} decisions acknowledged and present; {} payments, {} of them retries deduplicated by key; 0 completed twice, 0 unapproved",
+        fig.acked, fig.payments, fig.retried_payments
     );
     Ok(())
-}
-
-fn step_name(events: &[holdpoint::journal::Event], position: Position) -> Option<&str> {
-    events.iter().find_map(|e| match &e.event {
-        EventKind::StepStarted {
-            position: p, name, ..
-        } if *p == position => Some(name.as_str()),
-        _ => None,
-    })
 }
 
 fn main() {
     if let Some(dir) = std::env::var_os("HOLDPOINT_KILL9_CHILD") {
         let seed = env_u64("HOLDPOINT_KILL9_SEED", 0);
-        let runs = env_u64("HOLDPOINT_KILL9_RUNS", 40);
+        let runs = env_u64("HOLDPOINT_KILL9_RUNS", 10_000);
         let cycle = env_u64("HOLDPOINT_KILL9_CYCLE", 0);
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(child(Path::new(&dir), seed, runs, cycle));
+        rt.block_on(child(&PathBuf::from(dir), seed, runs, cycle));
         return;
     }
     match parent() {

@@ -1184,6 +1184,7 @@ impl Ctx {
             if let Some(m) = &self.inner.metrics {
                 m.step_duration.observe(began.elapsed());
             }
+            holdpoint_journal::failpoint::hit("step-after-effect");
             let failure = match result {
                 Ok(Ok(value)) => match self.encode_output(&value) {
                     Ok(output) => {

@@ -7,6 +7,7 @@
 pub mod codec;
 pub mod error;
 pub mod event;
+pub mod failpoint;
 pub mod ids;
 pub mod sled_store;
 pub mod store;

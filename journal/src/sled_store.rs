@@ -803,6 +803,7 @@ impl Store for SledStore {
             }))
         })?;
         if outcome.is_ok() {
+            crate::failpoint::hit("append-before-flush");
             self.inner.flusher.wait().await?;
             self.bump();
         }
@@ -1179,10 +1180,10 @@ impl GroupCommit {
                     }
                     std::mem::take(&mut q.waiters)
                 };
-                let result = db
-                    .flush()
-                    .map_err(|e| format!("flush failed: {e}"))
-                    .and_then(|_| data_file.sync_data().map_err(|e| format!("fsync failed: {e}")));
+                let result = db.flush().map_err(|e| format!("flush failed: {e}")).and_then(|_| {
+                    crate::failpoint::hit("group-commit-before-fsync");
+                    data_file.sync_data().map_err(|e| format!("fsync failed: {e}"))
+                });
                 s.syncs.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "group commit failed; appends in this batch are not acknowledged");

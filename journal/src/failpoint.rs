@@ -1,0 +1,37 @@
+//! Crash points for tests (feature `failpoints`): `HOLDPOINT_FAILPOINT=NAME:N` aborts the
+//! process the N-th time execution passes the point `NAME`. Without the feature every
+//! point compiles to nothing.
+//!
+//! Points: `append-before-flush` (an append's transaction committed, not yet flushed),
+//! `group-commit-before-fsync` (sled flushed, our fsync not yet done),
+//! `step-after-effect` (a step's body returned; its `step-completed` not yet recorded).
+
+#[cfg(feature = "failpoints")]
+mod imp {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    static PLAN: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+
+    pub fn hit(name: &str) {
+        let plan = PLAN.get_or_init(|| {
+            let spec = std::env::var("HOLDPOINT_FAILPOINT").ok()?;
+            let (n, count) = spec.split_once(':')?;
+            Some((n.to_string(), count.parse().ok()?))
+        });
+        if let Some((n, count)) = plan {
+            if n == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 >= *count {
+                eprintln!("failpoint {name}: aborting");
+                std::process::abort();
+            }
+        }
+    }
+}
+
+/// Passes a crash point (see the module docs).
+#[inline]
+pub fn hit(_name: &str) {
+    #[cfg(feature = "failpoints")]
+    imp::hit(_name);
+}
