@@ -248,6 +248,7 @@ pub struct TestEnv {
     policy: Policy,
     engine: Option<Engine<FaultyStore>>,
     executions: Arc<Mutex<Vec<StepInfo>>>,
+    run_ids: Option<crate::RunIds>,
 }
 
 impl TestEnv {
@@ -266,15 +267,35 @@ impl TestEnv {
             policy,
             engine: None,
             executions: Arc::default(),
+            run_ids: None,
         };
         env.open(None);
+        env
+    }
+
+    /// A test env whose run ids come from `seed` (valid UUID v7s, in creation order), so
+    /// the same scenario gives the same journals, ids included: a reproducible simulation.
+    pub fn seeded(registry: Registry, policy: Policy, seed: u64) -> TestEnv {
+        let counter = Arc::new(AtomicU64::new(0));
+        let ids: crate::RunIds = Arc::new(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let mut random = [0u8; 10];
+            random[..8].copy_from_slice(&seed.to_be_bytes());
+            random[8..].copy_from_slice(&(n as u16).to_be_bytes());
+            RunId::from_uuid(
+                uuid::Builder::from_unix_timestamp_millis(1_900_000_000_000 + n, &random).into_uuid(),
+            )
+        });
+        let mut env = Self::with_policy(registry, policy);
+        env.run_ids = Some(ids);
+        env.restart(None);
         env
     }
 
     fn open(&mut self, budget: Option<u64>) {
         let store = SledStore::open(self.dir.path()).expect("the test store opens");
         let executions = self.executions.clone();
-        let engine = Engine::builder(FaultyStore::new(store, budget), self.registry.clone())
+        let mut builder = Engine::builder(FaultyStore::new(store, budget), self.registry.clone())
             .clock(self.clock.clone())
             .policy(self.policy.clone())
             .observe_steps(move |info| {
@@ -282,10 +303,11 @@ impl TestEnv {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(info.clone())
-            })
-            .build()
-            .expect("the registry is valid");
-        self.engine = Some(engine);
+            });
+        if let Some(ids) = &self.run_ids {
+            builder = builder.run_ids(ids.clone());
+        }
+        self.engine = Some(builder.build().expect("the registry is valid"));
     }
 
     /// The engine (a fresh one after each [`TestEnv::restart`]).

@@ -190,7 +190,11 @@ struct Inner<S> {
     metrics: Arc<crate::metrics::Metrics>,
     policy: Arc<Policy>,
     observer: Option<crate::ctx::StepObserver>,
+    run_ids: Option<RunIds>,
 }
+
+/// Makes run ids (deterministic ones, for simulations).
+pub type RunIds = Arc<dyn Fn() -> RunId + Send + Sync>;
 
 /// Builds an [`Engine`].
 pub struct EngineBuilder<S> {
@@ -200,9 +204,16 @@ pub struct EngineBuilder<S> {
     config: EngineConfig,
     policy: Policy,
     observer: Option<crate::ctx::StepObserver>,
+    run_ids: Option<RunIds>,
 }
 
 impl<S: Store> EngineBuilder<S> {
+    /// Where new run ids come from (default: fresh UUID v7s). A deterministic source makes
+    /// a seeded simulation reproducible.
+    pub fn run_ids(mut self, ids: RunIds) -> Self {
+        self.run_ids = Some(ids);
+        self
+    }
     /// Calls `observe` with every step attempt just before its body runs.
     pub fn observe_steps(mut self, observe: impl Fn(&crate::ctx::StepInfo) + Send + Sync + 'static) -> Self {
         self.observer = Some(Arc::new(observe));
@@ -233,6 +244,7 @@ impl<S: Store> EngineBuilder<S> {
                 metrics: Arc::default(),
                 policy: Arc::new(self.policy),
                 observer: self.observer,
+                run_ids: self.run_ids,
             }),
         })
     }
@@ -259,6 +271,7 @@ impl<S: Store> Engine<S> {
             config: EngineConfig::default(),
             policy: Policy::default(),
             observer: None,
+            run_ids: None,
         }
     }
 
@@ -358,7 +371,7 @@ impl<S: Store> Engine<S> {
             .inner
             .store
             .create_run(NewRun {
-                id: RunId::new(),
+                id: self.inner.run_ids.as_ref().map_or_else(RunId::new, |ids| ids()),
                 started_by: by,
                 workflow: workflow.to_string(),
                 version,

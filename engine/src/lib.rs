@@ -20,7 +20,7 @@ pub use ctx::{
     OUTCOME_UNKNOWN, QUESTION_DECISIONS,
 };
 pub use engine::{
-    replay, Decided, DecisionRequest, Engine, EngineBuilder, EngineConfig, Replay, RunView, Workers,
+    replay, Decided, DecisionRequest, Engine, EngineBuilder, EngineConfig, Replay, RunIds, RunView, Workers,
 };
 pub use error::{Error, Failure, Nondeterminism, Result};
 pub use fold::{fold, GateState, RunState, StepState, VerdictState, Vote};
