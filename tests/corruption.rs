@@ -11,6 +11,8 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
+mod common;
+
 const EVENTS: u64 = 10_000;
 
 /// Deterministic sample of (record, bit) from a seed, printed for reproduction.
@@ -81,38 +83,16 @@ fn raw_records(dir: &Path, run: RunId) -> Vec<Vec<u8>> {
         .map(|kv| kv.unwrap().1.to_vec())
         .collect();
     drop(events);
-    drop(db);
-    unlock(dir);
+    common::release_sled(db, dir);
     out
-}
-
-fn unlock(dir: &Path) {
-    let file = std::fs::File::open(dir.join("db")).unwrap();
-    fs2::FileExt::lock_exclusive(&file).unwrap();
-    fs2::FileExt::unlock(&file).unwrap();
 }
 
 fn edit(dir: &Path, f: impl FnOnce(&sled::Tree)) {
     let db = sled::open(dir).unwrap();
     let events = db.open_tree("events").unwrap();
     f(&events);
-    db.flush().unwrap();
     drop(events);
-    drop(db);
-    unlock(dir);
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
+    common::release_sled(db, dir);
 }
 
 async fn read_error(dir: &Path, run: RunId, other: RunId) -> Error {
@@ -177,7 +157,7 @@ async fn sampled_bit_flips_are_all_caught_at_their_seq() {
         let seq = sample(seed ^ 0xe2e, 2 * i, EVENTS);
         let bit = sample(seed ^ 0xe2e, 2 * i + 1, records[seq as usize].len() as u64 * 8);
         let dir = tmp.path().join(format!("flip-{i}"));
-        copy_dir(&pristine, &dir);
+        common::copy_dir(&pristine, &dir);
         edit(&dir, |events| {
             let mut v = events.get(key(run, seq)).unwrap().unwrap().to_vec();
             v[(bit / 8) as usize] ^= 1 << (bit % 8);
@@ -201,7 +181,7 @@ async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
 
     // The last 10 events lost (a torn tail without the summary knowing).
     let dir = tmp.path().join("truncated");
-    copy_dir(&pristine, &dir);
+    common::copy_dir(&pristine, &dir);
     edit(&dir, |events| {
         for seq in EVENTS - 10..EVENTS {
             events.remove(key(run, seq)).unwrap();
@@ -213,7 +193,7 @@ async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
 
     // An event from a newer format, properly checksummed and chained.
     let dir = tmp.path().join("version");
-    copy_dir(&pristine, &dir);
+    common::copy_dir(&pristine, &dir);
     let mut prev = ChainHash::GENESIS;
     for (i, r) in records.iter().enumerate().take(500) {
         prev = codec::decode(run, Seq(i as u64), r, &prev).unwrap().1;
@@ -231,7 +211,7 @@ async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
 
     // A duplicated seq: event 300 stored again where 301 was.
     let dir = tmp.path().join("duplicated");
-    copy_dir(&pristine, &dir);
+    common::copy_dir(&pristine, &dir);
     edit(&dir, |events| {
         events.insert(key(run, 301), records[300].clone()).unwrap();
     });
@@ -239,7 +219,7 @@ async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
 
     // A missing seq.
     let dir = tmp.path().join("missing");
-    copy_dir(&pristine, &dir);
+    common::copy_dir(&pristine, &dir);
     edit(&dir, |events| {
         events.remove(key(run, 9000)).unwrap();
     });
@@ -247,7 +227,7 @@ async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
 
     // An event that is not JSON at all (bytes replaced, checksum fixed).
     let dir = tmp.path().join("garbage");
-    copy_dir(&pristine, &dir);
+    common::copy_dir(&pristine, &dir);
     let mut garbage = records[42][..37].to_vec();
     garbage.extend_from_slice(b"\xff\xfe not json");
     let crc = crc32fast::hash(&garbage[5..]);

@@ -7,6 +7,8 @@ use holdpoint::{replay, Replay};
 use serde_json::json;
 use std::path::Path;
 
+mod common;
+
 async fn two_steps_then_gate(ctx: Ctx, _: ()) -> Result<String, Failure> {
     ctx.step("fetch", || async { Ok(1) }).await?;
     ctx.step("plan", || async { Ok(2) }).await?;
@@ -50,21 +52,6 @@ async fn paused_run(dir: &Path) -> RunId {
     assert_eq!(e.get(run).await.unwrap().summary.status, RunStatus::Waiting);
     e.into_store().ok().unwrap().close().unwrap();
     run
-}
-
-/// Opens the directory with plain sled, to play the attacker or the failing disk.
-fn raw(dir: &Path) -> sled::Db {
-    sled::open(dir).unwrap()
-}
-
-/// Flushes and waits until sled has let go of the directory's lock. Every `Tree` of
-/// `db` must be dropped first, or this waits forever.
-fn close_raw(db: sled::Db, dir: &Path) {
-    db.flush().unwrap();
-    drop(db);
-    let f = std::fs::File::open(dir.join("db")).unwrap();
-    fs2::FileExt::lock_exclusive(&f).unwrap();
-    fs2::FileExt::unlock(&f).unwrap();
 }
 
 #[tokio::test]
@@ -131,7 +118,7 @@ async fn an_approval_is_bound_to_the_args_the_reviewer_saw() {
 
 /// Flips one byte of one stored event, with the store closed, through sled directly.
 fn flip_byte(dir: &Path, run: RunId, seq: u64, offset_from_end: usize) {
-    let db = raw(dir);
+    let db = sled::open(dir).unwrap();
     let events = db.open_tree("events").unwrap();
     let mut key = run.as_bytes().to_vec();
     key.extend_from_slice(&seq.to_be_bytes());
@@ -140,7 +127,7 @@ fn flip_byte(dir: &Path, run: RunId, seq: u64, offset_from_end: usize) {
     value[i] ^= 0x20;
     events.insert(key, value).unwrap();
     drop(events);
-    close_raw(db, dir);
+    common::release_sled(db, dir);
 }
 
 #[tokio::test]
@@ -206,7 +193,7 @@ async fn an_edited_and_rechecksummed_event_breaks_the_chain() {
     let run = paused_run(dir.path()).await;
     {
         // Rewrite step output 1 -> 9 and fix up the CRC, as a careful tamperer would.
-        let db = raw(dir.path());
+        let db = sled::open(dir.path()).unwrap();
         let events = db.open_tree("events").unwrap();
         let mut key = run.as_bytes().to_vec();
         key.extend_from_slice(&2u64.to_be_bytes());
@@ -216,11 +203,11 @@ async fn an_edited_and_rechecksummed_event_breaks_the_chain() {
         let body = body.replace(r#""output":1"#, r#""output":9"#);
         let mut record = value[..37].to_vec();
         record.extend_from_slice(body.as_bytes());
-        let crc = crc32(&record[5..]);
+        let crc = crc32fast::hash(&record[5..]);
         record[1..5].copy_from_slice(&crc.to_be_bytes());
         events.insert(key, record).unwrap();
         drop(events);
-        close_raw(db, dir.path());
+        common::release_sled(db, dir.path());
     }
     let e = engine(dir.path(), Registry::new().workflow("w", 1, two_steps_then_gate));
     match e.events(run).await.unwrap_err() {
@@ -232,34 +219,18 @@ async fn an_edited_and_rechecksummed_event_breaks_the_chain() {
     }
 }
 
-fn crc32(bytes: &[u8]) -> u32 {
-    // Bitwise CRC-32 (IEEE), so the test does not trust the code under test.
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 #[tokio::test]
 async fn a_truncated_journal_is_detected() {
     let dir = tempfile::tempdir().unwrap();
     let run = paused_run(dir.path()).await;
     {
-        let db = raw(dir.path());
+        let db = sled::open(dir.path()).unwrap();
         let events = db.open_tree("events").unwrap();
         let mut key = run.as_bytes().to_vec();
         key.extend_from_slice(&4u64.to_be_bytes());
         assert!(events.remove(key).unwrap().is_some());
         drop(events);
-        close_raw(db, dir.path());
+        common::release_sled(db, dir.path());
     }
     let e = engine(dir.path(), Registry::new().workflow("w", 1, two_steps_then_gate));
     match e.events(run).await.unwrap_err() {

@@ -23,12 +23,13 @@ use holdpoint::prelude::*;
 use holdpoint::{EngineConfig, Gated};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+
+mod common;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -37,14 +38,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// A number in 0..n chosen by the seed and a label, the same in every process.
-fn pick(seed: u64, label: &str, n: u64) -> u64 {
-    let d = Sha256::new()
-        .chain_update(seed.to_be_bytes())
-        .chain_update(label)
-        .finalize();
-    u64::from_be_bytes(d[..8].try_into().unwrap()) % n.max(1)
-}
+use common::pick;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Payment {

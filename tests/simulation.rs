@@ -23,13 +23,9 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-fn pick(seed: u64, label: &str, n: u64) -> u64 {
-    let d = Sha256::new()
-        .chain_update(seed.to_be_bytes())
-        .chain_update(label)
-        .finalize();
-    u64::from_be_bytes(d[..8].try_into().unwrap()) % n.max(1)
-}
+mod common;
+
+use common::pick;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Plan {

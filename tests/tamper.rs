@@ -7,20 +7,9 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const EVENTS: u64 = 10_000;
+mod common;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
+const EVENTS: u64 = 10_000;
 
 /// A store with one run of 10,000 events (and a small second run).
 async fn journal(dir: &Path) -> (RunId, RunId) {
@@ -75,34 +64,15 @@ fn key(run: RunId, seq: u64) -> Vec<u8> {
     k
 }
 
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// Edits the raw trees with plain sled, then lets go of the directory.
 fn tamper(dir: &Path, f: impl FnOnce(&sled::Tree, &sled::Tree)) {
     let db = sled::open(dir).unwrap();
     let events = db.open_tree("events").unwrap();
     let runs = db.open_tree("runs").unwrap();
     f(&events, &runs);
-    db.flush().unwrap();
     drop(events);
     drop(runs);
-    drop(db);
-    let file = std::fs::File::open(dir.join("db")).unwrap();
-    fs2::FileExt::lock_exclusive(&file).unwrap();
-    fs2::FileExt::unlock(&file).unwrap();
+    common::release_sled(db, dir);
 }
 
 /// The first bad seq that reading the run reports (None: reads clean).
@@ -124,7 +94,7 @@ async fn first_bad(dir: &Path, run: RunId, other: RunId) -> Option<u64> {
 
 fn fresh(base: &Path, name: &str) -> PathBuf {
     let dir = base.join(name);
-    copy_dir(&base.join("pristine"), &dir);
+    common::copy_dir(&base.join("pristine"), &dir);
     dir
 }
 
@@ -143,7 +113,7 @@ async fn modified_deleted_inserted_and_reordered_events_are_found() {
             .replace("\"n\":4321", "\"n\":9999");
         v.truncate(37);
         v.extend_from_slice(body.as_bytes());
-        let crc = crc32(&v[5..]);
+        let crc = crc32fast::hash(&v[5..]);
         v[1..5].copy_from_slice(&crc.to_be_bytes());
         events.insert(key(run, 4321), v).unwrap();
     });
@@ -159,7 +129,7 @@ async fn modified_deleted_inserted_and_reordered_events_are_found() {
             .replace(&format!("\"n\":{last}"), "\"n\":0");
         v.truncate(37);
         v.extend_from_slice(body.as_bytes());
-        let crc = crc32(&v[5..]);
+        let crc = crc32fast::hash(&v[5..]);
         v[1..5].copy_from_slice(&crc.to_be_bytes());
         events.insert(key(run, last), v).unwrap();
     });

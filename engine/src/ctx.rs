@@ -199,6 +199,19 @@ impl History {
         Ok(h)
     }
 
+    /// Records what the journal holds at a position that must not be taken yet.
+    fn take(&mut self, position: Position, recorded: Recorded, e: &Event) -> Result<(), String> {
+        if self.by_position.contains_key(&position) {
+            return Err(format!(
+                "seq {} ({}) is at position {position}, which the journal already uses for something else",
+                e.seq,
+                e.event.tag()
+            ));
+        }
+        self.by_position.insert(position, recorded);
+        Ok(())
+    }
+
     fn add(&mut self, e: &Event) -> Result<(), String> {
         let inconsistent = |p: Position| {
             format!(
@@ -265,10 +278,7 @@ impl History {
                         return Ok(());
                     }
                 }
-                if self.by_position.contains_key(&gate.position()) {
-                    return Err(inconsistent(gate.position()));
-                }
-                self.by_position.insert(
+                self.take(
                     gate.position(),
                     Recorded::Gate {
                         seq: e.seq,
@@ -277,7 +287,8 @@ impl History {
                         args: args.clone(),
                         decision: None,
                     },
-                );
+                    e,
+                )?;
             }
             EventKind::DecisionRecorded {
                 gate,
@@ -320,30 +331,26 @@ impl History {
                 source,
                 value,
             } => {
-                if self.by_position.contains_key(position) {
-                    return Err(inconsistent(*position));
-                }
-                self.by_position.insert(
+                self.take(
                     *position,
                     Recorded::Value {
                         seq: e.seq,
                         source: *source,
                         value: value.clone(),
                     },
-                );
+                    e,
+                )?;
             }
             EventKind::TimerStarted { position, fire_at } => {
-                if self.by_position.contains_key(position) {
-                    return Err(inconsistent(*position));
-                }
-                self.by_position.insert(
+                self.take(
                     *position,
                     Recorded::Timer {
                         seq: e.seq,
                         fire_at: *fire_at,
                         fired: false,
                     },
-                );
+                    e,
+                )?;
             }
             EventKind::TimerFired { position } => match self.by_position.get_mut(position) {
                 Some(Recorded::Timer { fired, .. }) => *fired = true,
@@ -358,10 +365,7 @@ impl History {
                 spec,
                 ..
             } => {
-                if self.by_position.contains_key(position) {
-                    return Err(inconsistent(*position));
-                }
-                self.by_position.insert(
+                self.take(
                     *position,
                     Recorded::Policy {
                         seq: e.seq,
@@ -371,7 +375,8 @@ impl History {
                         reason: reason.clone(),
                         spec: spec.clone(),
                     },
-                );
+                    e,
+                )?;
             }
             EventKind::RunCompleted { .. } | EventKind::RunFailed { .. } | EventKind::RunCancelled { .. } => {
                 self.ended = Some(e.event.clone())

@@ -100,3 +100,37 @@ pub async fn call(
     .await
     .unwrap()
 }
+
+/// Copies a directory tree (a store to damage, keeping the original).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Flushes a plain sled `Db` opened on a store's directory and waits until sled has let
+/// go of the directory's lock. Every `Tree` of `db` must be dropped first.
+pub fn release_sled(db: sled::Db, dir: &std::path::Path) {
+    db.flush().unwrap();
+    drop(db);
+    let file = std::fs::File::open(dir.join("db")).unwrap();
+    fs2::FileExt::lock_exclusive(&file).unwrap();
+    fs2::FileExt::unlock(&file).unwrap();
+}
+
+/// A number in 0..n chosen by a seed and a label: the same in every process and run.
+pub fn pick(seed: u64, label: &str, n: u64) -> u64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::new()
+        .chain_update(seed.to_be_bytes())
+        .chain_update(label)
+        .finalize();
+    u64::from_be_bytes(d[..8].try_into().unwrap()) % n.max(1)
+}
