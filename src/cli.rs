@@ -141,6 +141,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the standard workload on a fresh temporary store and print the figures.
+    Bench {
+        /// Runs in the workload.
+        #[arg(long, default_value_t = 10_000)]
+        runs: usize,
+        /// Runs started or decided at once, and activations driven at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a run.
     Cancel {
         run: RunId,
@@ -466,6 +477,24 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
                     s["fast_decisions"],
                     s["would_auto_approve"]
                 );
+            }
+            Ok(())
+        }
+        Command::Bench {
+            runs,
+            concurrency,
+            json,
+        } => {
+            let opts = crate::bench::BenchOptions {
+                runs,
+                concurrency,
+                ..Default::default()
+            };
+            let report = runtime()?.block_on(crate::bench::run(&opts)).map_err(CliError)?;
+            if json {
+                say!("{}", serde_json::to_string(&report).map_err(|e| CliError(e.to_string()))?);
+            } else {
+                say!("{report}");
             }
             Ok(())
         }

@@ -38,6 +38,7 @@
 pub use holdpoint_engine::*;
 pub use holdpoint_workflows as workflows;
 
+pub mod bench;
 pub mod cli;
 pub mod sanitize;
 pub mod server;

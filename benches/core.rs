@@ -1,0 +1,206 @@
+//! Criterion benches of the core, as events per second. `cargo bench -- --quick` runs
+//! them in a few minutes. The raw sled baseline sits beside our append so the ratio
+//! comes from one run.
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use holdpoint::journal::codec::{self, ChainHash};
+use holdpoint::journal::{
+    Append, Event, EventKind, NewRun, Position, RunId, Seq, SledStore, Store, FORMAT_VERSION,
+};
+use holdpoint::{fold, replay, Ctx, Failure, Registry};
+use serde_json::json;
+
+fn event(run: RunId, seq: u64, kind: EventKind) -> Event {
+    Event {
+        run,
+        seq: Seq(seq),
+        at: chrono::Utc::now(),
+        v: FORMAT_VERSION.min(1),
+        event: kind,
+    }
+}
+
+fn output(i: u64) -> serde_json::Value {
+    json!({"order": i, "amount_cents": 25_000, "note": "a typical small step output"})
+}
+
+/// A finished run of `steps` steps, as its journal.
+fn long_journal(steps: u64) -> Vec<Event> {
+    let run = RunId::new();
+    let mut events = vec![event(
+        run,
+        0,
+        EventKind::RunStarted {
+            workflow: "long".into(),
+            version: 1,
+            input: json!(steps),
+            idempotency_key: None,
+            started_by: None,
+        },
+    )];
+    for i in 0..steps {
+        let p = Position(i as u32);
+        events.push(event(
+            run,
+            events.len() as u64,
+            EventKind::StepStarted {
+                position: p,
+                name: "s".into(),
+                attempt: 1,
+                args_hash: None,
+            },
+        ));
+        events.push(event(
+            run,
+            events.len() as u64,
+            EventKind::StepCompleted {
+                position: p,
+                output: output(i),
+            },
+        ));
+    }
+    events.push(event(
+        run,
+        events.len() as u64,
+        EventKind::RunCompleted { output: json!(steps) },
+    ));
+    events
+}
+
+async fn long(ctx: Ctx, steps: u64) -> Result<u64, Failure> {
+    for i in 0..steps {
+        ctx.step("s", || async move { Ok(output(i)) }).await?;
+    }
+    Ok(steps)
+}
+
+fn codec_and_fold(c: &mut Criterion) {
+    let journal = long_journal(10_000);
+    let run = journal[0].run;
+    let (record, _) = codec::encode(&journal[2], &ChainHash::GENESIS, 65_536).unwrap();
+    let mut g = c.benchmark_group("journal");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("decode one event", |b| {
+        b.iter(|| codec::decode(run, Seq(2), &record, &ChainHash::GENESIS).unwrap())
+    });
+    g.throughput(Throughput::Elements(journal.len() as u64));
+    g.bench_function("fold 20,002 events", |b| b.iter(|| fold(&journal)));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let registry = Registry::new().workflow("long", 1, long);
+    g.sample_size(10);
+    g.bench_function("replay a 10,000-step run", |b| {
+        b.iter(|| rt.block_on(replay(&registry, &journal)))
+    });
+    g.finish();
+}
+
+fn append(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path().join("ours")).unwrap();
+    let new_run = |store: &SledStore| {
+        rt.block_on(store.create_run(NewRun {
+            id: RunId::new(),
+            started_by: None,
+            workflow: "w".into(),
+            version: 1,
+            input: json!(null),
+            idempotency_key: None,
+            at: chrono::Utc::now(),
+        }))
+        .unwrap()
+        .run()
+    };
+    let mut g = c.benchmark_group("append (durable)");
+    g.sample_size(10);
+    for batch in [1u64, 100] {
+        g.throughput(Throughput::Elements(batch));
+        g.bench_function(format!("{batch} events"), |b| {
+            b.iter_batched(
+                || new_run(&store),
+                |run| {
+                    let events = (0..batch)
+                        .map(|i| EventKind::StepCompleted {
+                            position: Position(i as u32),
+                            output: output(i),
+                        })
+                        .collect();
+                    rt.block_on(store.append(Append {
+                        run,
+                        expected: Seq(1),
+                        at: chrono::Utc::now(),
+                        events,
+                        lease: None,
+                    }))
+                    .unwrap()
+                    .unwrap();
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.throughput(Throughput::Elements(64 * 10));
+    g.bench_function("64 concurrent appenders x 10 events", |b| {
+        b.iter_batched(
+            || (0..64).map(|_| new_run(&store)).collect::<Vec<_>>(),
+            |runs| {
+                rt.block_on(async {
+                    let tasks: Vec<_> = runs
+                        .into_iter()
+                        .map(|run| {
+                            let store = store.clone();
+                            tokio::spawn(async move {
+                                for i in 0..10u64 {
+                                    let events = vec![EventKind::StepCompleted {
+                                        position: Position(i as u32),
+                                        output: output(i),
+                                    }];
+                                    store
+                                        .append(Append {
+                                            run,
+                                            expected: Seq(1 + i),
+                                            at: chrono::Utc::now(),
+                                            events,
+                                            lease: None,
+                                        })
+                                        .await
+                                        .unwrap()
+                                        .unwrap();
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                })
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    // The baseline: raw sled inserts of the same size, one flush per 100.
+    let raw = sled::open(dir.path().join("raw")).unwrap();
+    let value = serde_json::to_vec(&output(1)).unwrap();
+    let mut n = 0u64;
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("raw sled: 100 inserts + flush", |b| {
+        b.iter(|| {
+            for _ in 0..100 {
+                n += 1;
+                raw.insert(n.to_be_bytes(), value.as_slice()).unwrap();
+            }
+            raw.flush().unwrap();
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, codec_and_fold, append);
+criterion_main!(benches);
