@@ -1090,17 +1090,11 @@ impl Ctx {
                             Some((asked, Some(_))) if asked < attempts => {
                                 // Run again on a person's word, and interrupted again: one
                                 // question per step, and it may not run twice. Give up.
-                                let error = format!(
-                                    "the outcome of attempt {attempts} is unknown too; an at-most-once step is not run again"
-                                );
-                                self.push(EventKind::StepFailed {
+                                return Err(self.give_up(
                                     position,
-                                    error: error.clone(),
-                                    retryable: false,
-                                    attempt: attempts,
-                                    will_retry: false,
-                                });
-                                return Err(Failure::terminal(error));
+                                    attempts,
+                                    format!("the outcome of attempt {attempts} is unknown too; an at-most-once step is not run again"),
+                                ));
                             }
                             Some((_, Some(answer))) => match answer.decision {
                                 Decision::Respond { input } if input["ran"] == Value::Bool(true) => {
@@ -1128,16 +1122,11 @@ impl Ctx {
                                     });
                                 }
                                 other => {
-                                    let error =
-                                        format!("outcome unknown; {} gave up on it: {other}", answer.by);
-                                    self.push(EventKind::StepFailed {
+                                    return Err(self.give_up(
                                         position,
-                                        error: error.clone(),
-                                        retryable: false,
-                                        attempt: attempts,
-                                        will_retry: false,
-                                    });
-                                    return Err(Failure::terminal(error));
+                                        attempts,
+                                        format!("outcome unknown; {} gave up on it: {other}", answer.by),
+                                    ));
                                 }
                             },
                         }
@@ -1227,6 +1216,18 @@ impl Ctx {
             }
             tokio::time::sleep(retry.backoff(attempt)).await;
         }
+    }
+
+    /// Records a step's final failure (no retry) and returns it for the workflow.
+    fn give_up(&self, position: Position, attempt: u32, error: String) -> Failure {
+        self.push(EventKind::StepFailed {
+            position,
+            error: error.clone(),
+            retryable: false,
+            attempt,
+            will_retry: false,
+        });
+        Failure::terminal(error)
     }
 
     fn encode_output<T: Serialize>(&self, value: &T) -> Result<Value, Failure> {
