@@ -6,8 +6,7 @@
 //! end to end through a reopened store).
 
 use holdpoint::journal::codec::{self, ChainHash};
-use holdpoint::journal::{Append, Error, Event, EventKind, NewRun, Position, RunId, Seq, SledStore, Store};
-use serde_json::json;
+use holdpoint::journal::{Error, Event, RunId, Seq, SledStore, Store};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
@@ -22,57 +21,6 @@ fn sample(seed: u64, i: u64, n: u64) -> u64 {
         .chain_update(i.to_be_bytes())
         .finalize();
     u64::from_be_bytes(d[..8].try_into().unwrap()) % n
-}
-
-async fn build(dir: &Path) -> (RunId, RunId) {
-    let store = SledStore::open(dir).unwrap();
-    let mut runs = Vec::new();
-    for _ in 0..2 {
-        let run = store
-            .create_run(NewRun {
-                id: RunId::new(),
-                started_by: None,
-                workflow: "w".into(),
-                version: 1,
-                input: json!({"who": "x"}),
-                idempotency_key: None,
-                at: chrono::Utc::now(),
-            })
-            .await
-            .unwrap()
-            .run();
-        runs.push(run);
-    }
-    let mut next = 1;
-    while next < EVENTS {
-        let n = (EVENTS - next).min(500);
-        let events = (0..n)
-            .map(|i| EventKind::StepCompleted {
-                position: Position((next + i) as u32),
-                output: json!({"n": next + i, "note": "an ordinary step output"}),
-            })
-            .collect();
-        store
-            .append(Append {
-                run: runs[0],
-                expected: Seq(next),
-                at: chrono::Utc::now(),
-                events,
-                lease: None,
-            })
-            .await
-            .unwrap()
-            .unwrap();
-        next += n;
-    }
-    store.close().unwrap();
-    (runs[0], runs[1])
-}
-
-fn key(run: RunId, seq: u64) -> Vec<u8> {
-    let mut k = run.as_bytes().to_vec();
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
 }
 
 fn raw_records(dir: &Path, run: RunId) -> Vec<Vec<u8>> {
@@ -111,7 +59,7 @@ async fn read_error(dir: &Path, run: RunId, other: RunId) -> Error {
 async fn sampled_bit_flips_are_all_caught_at_their_seq() {
     let tmp = tempfile::tempdir().unwrap();
     let pristine = tmp.path().join("pristine");
-    let (run, other) = build(&pristine).await;
+    let (run, other) = common::store_with_long_run(&pristine, EVENTS).await;
     let records = raw_records(&pristine, run);
     assert_eq!(records.len() as u64, EVENTS);
     // Chain hashes of the intact journal, to check each record in place.
@@ -159,9 +107,9 @@ async fn sampled_bit_flips_are_all_caught_at_their_seq() {
         let dir = tmp.path().join(format!("flip-{i}"));
         common::copy_dir(&pristine, &dir);
         edit(&dir, |events| {
-            let mut v = events.get(key(run, seq)).unwrap().unwrap().to_vec();
+            let mut v = events.get(common::event_key(run, seq)).unwrap().unwrap().to_vec();
             v[(bit / 8) as usize] ^= 1 << (bit % 8);
-            events.insert(key(run, seq), v).unwrap();
+            events.insert(common::event_key(run, seq), v).unwrap();
         });
         match read_error(&dir, run, other).await {
             Error::Corrupt { seq: s, .. } => assert_eq!(s, Seq(seq), "flip at seq {seq} bit {bit}"),
@@ -176,7 +124,7 @@ async fn sampled_bit_flips_are_all_caught_at_their_seq() {
 async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let pristine = tmp.path().join("pristine");
-    let (run, other) = build(&pristine).await;
+    let (run, other) = common::store_with_long_run(&pristine, EVENTS).await;
     let records = raw_records(&pristine, run);
 
     // The last 10 events lost (a torn tail without the summary knowing).
@@ -184,7 +132,7 @@ async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
     common::copy_dir(&pristine, &dir);
     edit(&dir, |events| {
         for seq in EVENTS - 10..EVENTS {
-            events.remove(key(run, seq)).unwrap();
+            events.remove(common::event_key(run, seq)).unwrap();
         }
     });
     assert!(
@@ -202,7 +150,7 @@ async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
     newer.v = 99;
     let (bytes, _) = codec::encode(&newer, &prev, 65536).unwrap();
     edit(&dir, |events| {
-        events.insert(key(run, 500), bytes).unwrap();
+        events.insert(common::event_key(run, 500), bytes).unwrap();
     });
     match read_error(&dir, run, other).await {
         Error::UnknownFormat { seq, version, .. } => assert_eq!((seq, version), (Seq(500), 99)),
@@ -213,7 +161,9 @@ async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
     let dir = tmp.path().join("duplicated");
     common::copy_dir(&pristine, &dir);
     edit(&dir, |events| {
-        events.insert(key(run, 301), records[300].clone()).unwrap();
+        events
+            .insert(common::event_key(run, 301), records[300].clone())
+            .unwrap();
     });
     assert!(matches!(read_error(&dir, run, other).await, Error::Corrupt { seq, .. } if seq == Seq(301)));
 
@@ -221,7 +171,7 @@ async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
     let dir = tmp.path().join("missing");
     common::copy_dir(&pristine, &dir);
     edit(&dir, |events| {
-        events.remove(key(run, 9000)).unwrap();
+        events.remove(common::event_key(run, 9000)).unwrap();
     });
     assert!(matches!(read_error(&dir, run, other).await, Error::Corrupt { seq, .. } if seq == Seq(9000)));
 
@@ -233,7 +183,7 @@ async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
     let crc = crc32fast::hash(&garbage[5..]);
     garbage[1..5].copy_from_slice(&crc.to_be_bytes());
     edit(&dir, |events| {
-        events.insert(key(run, 42), garbage).unwrap();
+        events.insert(common::event_key(run, 42), garbage).unwrap();
     });
     assert!(matches!(read_error(&dir, run, other).await, Error::Corrupt { seq, .. } if seq == Seq(42)));
 }

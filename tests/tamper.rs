@@ -2,7 +2,7 @@
 //! deleted, inserted or reordered event is found, naming the first bad seq; a
 //! truncation made consistent (summary rewritten too) is found against saved heads.
 
-use holdpoint::journal::{Append, EventKind, NewRun, Position, RunId, Seq, SledStore, Store};
+use holdpoint::journal::{RunId, Seq, SledStore, Store};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,59 +10,6 @@ use std::process::Command;
 mod common;
 
 const EVENTS: u64 = 10_000;
-
-/// A store with one run of 10,000 events (and a small second run).
-async fn journal(dir: &Path) -> (RunId, RunId) {
-    let store = SledStore::open(dir).unwrap();
-    let mut runs = Vec::new();
-    for _ in 0..2 {
-        runs.push(
-            store
-                .create_run(NewRun {
-                    id: RunId::new(),
-                    started_by: None,
-                    workflow: "w".into(),
-                    version: 1,
-                    input: json!(null),
-                    idempotency_key: None,
-                    at: chrono::Utc::now(),
-                })
-                .await
-                .unwrap()
-                .run(),
-        );
-    }
-    let mut next = 1;
-    while next < EVENTS {
-        let n = (EVENTS - next).min(500);
-        let events = (0..n)
-            .map(|i| EventKind::StepCompleted {
-                position: Position((next + i) as u32),
-                output: json!({"n": next + i}),
-            })
-            .collect();
-        store
-            .append(Append {
-                run: runs[0],
-                expected: Seq(next),
-                at: chrono::Utc::now(),
-                events,
-                lease: None,
-            })
-            .await
-            .unwrap()
-            .unwrap();
-        next += n;
-    }
-    store.close().unwrap();
-    (runs[0], runs[1])
-}
-
-fn key(run: RunId, seq: u64) -> Vec<u8> {
-    let mut k = run.as_bytes().to_vec();
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
 
 /// Edits the raw trees with plain sled, then lets go of the directory.
 fn tamper(dir: &Path, f: impl FnOnce(&sled::Tree, &sled::Tree)) {
@@ -101,13 +48,17 @@ fn fresh(base: &Path, name: &str) -> PathBuf {
 #[tokio::test]
 async fn modified_deleted_inserted_and_reordered_events_are_found() {
     let tmp = tempfile::tempdir().unwrap();
-    let (run, other) = journal(&tmp.path().join("pristine")).await;
+    let (run, other) = common::store_with_long_run(&tmp.path().join("pristine"), EVENTS).await;
     assert_eq!(first_bad(&tmp.path().join("pristine"), run, other).await, None);
 
     // Modified and re-checksummed, in the middle: the next event's link breaks.
     let dir = fresh(tmp.path(), "modified");
     tamper(&dir, |events, _| {
-        let mut v = events.get(key(run, 4321)).unwrap().unwrap().to_vec();
+        let mut v = events
+            .get(common::event_key(run, 4321))
+            .unwrap()
+            .unwrap()
+            .to_vec();
         let body = String::from_utf8(v[37..].to_vec())
             .unwrap()
             .replace("\"n\":4321", "\"n\":9999");
@@ -115,7 +66,7 @@ async fn modified_deleted_inserted_and_reordered_events_are_found() {
         v.extend_from_slice(body.as_bytes());
         let crc = crc32fast::hash(&v[5..]);
         v[1..5].copy_from_slice(&crc.to_be_bytes());
-        events.insert(key(run, 4321), v).unwrap();
+        events.insert(common::event_key(run, 4321), v).unwrap();
     });
     assert_eq!(first_bad(&dir, run, other).await, Some(4322));
 
@@ -123,7 +74,11 @@ async fn modified_deleted_inserted_and_reordered_events_are_found() {
     let dir = fresh(tmp.path(), "modified-last");
     let last = EVENTS - 1;
     tamper(&dir, |events, _| {
-        let mut v = events.get(key(run, last)).unwrap().unwrap().to_vec();
+        let mut v = events
+            .get(common::event_key(run, last))
+            .unwrap()
+            .unwrap()
+            .to_vec();
         let body = String::from_utf8(v[37..].to_vec())
             .unwrap()
             .replace(&format!("\"n\":{last}"), "\"n\":0");
@@ -131,14 +86,14 @@ async fn modified_deleted_inserted_and_reordered_events_are_found() {
         v.extend_from_slice(body.as_bytes());
         let crc = crc32fast::hash(&v[5..]);
         v[1..5].copy_from_slice(&crc.to_be_bytes());
-        events.insert(key(run, last), v).unwrap();
+        events.insert(common::event_key(run, last), v).unwrap();
     });
     assert_eq!(first_bad(&dir, run, other).await, Some(last));
 
     // Deleted.
     let dir = fresh(tmp.path(), "deleted");
     tamper(&dir, |events, _| {
-        events.remove(key(run, 777)).unwrap().unwrap();
+        events.remove(common::event_key(run, 777)).unwrap().unwrap();
     });
     assert_eq!(first_bad(&dir, run, other).await, Some(777));
 
@@ -146,21 +101,21 @@ async fn modified_deleted_inserted_and_reordered_events_are_found() {
     let dir = fresh(tmp.path(), "inserted");
     tamper(&dir, |events, _| {
         for seq in (5000..EVENTS).rev() {
-            let v = events.get(key(run, seq)).unwrap().unwrap();
-            events.insert(key(run, seq + 1), v).unwrap();
+            let v = events.get(common::event_key(run, seq)).unwrap().unwrap();
+            events.insert(common::event_key(run, seq + 1), v).unwrap();
         }
-        let forged = events.get(key(run, 4999)).unwrap().unwrap();
-        events.insert(key(run, 5000), forged).unwrap();
+        let forged = events.get(common::event_key(run, 4999)).unwrap().unwrap();
+        events.insert(common::event_key(run, 5000), forged).unwrap();
     });
     assert_eq!(first_bad(&dir, run, other).await, Some(5000));
 
     // Reordered: two events swapped.
     let dir = fresh(tmp.path(), "reordered");
     tamper(&dir, |events, _| {
-        let a = events.get(key(run, 100)).unwrap().unwrap();
-        let b = events.get(key(run, 101)).unwrap().unwrap();
-        events.insert(key(run, 100), b).unwrap();
-        events.insert(key(run, 101), a).unwrap();
+        let a = events.get(common::event_key(run, 100)).unwrap().unwrap();
+        let b = events.get(common::event_key(run, 101)).unwrap().unwrap();
+        events.insert(common::event_key(run, 100), b).unwrap();
+        events.insert(common::event_key(run, 101), a).unwrap();
     });
     assert_eq!(first_bad(&dir, run, other).await, Some(100));
 }
@@ -169,7 +124,7 @@ async fn modified_deleted_inserted_and_reordered_events_are_found() {
 async fn a_consistent_truncation_is_found_against_saved_heads() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let (run, _) = journal(&data.join("journal")).await;
+    let (run, _) = common::store_with_long_run(&data.join("journal"), EVENTS).await;
     let bin = env!("CARGO_BIN_EXE_holdpoint");
     let out = Command::new(bin)
         .args(["verify", "--head", "--data"])
@@ -193,7 +148,7 @@ async fn a_consistent_truncation_is_found_against_saved_heads() {
     store.close().unwrap();
     tamper(&data.join("journal"), |events, runs| {
         for seq in EVENTS - 100..EVENTS {
-            events.remove(key(run, seq)).unwrap();
+            events.remove(common::event_key(run, seq)).unwrap();
         }
         let mut summary: Value = serde_json::from_slice(&runs.get(run.as_bytes()).unwrap().unwrap()).unwrap();
         summary["next_seq"] = json!(EVENTS - 100);

@@ -134,3 +134,54 @@ pub fn pick(seed: u64, label: &str, n: u64) -> u64 {
         .finalize();
     u64::from_be_bytes(d[..8].try_into().unwrap()) % n.max(1)
 }
+
+/// A closed store with two runs: the first of `events` events (step outputs
+/// `{"n": i, "note": ...}`), the second of one. For tests that damage a long journal.
+pub async fn store_with_long_run(
+    dir: &std::path::Path,
+    events: u64,
+) -> (holdpoint::journal::RunId, holdpoint::journal::RunId) {
+    use holdpoint::journal::{Append, EventKind, NewRun, Position, RunId, Seq, SledStore, Store};
+    let store = SledStore::open(dir).unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let new = NewRun {
+            id: RunId::new(),
+            started_by: None,
+            workflow: "w".into(),
+            version: 1,
+            input: json!(null),
+            idempotency_key: None,
+            at: chrono::Utc::now(),
+        };
+        runs.push(store.create_run(new).await.unwrap().run());
+    }
+    let mut next = 1;
+    while next < events {
+        let n = (events - next).min(500);
+        let batch = (0..n)
+            .map(|i| EventKind::StepCompleted {
+                position: Position((next + i) as u32),
+                output: json!({"n": next + i, "note": "an ordinary step output"}),
+            })
+            .collect();
+        let append = Append {
+            run: runs[0],
+            expected: Seq(next),
+            at: chrono::Utc::now(),
+            events: batch,
+            lease: None,
+        };
+        store.append(append).await.unwrap().unwrap();
+        next += n;
+    }
+    store.close().unwrap();
+    (runs[0], runs[1])
+}
+
+/// The raw key of a run's event in the `events` tree.
+pub fn event_key(run: holdpoint::journal::RunId, seq: u64) -> Vec<u8> {
+    let mut k = run.as_bytes().to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
