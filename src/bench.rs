@@ -6,11 +6,12 @@
 //! all N (through the engine API) and waits until every one has completed. Then, on
 //! separate runs, 100 sequential decisions measure decision→completed latency.
 
-use crate::journal::{RunId, RunStatus, SledStore, Store};
+use crate::journal::{GateId, Principal, RunId, RunStatus, SledStore, Store};
 use crate::{DecisionRequest, Engine, EngineConfig, Failure, Gated, Registry};
 use futures::future::join_all;
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What to run.
@@ -21,6 +22,9 @@ pub struct BenchOptions {
     pub concurrency: usize,
     /// Sequential decisions for the latency figures.
     pub latency_samples: usize,
+    /// Start runs and record decisions through the HTTP API on loopback (real requests
+    /// to an in-process server) instead of the engine API.
+    pub http: bool,
 }
 
 impl Default for BenchOptions {
@@ -29,6 +33,7 @@ impl Default for BenchOptions {
             runs: 10_000,
             concurrency: 256,
             latency_samples: 100,
+            http: false,
         }
     }
 }
@@ -38,6 +43,10 @@ impl Default for BenchOptions {
 pub struct BenchReport {
     pub runs: usize,
     pub concurrency: usize,
+    /// `engine` or `http`.
+    pub api: &'static str,
+    /// Workloads run (each on a fresh directory); every figure is their median.
+    pub repeats: usize,
     pub phase1_runs_per_s: f64,
     pub phase2_runs_per_s: f64,
     pub events: u64,
@@ -48,6 +57,8 @@ pub struct BenchReport {
     pub latency_max_ms: f64,
     pub peak_rss_mib: f64,
     pub bytes_on_disk_per_run: f64,
+    /// sled's `size_on_disk` after the workload (its growth from an empty directory).
+    pub size_on_disk_bytes: u64,
 }
 
 async fn standard(ctx: crate::Ctx, order: u64) -> Result<String, Failure> {
@@ -81,37 +92,157 @@ async fn settle_all(engine: &Engine<SledStore>, runs: &[RunId], want: RunStatus)
     Ok(())
 }
 
+/// Where the workload's starts and decisions go.
+#[derive(Clone)]
+enum Driver {
+    Engine(Engine<SledStore>),
+    /// Real requests to the HTTP API on loopback, each on a blocking thread (the CLI's
+    /// client, with connection reuse).
+    Http(Arc<Http>),
+}
+
+struct Http {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Http {
+    fn get(&self, path: &str) -> Result<Value, String> {
+        let mut resp = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let status = resp.status();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| format!("GET {path}: unreadable response ({status}): {e}"))?;
+        if !status.is_success() {
+            return Err(format!("GET {path}: {status}: {text}"));
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
+        let mut resp = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .send_json(body)
+            .map_err(|e| format!("POST {path}: {e}"))?;
+        let status = resp.status();
+        let body: Value = resp
+            .body_mut()
+            .read_json()
+            .map_err(|e| format!("POST {path}: unreadable response ({status}): {e}"))?;
+        if !status.is_success() {
+            return Err(format!("POST {path}: {status}: {body}"));
+        }
+        Ok(body)
+    }
+}
+
+impl Driver {
+    async fn start(&self, order: u64) -> Result<RunId, String> {
+        match self {
+            Driver::Engine(engine) => engine
+                .start("standard", &order, None)
+                .await
+                .map_err(|e| e.to_string()),
+            Driver::Http(http) => {
+                let http = http.clone();
+                let out = tokio::task::spawn_blocking(move || {
+                    http.post("/v1/runs", &json!({"workflow": "standard", "input": order}))
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+                serde_json::from_value(out["run"].clone()).map_err(|e| format!("run id in {out}: {e}"))
+            }
+        }
+    }
+
+    async fn approve(&self, run: RunId) -> Result<(), String> {
+        let gate = GateId(1);
+        match self {
+            Driver::Engine(engine) => engine
+                .decide(run, DecisionRequest::approve(gate, Principal::new("bench")))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Driver::Http(http) => {
+                let http = http.clone();
+                tokio::task::spawn_blocking(move || {
+                    http.post(
+                        &format!("/v1/runs/{run}/gates/{gate}/decision"),
+                        &json!({"decision": {"kind": "approve"}}),
+                    )
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+                Ok(())
+            }
+        }
+    }
+}
+
 async fn start_many(
-    engine: &Engine<SledStore>,
+    driver: &Driver,
     orders: std::ops::Range<u64>,
     chunk: usize,
 ) -> Result<Vec<RunId>, String> {
     let mut runs = Vec::new();
     let all: Vec<u64> = orders.collect();
     for c in all.chunks(chunk.max(1)) {
-        for r in join_all(c.iter().map(|o| engine.start("standard", o, None))).await {
-            runs.push(r.map_err(|e| e.to_string())?);
+        for r in join_all(c.iter().map(|&o| driver.start(o))).await {
+            runs.push(r?);
         }
     }
     Ok(runs)
 }
 
-async fn approve_many(engine: &Engine<SledStore>, runs: &[RunId], chunk: usize) -> Result<(), String> {
-    let by = crate::journal::Principal::new("bench");
+async fn approve_many(driver: &Driver, runs: &[RunId], chunk: usize) -> Result<(), String> {
     for c in runs.chunks(chunk.max(1)) {
-        let decided = join_all(c.iter().map(|&run| {
-            let by = by.clone();
-            async move {
-                let gate = crate::journal::GateId(1);
-                engine.decide(run, DecisionRequest::approve(gate, by)).await
-            }
-        }))
-        .await;
-        for d in decided {
-            d.map_err(|e| e.to_string())?;
+        for d in join_all(c.iter().map(|&run| driver.approve(run))).await {
+            d?;
         }
     }
     Ok(())
+}
+
+/// Serves the HTTP API on an ephemeral loopback port with one admin token.
+async fn serve_loopback(engine: &Engine<SledStore>, concurrency: usize) -> Result<Http, String> {
+    use crate::server::{self, AppState, Caller, Tokens};
+    let token = crate::cli::generate_token().map_err(|e| e.0)?;
+    let mut tokens = Tokens::default();
+    tokens.add(&token, Caller::new("bench", &[server::roles::ADMIN]))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let state = AppState {
+        engine: engine.clone(),
+        tokens: Arc::new(tokens),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, server::router(state, 1 << 20)).await {
+            tracing::error!("bench server failed: {e}");
+        }
+    });
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_idle_connections(concurrency.max(1))
+        .max_idle_connections_per_host(concurrency.max(1))
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    Ok(Http {
+        base: format!("http://{addr}"),
+        token,
+        agent,
+    })
 }
 
 fn peak_rss_mib() -> f64 {
@@ -138,7 +269,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let store = SledStore::open(dir.path()).map_err(|e| e.to_string())?;
-    let engine = Engine::builder(store, Registry::new().workflow("standard", 1, standard))
+    let engine = Engine::builder(store, registry())
         .config(EngineConfig {
             concurrency: opts.concurrency,
             ..EngineConfig::default()
@@ -146,15 +277,21 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         .build()
         .map_err(|e| e.to_string())?;
     let workers = engine.spawn_workers();
+    let driver = if opts.http {
+        // Blocking threads carry the client's requests; let as many run as are in flight.
+        Driver::Http(Arc::new(serve_loopback(&engine, opts.concurrency).await?))
+    } else {
+        Driver::Engine(engine.clone())
+    };
     let syncs_before = engine.store().sync_count();
 
     let t = Instant::now();
-    let runs = start_many(&engine, 0..opts.runs as u64, opts.concurrency).await?;
+    let runs = start_many(&driver, 0..opts.runs as u64, opts.concurrency).await?;
     settle_all(&engine, &runs, RunStatus::Waiting).await?;
     let phase1 = t.elapsed();
 
     let t = Instant::now();
-    approve_many(&engine, &runs, opts.concurrency).await?;
+    approve_many(&driver, &runs, opts.concurrency).await?;
     settle_all(&engine, &runs, RunStatus::Completed).await?;
     let phase2 = t.elapsed();
     let syncs = engine.store().sync_count() - syncs_before;
@@ -173,7 +310,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     // Latency: one decision at a time on otherwise idle runs.
     let base = opts.runs as u64;
     let samples = start_many(
-        &engine,
+        &driver,
         base..base + opts.latency_samples as u64,
         opts.concurrency,
     )
@@ -182,13 +319,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     let mut latencies = Vec::new();
     for &run in &samples {
         let t = Instant::now();
-        engine
-            .decide(
-                run,
-                DecisionRequest::approve(crate::journal::GateId(1), crate::journal::Principal::new("bench")),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+        driver.approve(run).await?;
         let s = engine.settled(run).await.map_err(|e| e.to_string())?;
         if s.status != RunStatus::Completed {
             return Err(format!("latency run {run} is {}", s.status));
@@ -202,6 +333,8 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     Ok(BenchReport {
         runs: opts.runs,
         concurrency: opts.concurrency,
+        api: if opts.http { "http" } else { "engine" },
+        repeats: 1,
         phase1_runs_per_s: n / phase1.as_secs_f64(),
         phase2_runs_per_s: n / phase2.as_secs_f64(),
         events,
@@ -212,15 +345,172 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         latency_max_ms: latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
         peak_rss_mib: peak_rss_mib(),
         bytes_on_disk_per_run: disk as f64 / n,
+        size_on_disk_bytes: disk,
     })
+}
+
+/// Fills `dir` with `runs` runs of the standard workflow, each left waiting at its gate,
+/// and closes the store. The setup for [`restart`].
+pub async fn fill_waiting(dir: &std::path::Path, runs: usize, concurrency: usize) -> Result<usize, String> {
+    let store = SledStore::open(dir).map_err(|e| e.to_string())?;
+    let engine = Engine::builder(store, registry())
+        .config(EngineConfig {
+            concurrency,
+            ..EngineConfig::default()
+        })
+        .build()
+        .map_err(|e| e.to_string())?;
+    let workers = engine.spawn_workers();
+    let driver = Driver::Engine(engine.clone());
+    let already = engine.store().count_pending().map_err(|e| e.to_string())? as u64;
+    // In slices, so that memory stays flat however many runs are asked for.
+    let slice = 10_000u64;
+    let mut next = already;
+    let end = already + runs as u64;
+    while next < end {
+        let to = (next + slice).min(end);
+        let started = start_many(&driver, next..to, concurrency).await?;
+        settle_all(&engine, &started, RunStatus::Waiting).await?;
+        next = to;
+    }
+    workers.shutdown().await;
+    drop(driver);
+    let store = engine
+        .into_store()
+        .map_err(|_| "engine still referenced".to_string())?;
+    let waiting = store.count_pending().map_err(|e| e.to_string())?;
+    store.close().map_err(|e| e.to_string())?;
+    Ok(waiting)
+}
+
+/// What a restart over many waiting runs costs.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestartReport {
+    /// Open gates in the directory (counted after the measurement, by a scan).
+    pub waiting_runs: usize,
+    /// From opening the store to the first answered HTTP request.
+    pub startup_ms: f64,
+    /// The first page (50 gates) of `GET /v1/pending`: the first request, and the median
+    /// of the next 20.
+    pub pending_first_ms: f64,
+    pub pending_median_ms: f64,
+    /// Peak RSS of this process (it did nothing before opening the store).
+    pub peak_rss_mib: f64,
+}
+
+/// Opens `dir` as `holdpoint serve` does (store, engine, workers, HTTP API on loopback),
+/// and measures start-up, the pending page and memory.
+pub async fn restart(dir: &std::path::Path) -> Result<RestartReport, String> {
+    let began = Instant::now();
+    let store = SledStore::open(dir).map_err(|e| e.to_string())?;
+    let engine = Engine::builder(store, registry())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let workers = engine.spawn_workers();
+    let http = Arc::new(serve_loopback(&engine, 4).await?);
+    let get = |path: &'static str| {
+        let http = http.clone();
+        async move {
+            tokio::task::spawn_blocking(move || http.get(path))
+                .await
+                .map_err(|e| e.to_string())?
+        }
+    };
+    get("/healthz").await?;
+    let startup = began.elapsed();
+    let t = Instant::now();
+    let page = get("/v1/pending?limit=50").await?;
+    let first = t.elapsed();
+    let shown = page.as_array().map_or(0, |a| a.len());
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        get("/v1/pending?limit=50").await?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    let rss = peak_rss_mib();
+    workers.shutdown().await;
+    let waiting = engine.store().count_pending().map_err(|e| e.to_string())?;
+    if shown != waiting.min(50) {
+        return Err(format!(
+            "the pending page showed {shown} gates; {waiting} are open"
+        ));
+    }
+    Ok(RestartReport {
+        waiting_runs: waiting,
+        startup_ms: startup.as_secs_f64() * 1000.0,
+        pending_first_ms: first.as_secs_f64() * 1000.0,
+        pending_median_ms: percentile(&times, 0.5),
+        peak_rss_mib: rss,
+    })
+}
+
+impl std::fmt::Display for RestartReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "restart over {} waiting runs", self.waiting_runs)?;
+        writeln!(
+            f,
+            "  start-up to serving:                {:>10.1} ms",
+            self.startup_ms
+        )?;
+        writeln!(
+            f,
+            "  first pending page (50 gates):      {:>10.2} ms first, {:.2} ms median of 20",
+            self.pending_first_ms, self.pending_median_ms
+        )?;
+        write!(
+            f,
+            "  peak RSS:                           {:>10.1} MiB",
+            self.peak_rss_mib
+        )
+    }
+}
+
+fn registry() -> Registry {
+    Registry::new().workflow("standard", 1, standard)
+}
+
+/// Runs the workload `repeat` times (at least once), each on a fresh directory, and
+/// reports the median of every figure.
+pub async fn run_median(opts: &BenchOptions, repeat: usize) -> Result<BenchReport, String> {
+    let mut reports = Vec::new();
+    for _ in 0..repeat.max(1) {
+        reports.push(run(opts).await?);
+    }
+    let mut out = reports[reports.len() / 2].clone();
+    let median = |f: fn(&BenchReport) -> f64| {
+        let mut v: Vec<f64> = reports.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    out.repeats = reports.len();
+    out.phase1_runs_per_s = median(|r| r.phase1_runs_per_s);
+    out.phase2_runs_per_s = median(|r| r.phase2_runs_per_s);
+    out.events_per_s = median(|r| r.events_per_s);
+    out.fsyncs_per_run = median(|r| r.fsyncs_per_run);
+    out.latency_p50_ms = median(|r| r.latency_p50_ms);
+    out.latency_p99_ms = median(|r| r.latency_p99_ms);
+    out.latency_max_ms = median(|r| r.latency_max_ms);
+    out.peak_rss_mib = median(|r| r.peak_rss_mib);
+    out.bytes_on_disk_per_run = median(|r| r.bytes_on_disk_per_run);
+    out.size_on_disk_bytes = median(|r| r.size_on_disk_bytes as f64) as u64;
+    Ok(out)
 }
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "standard workload: {} runs, concurrency {}, durable acknowledgements",
-            self.runs, self.concurrency
+            "standard workload: {} runs, concurrency {}, {} API, durable acknowledgements{}",
+            self.runs,
+            self.concurrency,
+            self.api,
+            if self.repeats > 1 {
+                format!(" (median of {})", self.repeats)
+            } else {
+                String::new()
+            }
         )?;
         writeln!(
             f,
@@ -254,8 +544,8 @@ impl std::fmt::Display for BenchReport {
         )?;
         write!(
             f,
-            "  disk per run:                       {:>10.0} bytes",
-            self.bytes_on_disk_per_run
+            "  disk per run:                       {:>10.0} bytes ({} bytes in all)",
+            self.bytes_on_disk_per_run, self.size_on_disk_bytes
         )
     }
 }

@@ -149,6 +149,22 @@ pub enum Command {
         /// Runs started or decided at once, and activations driven at once.
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
+        /// Start runs and decide gates through the HTTP API (real requests on loopback to
+        /// an in-process server) instead of the engine API.
+        #[arg(long)]
+        http: bool,
+        /// Run the workload this many times, each on a fresh directory, and report the
+        /// median of each figure.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Instead of the workload: add `--runs` runs to DIR (kept), each left waiting at
+        /// its gate; the setup for `--restart`.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["restart", "http", "repeat"])]
+        fill_waiting: Option<PathBuf>,
+        /// Instead of the workload: open DIR as `serve` would and measure start-up to
+        /// serving, the first page of pending gates, and peak RSS.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["http", "repeat"])]
+        restart: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -279,11 +295,17 @@ pub fn main_with(registry: impl Fn(&Path) -> Registry) -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
+    // The benchmark's own requests are not worth a log line each (nor their cost).
+    let default_level = if matches!(cli.command, Command::Bench { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HOLDPOINT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .try_init();
     match run(cli, &registry) {
@@ -483,14 +505,37 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
         Command::Bench {
             runs,
             concurrency,
+            http,
+            repeat,
+            fill_waiting,
+            restart,
             json,
         } => {
+            if let Some(dir) = fill_waiting {
+                let waiting = runtime()?
+                    .block_on(crate::bench::fill_waiting(&dir, runs, concurrency))
+                    .map_err(CliError)?;
+                say!("{waiting} runs waiting at their gates in {}", dir.display());
+                return Ok(());
+            }
+            if let Some(dir) = restart {
+                let report = runtime()?.block_on(crate::bench::restart(&dir)).map_err(CliError)?;
+                if json {
+                    say!("{}", serde_json::to_string(&report).map_err(|e| CliError(e.to_string()))?);
+                } else {
+                    say!("{report}");
+                }
+                return Ok(());
+            }
             let opts = crate::bench::BenchOptions {
                 runs,
                 concurrency,
+                http,
                 ..Default::default()
             };
-            let report = runtime()?.block_on(crate::bench::run(&opts)).map_err(CliError)?;
+            let report = runtime()?
+                .block_on(crate::bench::run_median(&opts, repeat))
+                .map_err(CliError)?;
             if json {
                 say!("{}", serde_json::to_string(&report).map_err(|e| CliError(e.to_string()))?);
             } else {
@@ -875,7 +920,7 @@ async fn check_heads(store: &SledStore, path: &Path) -> Result<usize> {
 }
 
 /// A random token: 32 bytes from the OS, hex.
-fn generate_token() -> Result<String> {
+pub(crate) fn generate_token() -> Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| CliError(format!("no randomness for a token: {e}")))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())

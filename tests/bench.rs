@@ -7,6 +7,7 @@ async fn the_standard_workload_runs_and_reports() {
         runs: 60,
         concurrency: 16,
         latency_samples: 5,
+        http: false,
     };
     let r = holdpoint::bench::run(&opts)
         .await
@@ -26,4 +27,33 @@ async fn the_standard_workload_runs_and_reports() {
         text.contains("phase 1") && text.contains("decision -> completed"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_variant_decides_through_real_requests() {
+    let opts = holdpoint::bench::BenchOptions {
+        runs: 40,
+        concurrency: 8,
+        latency_samples: 3,
+        http: true,
+    };
+    let r = holdpoint::bench::run_median(&opts, 2)
+        .await
+        .expect("runs started and approved over HTTP all complete");
+    assert_eq!((r.api, r.repeats), ("http", 2));
+    assert_eq!(r.events, 40 * 8);
+    assert!(r.to_string().contains("http API") && r.to_string().contains("median of 2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_runs_survive_a_restart_and_page_from_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let filled = holdpoint::bench::fill_waiting(dir.path(), 120, 32).await.unwrap();
+    assert_eq!(filled, 120);
+    // A second fill adds to the first.
+    let filled = holdpoint::bench::fill_waiting(dir.path(), 30, 32).await.unwrap();
+    assert_eq!(filled, 150);
+    let r = holdpoint::bench::restart(dir.path()).await.unwrap();
+    assert_eq!(r.waiting_runs, 150);
+    assert!(r.startup_ms > 0.0 && r.pending_first_ms > 0.0 && r.peak_rss_mib > 0.0);
 }
