@@ -222,10 +222,7 @@ async fn serve_loopback(engine: &Engine<SledStore>, concurrency: usize) -> Resul
         .await
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let state = AppState {
-        engine: engine.clone(),
-        tokens: Arc::new(tokens),
-    };
+    let state = AppState::new(engine.clone(), tokens);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, server::router(state, 1 << 20)).await {
             tracing::error!("bench server failed: {e}");

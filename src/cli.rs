@@ -13,7 +13,6 @@ use std::fmt;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Default data directory of `serve` and the offline commands.
@@ -706,115 +705,7 @@ pub fn timeline(view: &Value, events: &[Event]) -> String {
         out.push_str(&format!("stuck: {}\n", sanitize(why)));
     }
     for e in events {
-        let line = match &e.event {
-            EventKind::RunStarted {
-                workflow,
-                version,
-                input,
-                ..
-            } => {
-                format!(
-                    "started {} v{version} with {}",
-                    sanitize(workflow),
-                    json_line(input)
-                )
-            }
-            EventKind::StepStarted {
-                position,
-                name,
-                attempt,
-                args_hash,
-            } => {
-                let mut l = format!("step {position} {:?} attempt {attempt} started", sanitize(name));
-                if let Some(h) = args_hash {
-                    l.push_str(&format!(" with args {h}"));
-                }
-                l
-            }
-            EventKind::PolicyEvaluated { verdict, reason, .. } => {
-                format!("policy: {verdict} — {}", sanitize(reason))
-            }
-            EventKind::VoteRecorded { gate, vote, by, .. } => {
-                format!("gate {gate} vote: {vote} by {}", sanitize(by.as_str()))
-            }
-            EventKind::GateEscalated {
-                gate, level, roles, ..
-            } => format!(
-                "gate {gate} escalated to group {level} ({})",
-                sanitize(&roles.join(", "))
-            ),
-            EventKind::StepCompleted { position, output } => {
-                format!("step {position} completed: {}", json_line(output))
-            }
-            EventKind::StepFailed {
-                position,
-                error,
-                attempt,
-                will_retry,
-                ..
-            } => format!(
-                "step {position} attempt {attempt} failed: {} ({})",
-                sanitize(error),
-                if *will_retry { "will retry" } else { "gave up" }
-            ),
-            EventKind::ApprovalRequested {
-                gate,
-                action,
-                args,
-                reason,
-                context,
-                ..
-            } => {
-                let mut l = format!(
-                    "gate {gate} opened: {} {}\n        why: {}",
-                    sanitize(action),
-                    json_line(args),
-                    sanitize(reason)
-                );
-                if !context.is_null() {
-                    l.push_str(&format!("\n        context: {}", json_line(context)));
-                }
-                l
-            }
-            EventKind::DecisionRecorded {
-                gate,
-                decision,
-                by,
-                comment,
-                ..
-            } => {
-                let what = match decision {
-                    Decision::Approve => "APPROVED".to_string(),
-                    Decision::Edit { args } => format!("EDITED to {}", json_line(args)),
-                    Decision::Reject { reason } => format!("REJECTED: {}", sanitize(reason)),
-                    Decision::Respond { input } => format!("ANSWERED {}", json_line(input)),
-                };
-                let mut l = format!("gate {gate} {what} by {}", sanitize(by.as_str()));
-                if let Some(c) = comment {
-                    l.push_str(&format!(" — {}", sanitize(c)));
-                }
-                l
-            }
-            EventKind::ValueRecorded {
-                position,
-                source,
-                value,
-            } => {
-                format!("{source}() at {position} = {}", json_line(value))
-            }
-            EventKind::TimerStarted { position, fire_at } => format!("timer {position} until {fire_at}"),
-            EventKind::TimerFired { position } => format!("timer {position} fired"),
-            EventKind::RunCompleted { output } => format!("completed: {}", json_line(output)),
-            EventKind::RunFailed { error } => format!("failed: {}", sanitize(error)),
-            EventKind::RunCancelled { by, reason } => format!(
-                "cancelled by {}{}",
-                sanitize(by.as_str()),
-                reason
-                    .as_ref()
-                    .map(|r| format!(": {}", sanitize(r)))
-                    .unwrap_or_default()
-            ),
-        };
+        let line = describe_event(&e.event);
         out.push_str(&format!(
             "{:>4}  {}  {line}\n",
             e.seq,
@@ -822,6 +713,120 @@ pub fn timeline(view: &Value, events: &[Event]) -> String {
         ));
     }
     out
+}
+
+/// One event in a line (or a few), sanitized for a terminal: what `show` prints and the
+/// web inbox's timeline shows.
+pub fn describe_event(event: &EventKind) -> String {
+    match event {
+        EventKind::RunStarted {
+            workflow,
+            version,
+            input,
+            ..
+        } => {
+            format!(
+                "started {} v{version} with {}",
+                sanitize(workflow),
+                json_line(input)
+            )
+        }
+        EventKind::StepStarted {
+            position,
+            name,
+            attempt,
+            args_hash,
+        } => {
+            let mut l = format!("step {position} {:?} attempt {attempt} started", sanitize(name));
+            if let Some(h) = args_hash {
+                l.push_str(&format!(" with args {h}"));
+            }
+            l
+        }
+        EventKind::PolicyEvaluated { verdict, reason, .. } => {
+            format!("policy: {verdict} — {}", sanitize(reason))
+        }
+        EventKind::VoteRecorded { gate, vote, by, .. } => {
+            format!("gate {gate} vote: {vote} by {}", sanitize(by.as_str()))
+        }
+        EventKind::GateEscalated {
+            gate, level, roles, ..
+        } => format!(
+            "gate {gate} escalated to group {level} ({})",
+            sanitize(&roles.join(", "))
+        ),
+        EventKind::StepCompleted { position, output } => {
+            format!("step {position} completed: {}", json_line(output))
+        }
+        EventKind::StepFailed {
+            position,
+            error,
+            attempt,
+            will_retry,
+            ..
+        } => format!(
+            "step {position} attempt {attempt} failed: {} ({})",
+            sanitize(error),
+            if *will_retry { "will retry" } else { "gave up" }
+        ),
+        EventKind::ApprovalRequested {
+            gate,
+            action,
+            args,
+            reason,
+            context,
+            ..
+        } => {
+            let mut l = format!(
+                "gate {gate} opened: {} {}\n        why: {}",
+                sanitize(action),
+                json_line(args),
+                sanitize(reason)
+            );
+            if !context.is_null() {
+                l.push_str(&format!("\n        context: {}", json_line(context)));
+            }
+            l
+        }
+        EventKind::DecisionRecorded {
+            gate,
+            decision,
+            by,
+            comment,
+            ..
+        } => {
+            let what = match decision {
+                Decision::Approve => "APPROVED".to_string(),
+                Decision::Edit { args } => format!("EDITED to {}", json_line(args)),
+                Decision::Reject { reason } => format!("REJECTED: {}", sanitize(reason)),
+                Decision::Respond { input } => format!("ANSWERED {}", json_line(input)),
+            };
+            let mut l = format!("gate {gate} {what} by {}", sanitize(by.as_str()));
+            if let Some(c) = comment {
+                l.push_str(&format!(" — {}", sanitize(c)));
+            }
+            l
+        }
+        EventKind::ValueRecorded {
+            position,
+            source,
+            value,
+        } => {
+            format!("{source}() at {position} = {}", json_line(value))
+        }
+        EventKind::TimerStarted { position, fire_at } => format!("timer {position} until {fire_at}"),
+        EventKind::TimerFired { position } => format!("timer {position} fired"),
+        EventKind::RunCompleted { output } => format!("completed: {}", json_line(output)),
+        EventKind::RunFailed { error } => format!("failed: {}", sanitize(error)),
+        EventKind::RunCancelled { by, reason } => format!(
+            "cancelled by {}{}",
+            sanitize(by.as_str()),
+            reason
+                .as_ref()
+                .map(|r| format!(": {}", sanitize(r)))
+                .unwrap_or_default()
+        ),
+    }
 }
 
 /// Opens the data directory for an offline command.
@@ -1029,12 +1034,13 @@ async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
     if demo {
         seed_demo(&engine, &url).await?;
     }
-    let state = AppState {
-        engine: engine.clone(),
-        tokens: Arc::new(tokens),
-    };
+    let state = AppState::new(engine.clone(), tokens);
+    let closing = state.clone();
     let served = axum::serve(listener, server::router(state, args.body_limit))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            closing.close();
+        })
         .await;
     workers.shutdown().await;
     match engine.into_store() {

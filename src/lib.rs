@@ -44,6 +44,7 @@ pub mod sanitize;
 pub mod server;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod web;
 
 /// What a workflow author needs, in one import.
 pub mod prelude {

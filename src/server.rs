@@ -193,6 +193,30 @@ impl Tokens {
 pub struct AppState {
     pub engine: Engine<SledStore>,
     pub tokens: Arc<Tokens>,
+    /// Set when the server is shutting down: long-lived responses (the inbox's event
+    /// stream) end, so a graceful shutdown does not wait on them.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl AppState {
+    pub fn new(engine: Engine<SledStore>, tokens: Tokens) -> AppState {
+        AppState {
+            engine,
+            tokens: Arc::new(tokens),
+            closing: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+
+    /// Ends the long-lived responses; call it when shutdown begins.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`close`](Self::close) was called.
+    pub async fn closed(&self) {
+        let mut rx = self.closing.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
 }
 
 /// An error response.
@@ -212,6 +236,10 @@ impl ApiError {
             message: message.into(),
             extra: None,
         }
+    }
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status
     }
     fn malformed(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::BAD_REQUEST, "malformed", message)
@@ -364,6 +392,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(authed)
+        .merge(crate::web::routes())
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(body_limit))

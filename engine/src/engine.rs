@@ -148,6 +148,32 @@ pub const ADMIN_ROLE: &str = "admin";
 /// Role name that may decide gates that name no roles.
 pub const REVIEWER_ROLE: &str = "reviewer";
 
+/// Whether a principal holding `held` may decide a gate that names `gate_roles` (empty:
+/// any reviewer). Agents never decide; admins always may. `Err` says why not. The
+/// engine checks this on every decision; the inbox uses it to show what is actionable.
+pub fn roles_may_decide(gate_roles: &[String], held: &[String]) -> std::result::Result<(), String> {
+    let holds = |role: &str| held.iter().any(|r| r == role);
+    if holds(AGENT_ROLE) {
+        return Err("an agent never decides its own gates".into());
+    }
+    if holds(ADMIN_ROLE) {
+        return Ok(());
+    }
+    if gate_roles.is_empty() {
+        if holds(REVIEWER_ROLE) {
+            return Ok(());
+        }
+        return Err(format!("the gate needs one of the roles {REVIEWER_ROLE}"));
+    }
+    if gate_roles.iter().any(|r| holds(r)) {
+        return Ok(());
+    }
+    Err(format!(
+        "the gate needs one of the roles {}",
+        gate_roles.join(", ")
+    ))
+}
+
 /// A run as queries see it: the index summary and the state folded from its journal.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunView {
@@ -436,22 +462,9 @@ impl<S: Store> Engine<S> {
                 by: req.by.clone(),
                 reason,
             };
-            let holds = |role: &str| req.roles.iter().flatten().any(|r| r == role);
-            if req.roles.is_some() {
-                if holds(AGENT_ROLE) {
-                    return Err(refuse("an agent never decides its own gates".into()));
-                }
-                let roles = gate.roles();
-                let needed: Vec<String> = if roles.is_empty() {
-                    vec![REVIEWER_ROLE.to_string()]
-                } else {
-                    roles.to_vec()
-                };
-                if !holds(ADMIN_ROLE) && !needed.iter().any(|r| holds(r)) {
-                    return Err(refuse(format!(
-                        "the gate needs one of the roles {}",
-                        needed.join(", ")
-                    )));
+            if let Some(held) = &req.roles {
+                if let Err(why) = roles_may_decide(gate.roles(), held) {
+                    return Err(refuse(why));
                 }
             }
             let approves = matches!(req.decision, Decision::Approve | Decision::Edit { .. });

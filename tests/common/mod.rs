@@ -6,7 +6,6 @@ use holdpoint::journal::SledStore;
 use holdpoint::server::{self, AppState, Tokens};
 use holdpoint::Engine;
 use serde_json::{json, Value};
-use std::sync::Arc;
 
 pub struct Server {
     pub url: String,
@@ -18,15 +17,14 @@ pub struct Server {
 pub async fn serve(engine: Engine<SledStore>, tokens: Tokens) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let state = AppState {
-        engine,
-        tokens: Arc::new(tokens),
-    };
+    let state = AppState::new(engine, tokens);
+    let closing = state.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
         axum::serve(listener, server::router(state, server::DEFAULT_BODY_LIMIT))
-            .with_graceful_shutdown(async {
+            .with_graceful_shutdown(async move {
                 let _ = stopped.await;
+                closing.close();
             })
             .await
             .unwrap();
