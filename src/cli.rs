@@ -232,6 +232,15 @@ pub struct ServeArgs {
     /// for a person.
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// Webhook endpoints (TOML, `[[endpoints]]` with name, url, secret, events; see
+    /// the README). Notifications are queued with the events they come from, so none
+    /// is lost across a restart.
+    #[arg(long)]
+    pub webhooks: Option<PathBuf>,
+    /// The address people reach this server at, for links in notifications (default:
+    /// the listening address, or `public_url` in the webhooks file).
+    #[arg(long)]
+    pub public_url: Option<String>,
 }
 
 /// A failure to report: the message is shown (sanitized) and the exit code is 1.
@@ -998,7 +1007,24 @@ async fn shutdown_signal() {
 
 async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
     std::fs::create_dir_all(&args.data)?;
-    let store = SledStore::open(args.data.join("journal"))?;
+    let hooks = match &args.webhooks {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError(format!("reading {}: {e}", path.display())))?;
+            Some(
+                crate::webhooks::WebhookConfig::from_toml(&text)
+                    .map_err(|e| CliError(format!("{}: {e}", path.display())))?,
+            )
+        }
+        None => None,
+    };
+    let store = SledStore::open_with(
+        args.data.join("journal"),
+        crate::journal::SledOptions {
+            outbox_endpoints: hooks.as_ref().map(|h| h.names()).unwrap_or_default(),
+            ..Default::default()
+        },
+    )?;
     let (tokens, generated) = load_tokens(&args)?;
     let policy = match &args.policy {
         Some(path) => {
@@ -1015,6 +1041,19 @@ async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
     let addr = listener.local_addr()?;
     let workers = engine.spawn_workers();
     let url = format!("http://{addr}");
+    let webhooks = hooks.as_ref().map(|h| {
+        let public = args
+            .public_url
+            .clone()
+            .or_else(|| h.public_url.clone())
+            .unwrap_or_else(|| url.clone());
+        crate::webhooks::Webhooks::spawn(
+            engine.store().clone(),
+            h,
+            public,
+            crate::webhooks::DeliveryOptions::default(),
+        )
+    });
     {
         let mut out = std::io::stdout().lock();
         writeln!(
@@ -1043,6 +1082,9 @@ async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
         })
         .await;
     workers.shutdown().await;
+    if let Some(w) = webhooks {
+        w.shutdown().await;
+    }
     match engine.into_store() {
         Ok(store) => store.close()?,
         Err(_) => tracing::warn!("engine still referenced at shutdown; the store closes on exit"),

@@ -45,6 +45,7 @@ pub mod server;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod web;
+pub mod webhooks;
 
 /// What a workflow author needs, in one import.
 pub mod prelude {

@@ -165,6 +165,12 @@ impl Store for FaultyStore {
     fn max_event_bytes(&self) -> usize {
         self.inner.max_event_bytes()
     }
+    async fn outbox(&self, endpoint: &str, limit: usize) -> journal::Result<Vec<journal::Outgoing>> {
+        self.inner.outbox(endpoint, limit).await
+    }
+    async fn outbox_done(&self, endpoint: &str, key: u64) -> journal::Result<()> {
+        self.inner.outbox_done(endpoint, key).await
+    }
 }
 
 type Rule = Box<dyn Fn(&PendingGate) -> Option<Decision> + Send + Sync>;

@@ -22,5 +22,6 @@ pub use ids::{GateId, LeaseToken, Position, Principal, RunId, Seq, WorkerId};
 pub use sled_store::{SledOptions, SledStore, DEFAULT_MAX_EVENT_BYTES};
 pub use store::{
     Append, AppendConflict, Appended, Created, DueDeadline, GateChange, IndexChange, Lease, NewRun,
-    PendingGate, RecordedDecision, RuleDecision, RunStatus, RunSummary, Store,
+    Notification, NotificationKind, Outgoing, PendingGate, RecordedDecision, RuleDecision, RunStatus,
+    RunSummary, Store,
 };

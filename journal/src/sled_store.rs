@@ -33,8 +33,8 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
 use crate::ids::{GateId, LeaseToken, RunId, Seq, WorkerId};
 use crate::store::{
-    Append, AppendConflict, Appended, Created, DueDeadline, IndexChange, Lease, NewRun, PendingGate,
-    RuleDecision, RunStatus, RunSummary, Store,
+    Append, AppendConflict, Appended, Created, DueDeadline, IndexChange, Lease, NewRun, Outgoing,
+    PendingGate, RuleDecision, RunStatus, RunSummary, Store,
 };
 use chrono::{DateTime, TimeZone, Utc};
 use sha2::{Digest, Sha256};
@@ -65,6 +65,10 @@ pub struct SledOptions {
     pub max_run_events: u64,
     /// Most bytes one run's records may take (default 64 MiB).
     pub max_run_bytes: u64,
+    /// Webhook endpoints (by name) whose notifications are queued in the outbox, in the
+    /// same transaction as the events they come from. Queues of endpoints no longer
+    /// named are dropped on open. Default: none.
+    pub outbox_endpoints: Vec<String>,
 }
 
 impl Default for SledOptions {
@@ -74,6 +78,7 @@ impl Default for SledOptions {
             cache_bytes: 64 * 1024 * 1024,
             max_run_events: 100_000,
             max_run_bytes: 64 * 1024 * 1024,
+            outbox_endpoints: Vec::new(),
         }
     }
 }
@@ -109,6 +114,7 @@ struct Inner {
     flusher: GroupCommit,
     changes: watch::Sender<u64>,
     options: SledOptions,
+    outbox_next: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -122,6 +128,8 @@ struct Trees {
     starts: sled::Tree,
     deadlines: sled::Tree,
     rule_decisions: sled::Tree,
+    /// Notifications to deliver, per endpoint: `endpoint \0 id(8, big-endian)`.
+    outbox: sled::Tree,
 }
 
 // Positions of the trees in the slice every transaction uses.
@@ -134,9 +142,10 @@ const LEASES: usize = 5;
 const STARTS: usize = 6;
 const DEADLINES: usize = 7;
 const RULE_DECISIONS: usize = 8;
+const OUTBOX: usize = 9;
 
 impl Trees {
-    fn all(&self) -> [&sled::Tree; 9] {
+    fn all(&self) -> [&sled::Tree; 10] {
         [
             &self.events,
             &self.runs,
@@ -147,6 +156,7 @@ impl Trees {
             &self.starts,
             &self.deadlines,
             &self.rule_decisions,
+            &self.outbox,
         ]
     }
 }
@@ -180,6 +190,7 @@ impl SledStore {
             starts: db.open_tree("starts")?,
             deadlines: db.open_tree("deadlines")?,
             rule_decisions: db.open_tree("rule_decisions")?,
+            outbox: db.open_tree("outbox")?,
         };
         // sled keeps its log in `<dir>/db`; we fsync it ourselves (see module docs).
         let data_file = File::open(dir.join("db"))?;
@@ -193,9 +204,11 @@ impl SledStore {
                 flusher,
                 changes,
                 options,
+                outbox_next: AtomicU64::new(0),
             }),
         };
         store.recover_leases()?;
+        store.open_outboxes()?;
         Ok(store)
     }
 
@@ -405,6 +418,33 @@ impl SledStore {
         Ok(())
     }
 
+    /// Drops queued notifications of endpoints the options no longer name, and seeds
+    /// the queue ids past every one queued.
+    fn open_outboxes(&self) -> Result<()> {
+        let named = &self.inner.options.outbox_endpoints;
+        let mut dropped = 0usize;
+        let mut next = u64::try_from(Utc::now().timestamp_micros()).unwrap_or(0);
+        for item in self.inner.trees.outbox.iter().keys() {
+            let key = item?;
+            let endpoint = key.split(|b| *b == 0).next().unwrap_or_default();
+            if !named.iter().any(|n| n.as_bytes() == endpoint) {
+                self.inner.trees.outbox.remove(&key)?;
+                dropped += 1;
+            } else if let Some(id) = key.len().checked_sub(8).and_then(|at| key.get(at..)) {
+                let id = u64::from_be_bytes(id.try_into().unwrap_or([0; 8]));
+                next = next.max(id.saturating_add(1));
+            }
+        }
+        self.inner.outbox_next.store(next, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "dropped queued notifications of webhook endpoints no longer configured"
+            );
+        }
+        Ok(())
+    }
+
     fn transact<T>(&self, f: impl Fn(&[TransactionalTree]) -> std::result::Result<T, Tx>) -> Result<T> {
         let all = self.inner.trees.all();
         let trees: &[&sled::Tree] = &all;
@@ -418,6 +458,13 @@ impl SledStore {
             Ok(v) => Ok(v),
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    fn outbox(&self) -> Outbox<'_> {
+        Outbox {
+            endpoints: &self.inner.options.outbox_endpoints,
+            next_id: &self.inner.outbox_next,
         }
     }
 
@@ -568,13 +615,50 @@ fn unschedule(t: &[TransactionalTree], summary: &mut RunSummary) -> std::result:
     Ok(())
 }
 
+fn outbox_key(endpoint: &str, id: u64) -> Vec<u8> {
+    let mut k = endpoint.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Where [`IndexChange::Notify`] goes.
+struct Outbox<'a> {
+    endpoints: &'a [String],
+    /// Next queue id. In memory (sled is one process per directory), seeded on open past
+    /// every queued id and the clock; sled's own `generate_id` must not be called inside
+    /// a transaction (it can wait on the transaction's own locks).
+    next_id: &'a AtomicU64,
+}
+
 fn apply_changes(
     t: &[TransactionalTree],
     summary: &mut RunSummary,
     changes: Vec<IndexChange>,
+    outbox: &Outbox<'_>,
 ) -> std::result::Result<(), Tx> {
     for change in changes {
         match change {
+            IndexChange::Notify(mut n) => {
+                if outbox.endpoints.is_empty() {
+                    continue;
+                }
+                if n.action.is_none() {
+                    // Decided or escalated: the gate's entry is still open here.
+                    if let Some(bytes) = t[PENDING].get(&gate_key(summary.id, n.gate)[..])? {
+                        n.action = serde_json::from_slice::<PendingGate>(&bytes)
+                            .ok()
+                            .map(|g| g.action);
+                    }
+                }
+                let value = json(&n)?;
+                for endpoint in outbox.endpoints {
+                    // Ids only grow, so each queue keeps a run's notifications in the
+                    // order its events were written.
+                    let id = outbox.next_id.fetch_add(1, Ordering::Relaxed);
+                    t[OUTBOX].insert(outbox_key(endpoint, id), value.clone())?;
+                }
+            }
             IndexChange::GateOpened(gate) => {
                 t[PENDING].insert(&gate_key(gate.run, gate.gate)[..], json(&*gate)?)?;
             }
@@ -706,7 +790,7 @@ impl Store for SledStore {
             summary.bytes = record.len() as u64;
             let changes = summary.apply(&event, head);
             t[EVENTS].insert(&event_key(run.id, Seq::ZERO)[..], record.clone())?;
-            apply_changes(t, &mut summary, changes)?;
+            apply_changes(t, &mut summary, changes, &self.outbox())?;
             put_summary(t, &summary, None)?;
             Ok(Created::New(run.id))
         })?;
@@ -794,7 +878,7 @@ impl Store for SledStore {
             for ((event, hash), record) in events.iter().zip(&records) {
                 t[EVENTS].insert(&event_key(run, event.seq)[..], record.clone())?;
                 let changes = summary.apply(event, *hash);
-                apply_changes(t, &mut summary, changes)?;
+                apply_changes(t, &mut summary, changes, &self.outbox())?;
             }
             put_summary(t, &summary, Some(old_status))?;
             Ok(Ok(Appended {
@@ -1132,6 +1216,29 @@ impl Store for SledStore {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.inner.changes.subscribe()
+    }
+
+    async fn outbox(&self, endpoint: &str, limit: usize) -> Result<Vec<Outgoing>> {
+        let mut prefix = endpoint.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.inner.trees.outbox.scan_prefix(&prefix).take(limit) {
+            let (k, v) = item?;
+            let key = k
+                .get(prefix.len()..)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| Error::Storage("malformed key in the outbox".into()))?;
+            let notification = serde_json::from_slice(&v)
+                .map_err(|e| Error::Storage(format!("outbox entry {key} does not decode: {e}")))?;
+            out.push(Outgoing { key, notification });
+        }
+        Ok(out)
+    }
+
+    async fn outbox_done(&self, endpoint: &str, key: u64) -> Result<()> {
+        self.inner.trees.outbox.remove(outbox_key(endpoint, key))?;
+        Ok(())
     }
 
     fn max_event_bytes(&self) -> usize {

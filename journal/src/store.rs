@@ -227,6 +227,82 @@ pub enum IndexChange {
     },
     /// An open gate changed: a vote, a revised request, or a new approver group.
     GateChanged(GateId, GateChange),
+    /// Something to tell the outside world (webhooks). Stores with an outbox queue it
+    /// in the same atomic write as the event, once per endpoint; others ignore it.
+    Notify(Box<Notification>),
+}
+
+/// What a notification is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NotificationKind {
+    #[serde(rename = "gate.opened")]
+    GateOpened,
+    #[serde(rename = "gate.decided")]
+    GateDecided,
+    #[serde(rename = "gate.escalated")]
+    GateEscalated,
+    /// Decided by the system because its deadline passed (the gate's default outcome).
+    #[serde(rename = "gate.timed_out")]
+    GateTimedOut,
+}
+
+impl NotificationKind {
+    pub const ALL: [NotificationKind; 4] = [
+        NotificationKind::GateOpened,
+        NotificationKind::GateDecided,
+        NotificationKind::GateEscalated,
+        NotificationKind::GateTimedOut,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationKind::GateOpened => "gate.opened",
+            NotificationKind::GateDecided => "gate.decided",
+            NotificationKind::GateEscalated => "gate.escalated",
+            NotificationKind::GateTimedOut => "gate.timed_out",
+        }
+    }
+}
+
+impl fmt::Display for NotificationKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A notification about a gate, derived from one journal event (webhooks deliver it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    /// `run:seq` of the event: a notification delivered twice carries the same id.
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: NotificationKind,
+    pub run: RunId,
+    pub gate: GateId,
+    pub seq: Seq,
+    pub at: DateTime<Utc>,
+    pub workflow: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// Why the gate asks (opened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<Principal>,
+    /// The approver group now asked (escalated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+}
+
+/// A queued notification for one endpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outgoing {
+    /// Its place in the endpoint's queue (ack it with this).
+    pub key: u64,
+    pub notification: Notification,
 }
 
 /// How an open gate's inbox entry changes.
@@ -298,6 +374,24 @@ impl RunSummary {
         changes.push(IndexChange::DeadlineSet { gate, at, old });
     }
 
+    fn notification(&self, kind: NotificationKind, gate: GateId, event: &Event) -> Notification {
+        Notification {
+            id: format!("{}:{}", self.id, event.seq),
+            kind,
+            run: self.id,
+            gate,
+            seq: event.seq,
+            at: event.at,
+            workflow: self.workflow.clone(),
+            action: None,
+            reason: None,
+            decision: None,
+            by: None,
+            level: None,
+            deadline: None,
+        }
+    }
+
     fn clear_deadline(&mut self, gate: GateId, changes: &mut Vec<IndexChange>) {
         if let Some((_, at)) = self.deadlines.iter().find(|(g, _)| *g == gate) {
             changes.push(IndexChange::DeadlineCleared { gate, at: *at });
@@ -349,6 +443,11 @@ impl RunSummary {
                     approvals: Vec::new(),
                     request_hash: request_hash(action, args),
                 })));
+                let mut n = self.notification(NotificationKind::GateOpened, *gate, event);
+                n.action = Some(action.clone());
+                n.reason = Some(reason.clone());
+                n.deadline = *deadline;
+                changes.push(IndexChange::Notify(Box::new(n)));
                 if let Some(at) = deadline {
                     self.set_deadline(*gate, *at, &mut changes);
                 }
@@ -356,6 +455,15 @@ impl RunSummary {
             EventKind::DecisionRecorded {
                 gate, decision, by, ..
             } => {
+                let kind = if *by == Principal::system() {
+                    NotificationKind::GateTimedOut
+                } else {
+                    NotificationKind::GateDecided
+                };
+                let mut n = self.notification(kind, *gate, event);
+                n.decision = Some(decision.kind());
+                n.by = Some(by.clone());
+                changes.push(IndexChange::Notify(Box::new(n)));
                 changes.push(IndexChange::Decided {
                     gate: *gate,
                     kind: decision.kind(),
@@ -397,6 +505,10 @@ impl RunSummary {
                             deadline: *deadline,
                         },
                     ));
+                    let mut n = self.notification(NotificationKind::GateEscalated, *gate, event);
+                    n.level = Some(*level);
+                    n.deadline = *deadline;
+                    changes.push(IndexChange::Notify(Box::new(n)));
                 }
             }
             EventKind::TimerStarted { position, .. } => {
@@ -626,4 +738,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Largest encoded event the store accepts.
     fn max_event_bytes(&self) -> usize;
+
+    /// The oldest notifications queued for `endpoint`, in the order their events were
+    /// written (at most `limit`). Stores without an outbox queue none.
+    fn outbox(&self, endpoint: &str, limit: usize) -> impl Future<Output = Result<Vec<Outgoing>>> + Send {
+        let _ = (endpoint, limit);
+        async { Ok(Vec::new()) }
+    }
+
+    /// Removes a delivered notification from `endpoint`'s queue. Not made durable on
+    /// its own: after a crash a delivered notification may be delivered again (its id
+    /// lets the receiver tell), never lost.
+    fn outbox_done(&self, endpoint: &str, key: u64) -> impl Future<Output = Result<()>> + Send {
+        let _ = (endpoint, key);
+        async { Ok(()) }
+    }
 }
