@@ -59,6 +59,8 @@ pub struct BenchReport {
     pub bytes_on_disk_per_run: f64,
     /// sled's `size_on_disk` after the workload (its growth from an empty directory).
     pub size_on_disk_bytes: u64,
+    /// Every sequential decision's latency, sorted (for plots).
+    pub latency_samples_ms: Vec<f64>,
 }
 
 async fn standard(ctx: crate::Ctx, order: u64) -> Result<String, Failure> {
@@ -343,6 +345,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         peak_rss_mib: peak_rss_mib(),
         bytes_on_disk_per_run: disk as f64 / n,
         size_on_disk_bytes: disk,
+        latency_samples_ms: latencies.iter().map(|d| d.as_secs_f64() * 1000.0).collect(),
     })
 }
 

@@ -19,6 +19,10 @@ struct Server {
 
 impl Server {
     fn start(data: &Path) -> Server {
+        Self::start_with(data, &[])
+    }
+
+    fn start_with(data: &Path, extra: &[&std::ffi::OsStr]) -> Server {
         let tokens = data.parent().unwrap().join("tokens.toml");
         std::fs::write(
             &tokens,
@@ -52,6 +56,7 @@ role = "operator"
             .arg(data)
             .arg("--tokens")
             .arg(&tokens)
+            .args(extra)
             .env("HOLDPOINT_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -585,4 +590,96 @@ fn http_error_codes() {
     assert!(text.contains("holdpoint_pending_gates 0"), "{text}");
     // The server still serves after all that.
     assert_eq!(call("GET", "/healthz", None, None).0, 200);
+}
+
+/// A loopback webhook receiver on a fixed port, in its own runtime; deliveries arrive
+/// on the channel as (headers, body).
+fn hook_receiver(listener: std::net::TcpListener) -> std::sync::mpsc::Receiver<(String, String, Vec<u8>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let app = axum::Router::new().route(
+                "/hook",
+                axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let tx = tx.clone();
+                    async move {
+                        let h = |name: &str| headers[name].to_str().unwrap().to_string();
+                        let _ = tx.send((h("holdpoint-signature"), h("holdpoint-delivery"), body.to_vec()));
+                        "ok"
+                    }
+                }),
+            );
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    rx
+}
+
+#[test]
+fn a_webhook_queued_while_the_receiver_is_down_survives_a_sigkill_and_arrives_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // A port with nothing listening yet: deliveries fail until the receiver starts.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let secret = "webhook-secret-0123456789";
+    let hooks = dir.path().join("webhooks.toml");
+    std::fs::write(
+        &hooks,
+        format!(
+            "public_url = \"https://review.example.com\"\n[[endpoints]]\nname = \"ops\"\nurl = \"http://127.0.0.1:{port}/hook\"\nsecret = \"{secret}\"\n"
+        ),
+    )
+    .unwrap();
+    let args = [std::ffi::OsStr::new("--webhooks"), hooks.as_os_str()];
+    let s = Server::start_with(&data, &args);
+    let run = s.start_run(
+        "refund",
+        json!({"order_id": "W-1", "amount_cents": 30000, "reason": "x"}),
+    );
+    // The run is waiting and its notification queued; the receiver is down. Kill -9.
+    s.kill9();
+
+    let receiver = hook_receiver(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+    let s = Server::start_with(&data, &args);
+    let (signature, delivery, body) = receiver
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the queued notification is delivered after the restart");
+    let now = chrono::Utc::now().timestamp();
+    holdpoint::webhooks::verify_signature(
+        secret,
+        &signature,
+        &body,
+        now,
+        std::time::Duration::from_secs(300),
+    )
+    .unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["type"], "gate.opened");
+    assert_eq!(v["run"], run.as_str());
+    assert_eq!(delivery, v["id"].as_str().unwrap());
+    assert!(
+        v["link"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("https://review.example.com/runs/{run}/gates/")),
+        "{v}"
+    );
+    // The decision is told too.
+    s.ok(&["approve", &run]);
+    let (_, _, body) = receiver.recv_timeout(std::time::Duration::from_secs(60)).unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["by"].as_str()),
+        (Some("gate.decided"), Some("ana"))
+    );
 }
