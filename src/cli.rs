@@ -45,6 +45,14 @@ pub struct Cli {
 pub enum Command {
     /// Own the data directory: run workers and the HTTP API until SIGINT/SIGTERM.
     Serve(ServeArgs),
+    /// Run workers only, no HTTP API, against a shared PostgreSQL store (`--pg`); start
+    /// as many as you like, on as many machines.
+    Worker(WorkerArgs),
+    /// Create or upgrade the PostgreSQL schema (`serve --pg` and `worker` do it too).
+    Migrate {
+        #[command(flatten)]
+        pg: PgArgs,
+    },
     /// `serve` with the example agents and a few runs started, so approvals are waiting.
     Demo(ServeArgs),
     /// Start a run of a workflow.
@@ -241,6 +249,44 @@ pub struct ServeArgs {
     /// the listening address, or `public_url` in the webhooks file).
     #[arg(long)]
     pub public_url: Option<String>,
+    #[command(flatten)]
+    pub pg: PgArgs,
+    /// Serve the API and inbox only; `holdpoint worker` processes drive the runs (with
+    /// `--pg`).
+    #[arg(long)]
+    pub no_workers: bool,
+}
+
+/// Where a shared PostgreSQL store is (instead of the embedded sled store).
+#[derive(Args, Clone, Debug)]
+pub struct PgArgs {
+    /// Use the PostgreSQL store at this URL (`postgres://user@host:5432/db`) instead of
+    /// the embedded store under `--data`; migrates its schema first.
+    #[arg(long, env = "HOLDPOINT_PG")]
+    pub pg: Option<String>,
+    /// The schema holding Holdpoint's tables in that database.
+    #[arg(long, default_value = "holdpoint")]
+    pub pg_schema: String,
+}
+
+/// `holdpoint worker`.
+#[derive(Args, Clone, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub pg: PgArgs,
+    /// Directory of the example agents' tools (their effects).
+    #[arg(long, default_value = DEFAULT_DATA)]
+    pub data: PathBuf,
+    /// Activations driven at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Seconds a lease lasts unrenewed: how soon the runs of a worker that died are
+    /// taken over by the others.
+    #[arg(long, default_value_t = 30)]
+    pub lease_secs: u64,
+    /// Guardrails for `ctx.act` (TOML), as for `serve`.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
 }
 
 /// A failure to report: the message is shown (sanitized) and the exit code is 1.
@@ -331,6 +377,16 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
     let client = || Client::new(&cli.server, cli.token.clone());
     match cli.command {
         Command::Serve(args) => runtime()?.block_on(serve(args.clone(), registry(&args.data), false)),
+        Command::Worker(args) => runtime()?.block_on(worker(args.clone(), registry(&args.data))),
+        Command::Migrate { pg } => {
+            let url = pg
+                .pg
+                .as_deref()
+                .ok_or_else(|| CliError("migrate needs --pg URL (or HOLDPOINT_PG)".into()))?;
+            let version = runtime()?.block_on(holdpoint_pg::PgStore::migrate(url, &pg.pg_schema))?;
+            say!("schema {} is at version {version}", pg.pg_schema);
+            Ok(())
+        }
         Command::Demo(args) => runtime()?.block_on(serve(args.clone(), registry(&args.data), true)),
         Command::Start {
             workflow,
@@ -1005,6 +1061,54 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: no new work is claimed; running activations finish");
 }
 
+fn load_policy(path: Option<&Path>) -> Result<crate::Policy> {
+    Ok(match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError(format!("reading {}: {e}", path.display())))?;
+            crate::Policy::from_toml(&text).map_err(|e| CliError(format!("{}: {e}", path.display())))?
+        }
+        None => crate::Policy::default(),
+    })
+}
+
+async fn connect_pg(pg: &PgArgs, outbox: Vec<String>) -> Result<Option<holdpoint_pg::PgStore>> {
+    let Some(url) = &pg.pg else { return Ok(None) };
+    let store = holdpoint_pg::PgStore::connect(
+        url,
+        holdpoint_pg::PgOptions {
+            schema: pg.pg_schema.clone(),
+            outbox_endpoints: outbox,
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(Some(store))
+}
+
+async fn worker(args: WorkerArgs, registry: Registry) -> Result<()> {
+    let store = connect_pg(&args.pg, Vec::new()).await?.ok_or_else(|| {
+        CliError("worker needs --pg URL (or HOLDPOINT_PG): the embedded store is one process".into())
+    })?;
+    let engine = Engine::builder(store, registry)
+        .policy(load_policy(args.policy.as_deref())?)
+        .config(crate::EngineConfig {
+            concurrency: args.concurrency,
+            lease_ttl: Duration::from_secs(args.lease_secs.max(1)),
+            ..Default::default()
+        })
+        .build()?;
+    let workers = engine.spawn_workers();
+    say!(
+        "holdpoint worker running against schema {} (Ctrl-C stops it)",
+        args.pg.pg_schema
+    );
+    shutdown_signal().await;
+    workers.shutdown().await;
+    say!("stopped");
+    Ok(())
+}
+
 async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
     std::fs::create_dir_all(&args.data)?;
     let hooks = match &args.webhooks {
@@ -1018,28 +1122,41 @@ async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
         }
         None => None,
     };
+    let outbox = hooks.as_ref().map(|h| h.names()).unwrap_or_default();
+    if let Some(store) = connect_pg(&args.pg, outbox.clone()).await? {
+        return serve_on(store, args, registry, demo, hooks, |_| Ok(())).await;
+    }
     let store = SledStore::open_with(
         args.data.join("journal"),
         crate::journal::SledOptions {
-            outbox_endpoints: hooks.as_ref().map(|h| h.names()).unwrap_or_default(),
+            outbox_endpoints: outbox,
             ..Default::default()
         },
     )?;
+    serve_on(store, args, registry, demo, hooks, |store: SledStore| {
+        Ok(store.close()?)
+    })
+    .await
+}
+
+/// Serves the API, the inbox, workers and webhooks on `store` until SIGINT/SIGTERM;
+/// `close` finishes with the store once nothing else holds it.
+async fn serve_on<St: Store + Clone>(
+    store: St,
+    args: ServeArgs,
+    registry: Registry,
+    demo: bool,
+    hooks: Option<crate::webhooks::WebhookConfig>,
+    close: impl FnOnce(St) -> Result<()>,
+) -> Result<()> {
     let (tokens, generated) = load_tokens(&args)?;
-    let policy = match &args.policy {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| CliError(format!("reading {}: {e}", path.display())))?;
-            crate::Policy::from_toml(&text).map_err(|e| CliError(format!("{}: {e}", path.display())))?
-        }
-        None => crate::Policy::default(),
-    };
+    let policy = load_policy(args.policy.as_deref())?;
     let engine = Engine::builder(store, registry).policy(policy).build()?;
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .map_err(|e| CliError(format!("cannot listen on {}: {e}", args.addr)))?;
     let addr = listener.local_addr()?;
-    let workers = engine.spawn_workers();
+    let workers = (!args.no_workers).then(|| engine.spawn_workers());
     let url = format!("http://{addr}");
     let webhooks = hooks.as_ref().map(|h| {
         let public = args
@@ -1081,12 +1198,14 @@ async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
             closing.close();
         })
         .await;
-    workers.shutdown().await;
+    if let Some(workers) = workers {
+        workers.shutdown().await;
+    }
     if let Some(w) = webhooks {
         w.shutdown().await;
     }
     match engine.into_store() {
-        Ok(store) => store.close()?,
+        Ok(store) => close(store)?,
         Err(_) => tracing::warn!("engine still referenced at shutdown; the store closes on exit"),
     }
     served.map_err(|e| CliError(format!("server failed: {e}")))?;
@@ -1094,7 +1213,7 @@ async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
     Ok(())
 }
 
-async fn seed_demo(engine: &Engine<SledStore>, url: &str) -> Result<()> {
+async fn seed_demo<St: Store>(engine: &Engine<St>, url: &str) -> Result<()> {
     let runs = [
         (
             "refund",
@@ -1128,7 +1247,7 @@ async fn seed_demo(engine: &Engine<SledStore>, url: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "\ndemo: started {} runs; the safe ones finished, the risky ones wait for you.\n\nIn another terminal (with HOLDPOINT_TOKEN set as above):\n  holdpoint pending                       # what is waiting, and why\n  holdpoint approve RUN                   # run the action as proposed\n  holdpoint edit RUN --args '{{...}}'       # run it with changed arguments\n  holdpoint reject RUN --reason '...'     # the agent sees the reason\n  holdpoint respond RUN --input '[...]'   # answer the cleanup agent's question\n  holdpoint show RUN                      # the run's timeline\n\nStop this server (Ctrl-C, or even kill -9) and start it again: waiting runs resume.\nAPI: {url}/v1/pending",
+        "\ndemo: started {} runs; the safe ones finished, the risky ones wait for you.\n\nIn a browser: {url}/ (sign in with the token above).\nIn another terminal (with HOLDPOINT_TOKEN set as above):\n  holdpoint pending                       # what is waiting, and why\n  holdpoint approve RUN                   # run the action as proposed\n  holdpoint edit RUN --args '{{...}}'       # run it with changed arguments\n  holdpoint reject RUN --reason '...'     # the agent sees the reason\n  holdpoint respond RUN --input '[...]'   # answer the cleanup agent's question\n  holdpoint show RUN                      # the run's timeline\n\nStop this server (Ctrl-C, or even kill -9) and start it again: waiting runs resume.\nAPI: {url}/v1/pending",
         started.len()
     )?;
     out.flush()?;

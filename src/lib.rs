@@ -36,6 +36,7 @@
 //! ```
 
 pub use holdpoint_engine::*;
+pub use holdpoint_pg as pg;
 pub use holdpoint_workflows as workflows;
 
 pub mod bench;

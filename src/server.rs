@@ -15,7 +15,7 @@
 //!
 //! Who decided is the authenticated principal, never a name from the request body.
 
-use crate::journal::{Decision, GateId, Principal, RunId, RunStatus, SledStore};
+use crate::journal::{Decision, GateId, Principal, RunId, RunStatus, SledStore, Store};
 use crate::{Decided, DecisionRequest, Engine, Error};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
@@ -189,17 +189,26 @@ impl Tokens {
 }
 
 /// Shared state of the API.
-#[derive(Clone)]
-pub struct AppState {
-    pub engine: Engine<SledStore>,
+pub struct AppState<St: Store = SledStore> {
+    pub engine: Engine<St>,
     pub tokens: Arc<Tokens>,
     /// Set when the server is shutting down: long-lived responses (the inbox's event
     /// stream) end, so a graceful shutdown does not wait on them.
     closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-impl AppState {
-    pub fn new(engine: Engine<SledStore>, tokens: Tokens) -> AppState {
+impl<St: Store> Clone for AppState<St> {
+    fn clone(&self) -> Self {
+        AppState {
+            engine: self.engine.clone(),
+            tokens: self.tokens.clone(),
+            closing: self.closing.clone(),
+        }
+    }
+}
+
+impl<St: Store> AppState<St> {
+    pub fn new(engine: Engine<St>, tokens: Tokens) -> Self {
         AppState {
             engine,
             tokens: Arc::new(tokens),
@@ -355,44 +364,55 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
-type Routes = Vec<(
+type Routes<St> = Vec<(
     &'static str,
     &'static [&'static str],
-    axum::routing::MethodRouter<AppState>,
+    axum::routing::MethodRouter<AppState<St>>,
 )>;
 
 /// Every authenticated route: path, methods, handlers. The router is built from this
 /// table, and `routes()` exposes it, so a test can try every route (for example without
 /// a token) and a new route cannot be left out of that test.
-fn authed_routes() -> Routes {
+fn authed_routes<St: Store>() -> Routes<St> {
     vec![
-        ("/v1/runs", &["GET", "POST"], post(create_run).get(list_runs)),
-        ("/v1/runs/{run}", &["GET"], get(get_run)),
-        ("/v1/runs/{run}/events", &["GET"], get(run_events)),
-        ("/v1/runs/{run}/wait", &["GET"], get(wait_run)),
-        ("/v1/runs/{run}/cancel", &["POST"], post(cancel_run)),
-        ("/v1/runs/{run}/gates/{gate}/decision", &["POST"], post(decide)),
-        ("/v1/pending", &["GET"], get(pending)),
-        ("/v1/stats", &["GET"], get(stats)),
-        ("/metrics", &["GET"], get(metrics)),
+        (
+            "/v1/runs",
+            &["GET", "POST"],
+            post(create_run::<St>).get(list_runs::<St>),
+        ),
+        ("/v1/runs/{run}", &["GET"], get(get_run::<St>)),
+        ("/v1/runs/{run}/events", &["GET"], get(run_events::<St>)),
+        ("/v1/runs/{run}/wait", &["GET"], get(wait_run::<St>)),
+        ("/v1/runs/{run}/cancel", &["POST"], post(cancel_run::<St>)),
+        (
+            "/v1/runs/{run}/gates/{gate}/decision",
+            &["POST"],
+            post(decide::<St>),
+        ),
+        ("/v1/pending", &["GET"], get(pending::<St>)),
+        ("/v1/stats", &["GET"], get(stats::<St>)),
+        ("/metrics", &["GET"], get(metrics::<St>)),
     ]
 }
 
 /// The authenticated routes: (path, methods). Every one needs a bearer token; only
 /// `GET /healthz` does not.
 pub fn routes() -> Vec<(&'static str, &'static [&'static str])> {
-    authed_routes().into_iter().map(|(p, m, _)| (p, m)).collect()
+    authed_routes::<SledStore>()
+        .into_iter()
+        .map(|(p, m, _)| (p, m))
+        .collect()
 }
 
 /// Builds the router. Every route but `/healthz` needs a bearer token.
-pub fn router(state: AppState, body_limit: usize) -> Router {
-    let authed = authed_routes()
+pub fn router<St: Store>(state: AppState<St>, body_limit: usize) -> Router {
+    let authed = authed_routes::<St>()
         .into_iter()
         .fold(Router::new(), |r, (path, _, handlers)| r.route(path, handlers))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::<St>));
     Router::new()
         .merge(authed)
-        .merge(crate::web::routes())
+        .merge(crate::web::routes::<St>())
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(body_limit))
@@ -418,7 +438,7 @@ async fn log_request(req: Request, next: Next) -> Response {
     resp
 }
 
-async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+async fn auth<St: Store>(State(state): State<AppState<St>>, mut req: Request, next: Next) -> Response {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return ApiError::unauthorized("missing bearer token (Authorization: Bearer TOKEN)").into_response();
     };
@@ -449,8 +469,8 @@ struct StartBody {
     idempotency_key: Option<String>,
 }
 
-async fn create_run(
-    State(s): State<AppState>,
+async fn create_run<St: Store>(
+    State(s): State<AppState<St>>,
     Extension(caller): Extension<Caller>,
     ApiJson(body): ApiJson<StartBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -480,8 +500,8 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list_runs(
-    State(s): State<AppState>,
+async fn list_runs<St: Store>(
+    State(s): State<AppState<St>>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let status = match q.status.as_deref() {
@@ -495,13 +515,16 @@ async fn list_runs(
     Ok(Json(json!(runs)))
 }
 
-async fn get_run(State(s): State<AppState>, ApiPath(run): ApiPath<RunId>) -> Result<Json<Value>, ApiError> {
+async fn get_run<St: Store>(
+    State(s): State<AppState<St>>,
+    ApiPath(run): ApiPath<RunId>,
+) -> Result<Json<Value>, ApiError> {
     let view = s.engine.get(run).await?;
     Ok(Json(json!({"summary": view.summary, "state": view.state})))
 }
 
-async fn run_events(
-    State(s): State<AppState>,
+async fn run_events<St: Store>(
+    State(s): State<AppState<St>>,
     ApiPath(run): ApiPath<RunId>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!(s.engine.events(run).await?)))
@@ -515,8 +538,8 @@ struct WaitQuery {
 
 /// Long-poll: answers once the run is quiet (ended, stuck, or paused with no worker on
 /// it), or after `timeout_ms` (default 30 s, at most 300 s) with its state then.
-async fn wait_run(
-    State(s): State<AppState>,
+async fn wait_run<St: Store>(
+    State(s): State<AppState<St>>,
     ApiPath(run): ApiPath<RunId>,
     ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -537,8 +560,8 @@ struct PendingQuery {
     limit: Option<usize>,
 }
 
-async fn pending(
-    State(s): State<AppState>,
+async fn pending<St: Store>(
+    State(s): State<AppState<St>>,
     ApiQuery(q): ApiQuery<PendingQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let after = match (q.after_run, q.after_gate) {
@@ -563,8 +586,8 @@ struct DecisionBody {
     request_hash: Option<String>,
 }
 
-async fn decide(
-    State(s): State<AppState>,
+async fn decide<St: Store>(
+    State(s): State<AppState<St>>,
     Extension(caller): Extension<Caller>,
     ApiPath((run, gate)): ApiPath<(RunId, GateId)>,
     ApiJson(body): ApiJson<DecisionBody>,
@@ -600,8 +623,8 @@ struct CancelBody {
     reason: Option<String>,
 }
 
-async fn cancel_run(
-    State(s): State<AppState>,
+async fn cancel_run<St: Store>(
+    State(s): State<AppState<St>>,
     Extension(caller): Extension<Caller>,
     ApiPath(run): ApiPath<RunId>,
     ApiJson(body): ApiJson<CancelBody>,
@@ -617,18 +640,18 @@ async fn cancel_run(
 }
 
 /// Review workload per action class (see `holdpoint stats`).
-async fn stats(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn stats<St: Store>(State(s): State<AppState<St>>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!(s.engine.stats().await?)))
 }
 
-async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
+async fn metrics<St: Store>(State(s): State<AppState<St>>) -> Result<Response, ApiError> {
     let store = s.engine.store();
     let mut out = String::from("# HELP holdpoint_runs Runs by status.\n# TYPE holdpoint_runs gauge\n");
     for status in RunStatus::ALL {
-        let n = store.count_runs(status).map_err(Error::from)?;
+        let n = store.runs_with_status(status).await.map_err(Error::from)?;
         out.push_str(&format!("holdpoint_runs{{status=\"{status}\"}} {n}\n"));
     }
-    let pending = store.count_pending().map_err(Error::from)?;
+    let pending = store.open_gates().await.map_err(Error::from)?;
     out.push_str(&format!(
         "# HELP holdpoint_pending_gates Gates awaiting a decision.\n# TYPE holdpoint_pending_gates gauge\nholdpoint_pending_gates {pending}\n"
     ));

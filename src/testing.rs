@@ -165,6 +165,12 @@ impl Store for FaultyStore {
     fn max_event_bytes(&self) -> usize {
         self.inner.max_event_bytes()
     }
+    async fn runs_with_status(&self, status: journal::RunStatus) -> journal::Result<usize> {
+        self.inner.runs_with_status(status).await
+    }
+    async fn open_gates(&self) -> journal::Result<usize> {
+        self.inner.open_gates().await
+    }
     async fn outbox(&self, endpoint: &str, limit: usize) -> journal::Result<Vec<journal::Outgoing>> {
         self.inner.outbox(endpoint, limit).await
     }

@@ -49,15 +49,18 @@ const APP_JS: &str = include_str!("web/app.js");
 const APP_CSS: &str = include_str!("web/app.css");
 
 /// The inbox's routes (they share the API's state).
-pub fn routes() -> Router<AppState> {
+pub fn routes<St: Store>() -> Router<AppState<St>> {
     Router::new()
-        .route("/", get(inbox))
-        .route("/inbox/list", get(inbox_list))
-        .route("/inbox/events", get(inbox_events))
-        .route("/signin", get(signin_page).post(signin))
-        .route("/signout", post(signout))
-        .route("/runs/{run}", get(run_page))
-        .route("/runs/{run}/gates/{gate}", get(gate_page).post(decide))
+        .route("/", get(inbox::<St>))
+        .route("/inbox/list", get(inbox_list::<St>))
+        .route("/inbox/events", get(inbox_events::<St>))
+        .route("/signin", get(signin_page).post(signin::<St>))
+        .route("/signout", post(signout::<St>))
+        .route("/runs/{run}", get(run_page::<St>))
+        .route(
+            "/runs/{run}/gates/{gate}",
+            get(gate_page::<St>).post(decide::<St>),
+        )
         .route(
             "/assets/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
@@ -126,7 +129,7 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         .map(|c| c.value().to_string())
 }
 
-fn session(state: &AppState, headers: &HeaderMap) -> Option<Session> {
+fn session<St: Store>(state: &AppState<St>, headers: &HeaderMap) -> Option<Session> {
     let token = cookie_token(headers)?;
     let caller = state.tokens.lookup(&token)?;
     Some(Session {
@@ -311,7 +314,11 @@ struct SigninForm {
     next: Option<String>,
 }
 
-async fn signin(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<SigninForm>) -> Response {
+async fn signin<St: Store>(
+    State(state): State<AppState<St>>,
+    headers: HeaderMap,
+    Form(form): Form<SigninForm>,
+) -> Response {
     if !same_origin(&headers) {
         return error_page(StatusCode::FORBIDDEN, None, "cross-site sign-in refused");
     }
@@ -341,7 +348,11 @@ struct CsrfForm {
     csrf: String,
 }
 
-async fn signout(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<CsrfForm>) -> Response {
+async fn signout<St: Store>(
+    State(state): State<AppState<St>>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
     let Some(s) = session(&state, &headers) else {
         return to_signin("/");
     };
@@ -391,7 +402,10 @@ impl InboxQuery {
     }
 }
 
-async fn open_gates(state: &AppState, q: &InboxQuery) -> Result<(Vec<PendingGate>, Vec<String>), Error> {
+async fn open_gates<St: Store>(
+    state: &AppState<St>,
+    q: &InboxQuery,
+) -> Result<(Vec<PendingGate>, Vec<String>), Error> {
     let all = state.engine.pending(None, INBOX_SCAN).await?;
     let mut workflows: Vec<String> = all.iter().map(|g| g.workflow.clone()).collect();
     workflows.sort();
@@ -459,7 +473,11 @@ fn gate_list(s: &Session, gates: &[PendingGate], now: DateTime<Utc>) -> Markup {
     }
 }
 
-async fn inbox(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<InboxQuery>) -> Response {
+async fn inbox<St: Store>(
+    State(state): State<AppState<St>>,
+    headers: HeaderMap,
+    Query(q): Query<InboxQuery>,
+) -> Response {
     let Some(s) = session(&state, &headers) else {
         return to_signin("/");
     };
@@ -493,8 +511,8 @@ async fn inbox(State(state): State<AppState>, headers: HeaderMap, Query(q): Quer
     html_response(StatusCode::OK, page("Inbox", Some(&s), body))
 }
 
-async fn inbox_list(
-    State(state): State<AppState>,
+async fn inbox_list<St: Store>(
+    State(state): State<AppState<St>>,
     headers: HeaderMap,
     Query(q): Query<InboxQuery>,
 ) -> Response {
@@ -508,7 +526,7 @@ async fn inbox_list(
 }
 
 /// One `pending` event whenever the open gates change (and once at connect).
-async fn inbox_events(State(state): State<AppState>, headers: HeaderMap) -> Response {
+async fn inbox_events<St: Store>(State(state): State<AppState<St>>, headers: HeaderMap) -> Response {
     if session(&state, &headers).is_none() {
         return StatusCode::UNAUTHORIZED.into_response();
     }
@@ -543,8 +561,8 @@ struct DoneQuery {
     done: Option<String>,
 }
 
-async fn gate_page(
-    State(state): State<AppState>,
+async fn gate_page<St: Store>(
+    State(state): State<AppState<St>>,
     headers: HeaderMap,
     Path((run, gate)): Path<(String, String)>,
     Query(q): Query<DoneQuery>,
@@ -577,8 +595,8 @@ struct Typed {
     args: Option<String>,
 }
 
-async fn render_gate(
-    state: &AppState,
+async fn render_gate<St: Store>(
+    state: &AppState<St>,
     s: &Session,
     run: RunId,
     gate: GateId,
@@ -765,8 +783,8 @@ struct DecideForm {
     request_hash: Option<String>,
 }
 
-async fn decide(
-    State(state): State<AppState>,
+async fn decide<St: Store>(
+    State(state): State<AppState<St>>,
     headers: HeaderMap,
     Path((run, gate)): Path<(String, String)>,
     Form(form): Form<DecideForm>,
@@ -867,7 +885,11 @@ fn engine_error(s: &Session, e: Error) -> Response {
 
 // ---------------------------------------------------------------- run page
 
-async fn run_page(State(state): State<AppState>, headers: HeaderMap, Path(run): Path<String>) -> Response {
+async fn run_page<St: Store>(
+    State(state): State<AppState<St>>,
+    headers: HeaderMap,
+    Path(run): Path<String>,
+) -> Response {
     let Some(s) = session(&state, &headers) else {
         return to_signin(&format!("/runs/{run}"));
     };

@@ -879,6 +879,13 @@ impl<S: Store> Engine<S> {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
+                // Due already, yet nothing was claimed: another process holds it (its
+                // lease ran out but its row is still locked, say). Look again in a
+                // while, or on a change, rather than spin.
+                let now = inner.clock.now();
+                let retry = chrono::Duration::from_std(inner.config.retry_after)
+                    .unwrap_or(chrono::Duration::seconds(1));
+                let next = next.map(|at| if at <= now { now + retry } else { at });
                 let timer: BoxFuture<'static, ()> = match next {
                     Some(at) => inner.clock.sleep_until(at),
                     None => Box::pin(std::future::pending()),

@@ -184,6 +184,67 @@ fn decode_body(run: RunId, seq: Seq, body: &[u8]) -> Result<Event> {
     Ok(event)
 }
 
+/// Decodes and verifies a run's records `[from, next_seq)`, as every store reads them:
+/// each record's checksum and envelope, the chain from the record before `from`
+/// (`before`, required when `from > 0`), no gaps, nothing missing at the end, and the
+/// last hash equal to the run's recorded `head`. The first problem is the error.
+pub fn verify_records<R: AsRef<[u8]>>(
+    run: RunId,
+    from: Seq,
+    before: Option<R>,
+    records: impl IntoIterator<Item = Result<(Seq, R)>>,
+    next_seq: Seq,
+    head: &ChainHash,
+) -> Result<Vec<Event>> {
+    let mut prev = if from == Seq::ZERO {
+        ChainHash::GENESIS
+    } else {
+        let at = Seq(from.0 - 1);
+        let Some(record) = before else {
+            return Err(Error::Corrupt {
+                run,
+                seq: at,
+                reason: "event is missing".into(),
+            });
+        };
+        check(run, at, record.as_ref())?.hash()
+    };
+    let mut out = Vec::new();
+    let mut expected = from;
+    for item in records {
+        let (seq, record) = item?;
+        if seq != expected {
+            return Err(Error::Corrupt {
+                run,
+                seq: expected,
+                reason: format!("event is missing (the next stored event is seq {seq})"),
+            });
+        }
+        let (event, hash) = decode(run, seq, record.as_ref(), &prev)?;
+        out.push(event);
+        prev = hash;
+        expected = expected.next();
+    }
+    if expected < next_seq {
+        return Err(Error::Corrupt {
+            run,
+            seq: expected,
+            reason: format!(
+                "journal ends before seq {expected} but the run has {next_seq} events: events are missing at the end"
+            ),
+        });
+    }
+    if expected > from && prev != *head {
+        return Err(Error::Corrupt {
+            run,
+            seq: Seq(expected.0 - 1),
+            reason: "last event's chain hash differs from the recorded head: the journal was rewritten"
+                .into(),
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

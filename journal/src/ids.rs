@@ -153,6 +153,9 @@ impl WorkerId {
     pub fn new() -> Self {
         WorkerId(Uuid::now_v7())
     }
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
 }
 
 impl Default for WorkerId {

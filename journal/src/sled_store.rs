@@ -33,11 +33,10 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
 use crate::ids::{GateId, LeaseToken, RunId, Seq, WorkerId};
 use crate::store::{
-    Append, AppendConflict, Appended, Created, DueDeadline, IndexChange, Lease, NewRun, Outgoing,
-    PendingGate, RuleDecision, RunStatus, RunSummary, Store,
+    check_run_limits, closes, Append, AppendConflict, Appended, Created, DueDeadline, IndexChange, Lease,
+    NewRun, Outgoing, PendingGate, RuleDecision, RunStatus, RunSummary, Store,
 };
 use chrono::{DateTime, TimeZone, Utc};
-use sha2::{Digest, Sha256};
 use sled::transaction::{
     ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
 };
@@ -81,24 +80,6 @@ impl Default for SledOptions {
             outbox_endpoints: Vec::new(),
         }
     }
-}
-
-/// Past a run's limit, events that end or decide it still fit in this reserve, so a
-/// run at its limit can always be rejected, cancelled or failed.
-const RESERVE_EVENTS: u64 = 64;
-const RESERVE_BYTES: u64 = 1024 * 1024;
-
-/// Events allowed into a run's reserve.
-fn closes(kind: &EventKind) -> bool {
-    matches!(
-        kind,
-        EventKind::DecisionRecorded { .. }
-            | EventKind::VoteRecorded { .. }
-            | EventKind::GateEscalated { .. }
-            | EventKind::RunCancelled { .. }
-            | EventKind::RunFailed { .. }
-            | EventKind::RunCompleted { .. }
-    )
 }
 
 /// The sled-backed [`Store`]. Cheap to clone (shares one database).
@@ -282,61 +263,26 @@ impl SledStore {
     /// events "past the summary" and report a healthy journal as corrupt.)
     fn read_to(&self, run: RunId, from: Seq, summary: &RunSummary) -> Result<Vec<Event>> {
         let events_tree = &self.inner.trees.events;
-        let mut prev = if from == Seq::ZERO {
-            ChainHash::GENESIS
-        } else {
-            let before = Seq(from.0 - 1);
-            let Some(record) = events_tree.get(event_key(run, before))? else {
-                return Err(Error::Corrupt {
-                    run,
-                    seq: before,
-                    reason: "event is missing".into(),
-                });
-            };
-            codec::check(run, before, &record)?.hash()
+        let before = match from.0.checked_sub(1) {
+            Some(at) => events_tree.get(event_key(run, Seq(at)))?,
+            None => None,
         };
-        let mut out = Vec::new();
-        let mut expected = from;
-        for item in events_tree.range(event_key(run, from)..event_key(run, summary.next_seq)) {
-            let (key, record) = item?;
-            let seq = Seq(u64::from_be_bytes(key[16..24].try_into().map_err(|_| {
-                Error::Corrupt {
-                    run,
-                    seq: expected,
-                    reason: "malformed event key".into(),
-                }
-            })?));
-            if seq != expected {
-                return Err(Error::Corrupt {
-                    run,
-                    seq: expected,
-                    reason: format!("event is missing (the next stored event is seq {seq})"),
-                });
-            }
-            let (event, hash) = codec::decode(run, seq, &record, &prev)?;
-            out.push(event);
-            prev = hash;
-            expected = expected.next();
-        }
-        if expected < summary.next_seq {
-            return Err(Error::Corrupt {
-                run,
-                seq: expected,
-                reason: format!(
-                    "journal ends before seq {expected} but the run has {} events: events are missing at the end",
-                    summary.next_seq
-                ),
+        let records = events_tree
+            .range(event_key(run, from)..event_key(run, summary.next_seq))
+            .map(|item| {
+                let (key, record) = item?;
+                let seq = key
+                    .get(16..24)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(|b| Seq(u64::from_be_bytes(b)))
+                    .ok_or_else(|| Error::Corrupt {
+                        run,
+                        seq: from,
+                        reason: "malformed event key".into(),
+                    })?;
+                Ok((seq, record))
             });
-        }
-        if expected > from && prev != summary.head {
-            return Err(Error::Corrupt {
-                run,
-                seq: Seq(expected.0 - 1),
-                reason: "last event's chain hash differs from the recorded head: the journal was rewritten"
-                    .into(),
-            });
-        }
-        Ok(out)
+        codec::verify_records(run, from, before, records, summary.next_seq, &summary.head)
     }
 
     /// Verifies a whole journal strictly, for offline checks (no writer running): every
@@ -383,6 +329,24 @@ impl SledStore {
             prev = codec::decode(run, at, &record, &prev)?.1;
         }
         Ok(prev)
+    }
+
+    /// One stored record, as it is on disk (corruption tests).
+    #[doc(hidden)]
+    pub fn raw_record(&self, run: RunId, seq: Seq) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .inner
+            .trees
+            .events
+            .get(event_key(run, seq))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Overwrites one stored record behind the store's back (corruption tests).
+    #[doc(hidden)]
+    pub fn overwrite_record(&self, run: RunId, seq: Seq, record: &[u8]) -> Result<()> {
+        self.inner.trees.events.insert(event_key(run, seq), record)?;
+        Ok(())
     }
 
     /// Waits until everything written so far is durable.
@@ -733,15 +697,6 @@ fn apply_changes(
     Ok(())
 }
 
-fn request_hash(run: &NewRun) -> Result<[u8; 32]> {
-    let mut h = Sha256::new();
-    h.update(run.workflow.as_bytes());
-    h.update([0]);
-    h.update(run.version.to_be_bytes());
-    h.update(serde_json::to_vec(&run.input)?);
-    Ok(h.finalize().into())
-}
-
 impl Store for SledStore {
     async fn create_run(&self, run: NewRun) -> Result<Created> {
         let event = Event {
@@ -762,7 +717,7 @@ impl Store for SledStore {
             ..event
         };
         let (record, head) = codec::encode(&event, &ChainHash::GENESIS, self.inner.options.max_event_bytes)?;
-        let hash = request_hash(&run)?;
+        let hash = run.request_hash()?;
         let created = self.transact(|t| {
             if let Some(key) = &run.idempotency_key {
                 if let Some(existing) = t[STARTS].get(key.as_bytes())? {
@@ -859,20 +814,16 @@ impl Store for SledStore {
             let events_after = summary.next_seq.0 + events.len() as u64;
             let bytes_after = summary.bytes + added_bytes;
             let limits = &self.inner.options;
-            if events_after > limits.max_run_events || bytes_after > limits.max_run_bytes {
-                let closing = events.iter().all(|(e, _)| closes(&e.event));
-                let in_reserve = events_after <= limits.max_run_events + RESERVE_EVENTS
-                    && bytes_after <= limits.max_run_bytes + RESERVE_BYTES;
-                if !(closing && in_reserve) {
-                    return Err(Tx::Abort(Error::RunLimit {
-                        run,
-                        detail: format!(
-                            "{} events and {} bytes; the limits are {} events and {} bytes",
-                            events_after, bytes_after, limits.max_run_events, limits.max_run_bytes
-                        ),
-                    }));
-                }
-            }
+            let closing = events.iter().all(|(e, _)| closes(&e.event));
+            check_run_limits(
+                run,
+                events_after,
+                bytes_after,
+                limits.max_run_events,
+                limits.max_run_bytes,
+                closing,
+            )
+            .map_err(Tx::Abort)?;
             summary.bytes = bytes_after;
             let old_status = summary.status;
             for ((event, hash), record) in events.iter().zip(&records) {
@@ -1149,15 +1100,29 @@ impl Store for SledStore {
     }
 
     async fn next_wake(&self) -> Result<Option<DateTime<Utc>>> {
-        let Some((k, _)) = self.inner.trees.ready.first()? else {
-            return Ok(None);
+        let ready = match self.inner.trees.ready.first()? {
+            Some((k, _)) => {
+                let ms = u64::from_be_bytes(
+                    k.get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| Error::Storage("malformed ready key".into()))?,
+                );
+                Utc.timestamp_millis_opt(ms as i64).single()
+            }
+            None => None,
         };
-        let ms = u64::from_be_bytes(
-            k[..8]
-                .try_into()
-                .map_err(|_| Error::Storage("malformed ready key".into()))?,
-        );
-        Ok(Utc.timestamp_millis_opt(ms as i64).single())
+        // A lease running out is a wake-up too: its run is taken over then. (Leases are
+        // the activations in flight: a short scan.)
+        let mut expiring: Option<DateTime<Utc>> = None;
+        for item in self.inner.trees.leases.iter().values() {
+            if let Ok(lease) = serde_json::from_slice::<Lease>(&item?) {
+                expiring = Some(expiring.map_or(lease.expires_at, |e| e.min(lease.expires_at)));
+            }
+        }
+        Ok(match (ready, expiring) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
     }
 
     async fn due_deadlines(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<DueDeadline>> {
@@ -1216,6 +1181,14 @@ impl Store for SledStore {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.inner.changes.subscribe()
+    }
+
+    async fn runs_with_status(&self, status: RunStatus) -> Result<usize> {
+        self.count_runs(status)
+    }
+
+    async fn open_gates(&self) -> Result<usize> {
+        self.count_pending()
     }
 
     async fn outbox(&self, endpoint: &str, limit: usize) -> Result<Vec<Outgoing>> {

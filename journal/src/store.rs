@@ -32,6 +32,62 @@ pub struct NewRun {
     pub at: DateTime<Utc>,
 }
 
+/// Past a run's limit, events that end or decide it still fit in this reserve, so a
+/// run at its limit can always be rejected, cancelled or failed.
+pub const RESERVE_EVENTS: u64 = 64;
+pub const RESERVE_BYTES: u64 = 1024 * 1024;
+
+/// Events allowed into a run's reserve.
+pub fn closes(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::DecisionRecorded { .. }
+            | EventKind::VoteRecorded { .. }
+            | EventKind::GateEscalated { .. }
+            | EventKind::RunCancelled { .. }
+            | EventKind::RunFailed { .. }
+            | EventKind::RunCompleted { .. }
+    )
+}
+
+/// Refuses growing a run past its limits, unless every new event closes something and
+/// fits in the reserve. The one rule every store applies.
+pub fn check_run_limits(
+    run: RunId,
+    events_after: u64,
+    bytes_after: u64,
+    max_events: u64,
+    max_bytes: u64,
+    closing: bool,
+) -> Result<()> {
+    if events_after <= max_events && bytes_after <= max_bytes {
+        return Ok(());
+    }
+    let in_reserve = events_after <= max_events + RESERVE_EVENTS && bytes_after <= max_bytes + RESERVE_BYTES;
+    if closing && in_reserve {
+        return Ok(());
+    }
+    Err(crate::Error::RunLimit {
+        run,
+        detail: format!(
+            "{events_after} events and {bytes_after} bytes; the limits are {max_events} events and {max_bytes} bytes"
+        ),
+    })
+}
+
+impl NewRun {
+    /// What a start's idempotency key is bound to: workflow, version and input.
+    pub fn request_hash(&self) -> Result<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.workflow.as_bytes());
+        h.update([0]);
+        h.update(self.version.to_be_bytes());
+        h.update(serde_json::to_vec(&self.input)?);
+        Ok(h.finalize().into())
+    }
+}
+
 /// Result of [`Store::create_run`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Created {
@@ -738,6 +794,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Largest encoded event the store accepts.
     fn max_event_bytes(&self) -> usize;
+
+    /// How many runs have this status (for metrics; may scan an index).
+    fn runs_with_status(&self, status: RunStatus) -> impl Future<Output = Result<usize>> + Send;
+
+    /// How many gates are open (for metrics; may scan an index).
+    fn open_gates(&self) -> impl Future<Output = Result<usize>> + Send;
 
     /// The oldest notifications queued for `endpoint`, in the order their events were
     /// written (at most `limit`). Stores without an outbox queue none.

@@ -53,18 +53,27 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Pays once per idempotency key; a repeat returns the first payment.
+    /// Pays once per idempotency key; a repeat returns the first payment. Safe across
+    /// threads and across processes sharing the file (workers on one machine).
     pub fn pay(&self, entry: LedgerEntry) -> std::io::Result<LedgerEntry> {
+        use fs2::FileExt;
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.path.with_extension("lock"))?;
+        // Released when `lock` is dropped (closed).
+        lock.lock_exclusive()?;
         if let Some(done) = self
             .entries()?
             .into_iter()
             .find(|e| e.idempotency_key == entry.idempotency_key)
         {
             return Ok(done);
-        }
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
         }
         let mut file = OpenOptions::new().create(true).append(true).open(&self.path)?;
         let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
