@@ -7,6 +7,7 @@
 //! separate runs, 100 sequential decisions measure decision→completed latency.
 
 use crate::journal::{GateId, Principal, RunId, RunStatus, SledStore, Store};
+use crate::pg::{PgOptions, PgStore};
 use crate::{DecisionRequest, Engine, EngineConfig, Failure, Gated, Registry};
 use futures::future::join_all;
 use serde::Serialize;
@@ -25,6 +26,12 @@ pub struct BenchOptions {
     /// Start runs and record decisions through the HTTP API on loopback (real requests
     /// to an in-process server) instead of the engine API.
     pub http: bool,
+    /// Run on the PostgreSQL store at this URL (a fresh schema, dropped afterwards)
+    /// instead of sled in a temporary directory.
+    pub pg: Option<String>,
+    /// With `pg`: drive the runs from this many `holdpoint worker` processes instead of
+    /// workers in this process (0).
+    pub worker_processes: usize,
 }
 
 impl Default for BenchOptions {
@@ -34,6 +41,8 @@ impl Default for BenchOptions {
             concurrency: 256,
             latency_samples: 100,
             http: false,
+            pg: None,
+            worker_processes: 0,
         }
     }
 }
@@ -45,13 +54,18 @@ pub struct BenchReport {
     pub concurrency: usize,
     /// `engine` or `http`.
     pub api: &'static str,
+    /// `sled` or `postgres`.
+    pub store: &'static str,
+    /// Worker processes (0: workers in the benchmark's own process).
+    pub worker_processes: usize,
     /// Workloads run (each on a fresh directory); every figure is their median.
     pub repeats: usize,
     pub phase1_runs_per_s: f64,
     pub phase2_runs_per_s: f64,
     pub events: u64,
     pub events_per_s: f64,
-    pub fsyncs_per_run: f64,
+    /// Known for sled (its group commit counts them); PostgreSQL's are its own.
+    pub fsyncs_per_run: Option<f64>,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
@@ -81,7 +95,7 @@ async fn standard(ctx: crate::Ctx, order: u64) -> Result<String, Failure> {
     Ok("done".into())
 }
 
-async fn settle_all(engine: &Engine<SledStore>, runs: &[RunId], want: RunStatus) -> Result<(), String> {
+async fn settle_all<St: Store>(engine: &Engine<St>, runs: &[RunId], want: RunStatus) -> Result<(), String> {
     for &run in runs {
         let s = engine.settled(run).await.map_err(|e| e.to_string())?;
         if s.status != want {
@@ -95,9 +109,8 @@ async fn settle_all(engine: &Engine<SledStore>, runs: &[RunId], want: RunStatus)
 }
 
 /// Where the workload's starts and decisions go.
-#[derive(Clone)]
-enum Driver {
-    Engine(Engine<SledStore>),
+enum Driver<St: Store> {
+    Engine(Engine<St>),
     /// Real requests to the HTTP API on loopback, each on a blocking thread (the CLI's
     /// client, with connection reuse).
     Http(Arc<Http>),
@@ -147,17 +160,17 @@ impl Http {
     }
 }
 
-impl Driver {
+impl<St: Store> Driver<St> {
     async fn start(&self, order: u64) -> Result<RunId, String> {
         match self {
             Driver::Engine(engine) => engine
-                .start("standard", &order, None)
+                .start(WORKFLOW, &order, None)
                 .await
                 .map_err(|e| e.to_string()),
             Driver::Http(http) => {
                 let http = http.clone();
                 let out = tokio::task::spawn_blocking(move || {
-                    http.post("/v1/runs", &json!({"workflow": "standard", "input": order}))
+                    http.post("/v1/runs", &json!({"workflow": WORKFLOW, "input": order}))
                 })
                 .await
                 .map_err(|e| e.to_string())??;
@@ -190,8 +203,8 @@ impl Driver {
     }
 }
 
-async fn start_many(
-    driver: &Driver,
+async fn start_many<St: Store>(
+    driver: &Driver<St>,
     orders: std::ops::Range<u64>,
     chunk: usize,
 ) -> Result<Vec<RunId>, String> {
@@ -205,7 +218,7 @@ async fn start_many(
     Ok(runs)
 }
 
-async fn approve_many(driver: &Driver, runs: &[RunId], chunk: usize) -> Result<(), String> {
+async fn approve_many<St: Store>(driver: &Driver<St>, runs: &[RunId], chunk: usize) -> Result<(), String> {
     for c in runs.chunks(chunk.max(1)) {
         for d in join_all(c.iter().map(|&run| driver.approve(run))).await {
             d?;
@@ -215,7 +228,7 @@ async fn approve_many(driver: &Driver, runs: &[RunId], chunk: usize) -> Result<(
 }
 
 /// Serves the HTTP API on an ephemeral loopback port with one admin token.
-async fn serve_loopback(engine: &Engine<SledStore>, concurrency: usize) -> Result<Http, String> {
+async fn serve_loopback<St: Store>(engine: &Engine<St>, concurrency: usize) -> Result<Http, String> {
     use crate::server::{self, AppState, Caller, Tokens};
     let token = crate::cli::generate_token().map_err(|e| e.0)?;
     let mut tokens = Tokens::default();
@@ -266,8 +279,40 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 
 /// Runs the standard workload.
 pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let store = SledStore::open(dir.path()).map_err(|e| e.to_string())?;
+    match &opts.pg {
+        None => {
+            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let store = SledStore::open(dir.path()).map_err(|e| e.to_string())?;
+            run_on(store, opts, None).await
+        }
+        Some(url) => {
+            let schema = format!("hp_bench_{}", uuid::Uuid::now_v7().simple());
+            let store = PgStore::connect(
+                url,
+                PgOptions {
+                    schema: schema.clone(),
+                    pool_size: 32,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let procs = match opts.worker_processes {
+                0 => None,
+                n => Some(spawn_workers(url, &schema, n, opts.concurrency)?),
+            };
+            let report = run_on(store.clone(), opts, procs).await;
+            store.drop_schema().await.map_err(|e| e.to_string())?;
+            report
+        }
+    }
+}
+
+async fn run_on<St: Measured>(
+    store: St,
+    opts: &BenchOptions,
+    procs: Option<WorkerProcs>,
+) -> Result<BenchReport, String> {
     let engine = Engine::builder(store, registry())
         .config(EngineConfig {
             concurrency: opts.concurrency,
@@ -275,14 +320,14 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         })
         .build()
         .map_err(|e| e.to_string())?;
-    let workers = engine.spawn_workers();
+    let workers = procs.is_none().then(|| engine.spawn_workers());
     let driver = if opts.http {
         // Blocking threads carry the client's requests; let as many run as are in flight.
         Driver::Http(Arc::new(serve_loopback(&engine, opts.concurrency).await?))
     } else {
         Driver::Engine(engine.clone())
     };
-    let syncs_before = engine.store().sync_count();
+    let syncs_before = engine.store().syncs();
 
     let t = Instant::now();
     let runs = start_many(&driver, 0..opts.runs as u64, opts.concurrency).await?;
@@ -293,7 +338,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     approve_many(&driver, &runs, opts.concurrency).await?;
     settle_all(&engine, &runs, RunStatus::Completed).await?;
     let phase2 = t.elapsed();
-    let syncs = engine.store().sync_count() - syncs_before;
+    let syncs = engine.store().syncs().zip(syncs_before).map(|(a, b)| a - b);
 
     let mut events = 0;
     for &run in &runs {
@@ -304,7 +349,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             .map_err(|e| e.to_string())?
             .map_or(0, |s| s.next_seq.0);
     }
-    let disk = engine.store().size_on_disk().map_err(|e| e.to_string())?;
+    let disk = engine.store().disk_bytes().await?;
 
     // Latency: one decision at a time on otherwise idle runs.
     let base = opts.runs as u64;
@@ -326,19 +371,24 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
         latencies.push(t.elapsed());
     }
     latencies.sort();
-    workers.shutdown().await;
+    if let Some(w) = workers {
+        w.shutdown().await;
+    }
+    drop(procs);
     let n = opts.runs.max(1) as f64;
     let total = (phase1 + phase2).as_secs_f64();
     Ok(BenchReport {
         runs: opts.runs,
         concurrency: opts.concurrency,
         api: if opts.http { "http" } else { "engine" },
+        store: if opts.pg.is_some() { "postgres" } else { "sled" },
+        worker_processes: opts.worker_processes,
         repeats: 1,
         phase1_runs_per_s: n / phase1.as_secs_f64(),
         phase2_runs_per_s: n / phase2.as_secs_f64(),
         events,
         events_per_s: events as f64 / total,
-        fsyncs_per_run: syncs as f64 / n,
+        fsyncs_per_run: syncs.map(|s| s as f64 / n),
         latency_p50_ms: percentile(&latencies, 0.50),
         latency_p99_ms: percentile(&latencies, 0.99),
         latency_max_ms: latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
@@ -467,8 +517,79 @@ impl std::fmt::Display for RestartReport {
     }
 }
 
+/// The standard workload's workflow name (registered by `holdpoint worker` too, so
+/// worker processes can drive benchmark runs).
+pub const WORKFLOW: &str = "holdpoint-bench";
+
+/// Adds the standard workload's workflow.
+pub fn register(registry: Registry) -> Registry {
+    registry.workflow(WORKFLOW, 1, standard)
+}
+
 fn registry() -> Registry {
-    Registry::new().workflow("standard", 1, standard)
+    register(Registry::new())
+}
+
+/// What the report needs from a store beyond the trait.
+trait Measured: Store + Clone {
+    fn syncs(&self) -> Option<u64>;
+    fn disk_bytes(&self) -> impl std::future::Future<Output = Result<u64, String>> + Send;
+}
+
+impl Measured for SledStore {
+    fn syncs(&self) -> Option<u64> {
+        Some(self.sync_count())
+    }
+    async fn disk_bytes(&self) -> Result<u64, String> {
+        self.size_on_disk().map_err(|e| e.to_string())
+    }
+}
+
+impl Measured for PgStore {
+    fn syncs(&self) -> Option<u64> {
+        None
+    }
+    async fn disk_bytes(&self) -> Result<u64, String> {
+        self.size_on_disk().await.map_err(|e| e.to_string())
+    }
+}
+
+/// `holdpoint worker` processes for the benchmark, killed on drop.
+struct WorkerProcs(Vec<std::process::Child>);
+
+impl Drop for WorkerProcs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_workers(url: &str, schema: &str, n: usize, concurrency: usize) -> Result<WorkerProcs, String> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut procs = WorkerProcs(Vec::new());
+    for _ in 0..n {
+        let mut child = std::process::Command::new(&exe)
+            .args(["worker", "--pg", url, "--pg-schema", schema, "--concurrency"])
+            .arg(concurrency.to_string())
+            .env("HOLDPOINT_LOG", "error")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting a worker process ({}): {e}", exe.display()))?;
+        let out = child.stdout.take().ok_or("no worker stdout")?;
+        procs.0.push(child);
+        // Ready once it says so.
+        let mut line = String::new();
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        if !line.contains("worker running") {
+            return Err(format!("a worker process failed to start: {line:?}"));
+        }
+    }
+    Ok(procs)
 }
 
 /// Runs the workload `repeat` times (at least once), each on a fresh directory, and
@@ -488,7 +609,9 @@ pub async fn run_median(opts: &BenchOptions, repeat: usize) -> Result<BenchRepor
     out.phase1_runs_per_s = median(|r| r.phase1_runs_per_s);
     out.phase2_runs_per_s = median(|r| r.phase2_runs_per_s);
     out.events_per_s = median(|r| r.events_per_s);
-    out.fsyncs_per_run = median(|r| r.fsyncs_per_run);
+    out.fsyncs_per_run = out
+        .fsyncs_per_run
+        .map(|_| median(|r| r.fsyncs_per_run.unwrap_or(0.0)));
     out.latency_p50_ms = median(|r| r.latency_p50_ms);
     out.latency_p99_ms = median(|r| r.latency_p99_ms);
     out.latency_max_ms = median(|r| r.latency_max_ms);
@@ -502,10 +625,15 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "standard workload: {} runs, concurrency {}, {} API, durable acknowledgements{}",
+            "standard workload: {} runs, concurrency {}, {} API, {} store{}, durable acknowledgements{}",
             self.runs,
             self.concurrency,
             self.api,
+            self.store,
+            match self.worker_processes {
+                0 => String::new(),
+                n => format!(", {n} worker processes"),
+            },
             if self.repeats > 1 {
                 format!(" (median of {})", self.repeats)
             } else {
@@ -527,11 +655,13 @@ impl std::fmt::Display for BenchReport {
             "  events:                             {:>10.0} events/s ({} events)",
             self.events_per_s, self.events
         )?;
-        writeln!(
-            f,
-            "  fsyncs per run:                     {:>10.2}",
-            self.fsyncs_per_run
-        )?;
+        match self.fsyncs_per_run {
+            Some(x) => writeln!(f, "  fsyncs per run:                     {x:>10.2}")?,
+            None => writeln!(
+                f,
+                "  fsyncs per run:                            n/a (the database's own)"
+            )?,
+        }
         writeln!(
             f,
             "  decision -> completed (sequential): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",

@@ -164,6 +164,12 @@ pub enum Command {
         /// median of each figure.
         #[arg(long, default_value_t = 1)]
         repeat: usize,
+        /// Run on PostgreSQL (a fresh schema, dropped afterwards) instead of sled.
+        #[arg(long, value_name = "URL")]
+        pg: Option<String>,
+        /// With --pg: drive the runs from this many `holdpoint worker` processes.
+        #[arg(long, default_value_t = 0, requires = "pg")]
+        worker_processes: usize,
         /// Instead of the workload: add `--runs` runs to DIR (kept), each left waiting at
         /// its gate; the setup for `--restart`.
         #[arg(long, value_name = "DIR", conflicts_with_all = ["restart", "http", "repeat"])]
@@ -377,7 +383,10 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
     let client = || Client::new(&cli.server, cli.token.clone());
     match cli.command {
         Command::Serve(args) => runtime()?.block_on(serve(args.clone(), registry(&args.data), false)),
-        Command::Worker(args) => runtime()?.block_on(worker(args.clone(), registry(&args.data))),
+        Command::Worker(args) => runtime()?.block_on(worker(
+            args.clone(),
+            crate::bench::register(registry(&args.data)),
+        )),
         Command::Migrate { pg } => {
             let url = pg
                 .pg
@@ -571,6 +580,8 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             concurrency,
             http,
             repeat,
+            pg,
+            worker_processes,
             fill_waiting,
             restart,
             json,
@@ -595,6 +606,8 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
                 runs,
                 concurrency,
                 http,
+                pg,
+                worker_processes,
                 ..Default::default()
             };
             let report = runtime()?

@@ -8,6 +8,8 @@ async fn the_standard_workload_runs_and_reports() {
         concurrency: 16,
         latency_samples: 5,
         http: false,
+        pg: None,
+        worker_processes: 0,
     };
     let r = holdpoint::bench::run(&opts)
         .await
@@ -19,7 +21,7 @@ async fn the_standard_workload_runs_and_reports() {
         "run-started, plan, gate, decision, send, notify x2, completed"
     );
     assert!(r.phase1_runs_per_s > 0.0 && r.phase2_runs_per_s > 0.0);
-    assert!(r.fsyncs_per_run > 0.0, "acknowledgements are durable");
+    assert!(r.fsyncs_per_run.unwrap() > 0.0, "acknowledgements are durable");
     assert!(r.latency_p50_ms <= r.latency_p99_ms && r.latency_p99_ms <= r.latency_max_ms);
     assert!(r.bytes_on_disk_per_run > 0.0);
     let text = r.to_string();
@@ -36,6 +38,8 @@ async fn the_http_variant_decides_through_real_requests() {
         concurrency: 8,
         latency_samples: 3,
         http: true,
+        pg: None,
+        worker_processes: 0,
     };
     let r = holdpoint::bench::run_median(&opts, 2)
         .await

@@ -111,6 +111,8 @@ macro_rules! suite {
             suite!(@case $open, $close, deadlines_and_rule_history_are_indexes, Opts::default());
             suite!(@case $open, $close, the_outbox_queues_notifications_per_endpoint_in_order, Opts { outbox: vec!["a".into(), "b".into()], ..Opts::default() });
             suite!(@case $open, $close, stuck_runs_are_parked_and_never_claimed, Opts::default());
+            suite!(@case $open, $close, engine_runs_to_a_gate_decides_once_and_completes_replayably, Opts::default());
+            suite!(@case $open, $close, engine_two_engines_on_one_store_drive_each_run_once, Opts::default());
         }
     };
     (@case $open:expr, $close:expr, $name:ident, $opts:expr) => {
@@ -653,4 +655,132 @@ async fn stuck_runs_are_parked_and_never_claimed<S: Subject>(store: S) {
             .len(),
         1
     );
+}
+
+// ----------------------------------------------------------------------------- engine cases
+
+use holdpoint::{Ctx, DecisionRequest, Engine, Failure, Gated, Registry};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A step, a gate, and a step after it; counts how often each step body runs.
+fn counting_registry(ran: Arc<AtomicUsize>) -> Registry {
+    Registry::new().workflow("pay", 1, move |ctx: Ctx, amount: u64| {
+        let ran = ran.clone();
+        async move {
+            let r = ran.clone();
+            let plan = ctx
+                .step("plan", move || {
+                    let r = r.clone();
+                    async move {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        Ok(amount)
+                    }
+                })
+                .await?;
+            let paid = match ctx
+                .gate("send_money", json!({"amount": plan}), json!(null))
+                .await?
+            {
+                Gated::Approved { args, .. } | Gated::Edited { args, .. } => args,
+                Gated::Rejected { reason, .. } => return Ok::<_, Failure>(json!(reason)),
+            };
+            let r = ran.clone();
+            ctx.step("send", move || {
+                let (r, paid) = (r.clone(), paid.clone());
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    Ok(paid)
+                }
+            })
+            .await
+        }
+    })
+}
+
+async fn engine_runs_to_a_gate_decides_once_and_completes_replayably<S: Subject>(store: S) {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let registry = counting_registry(ran.clone());
+    let engine = Engine::new(store.clone(), counting_registry(ran.clone())).unwrap();
+    let workers = engine.spawn_workers();
+    let run = engine.start("pay", &700u64, None).await.unwrap();
+    assert_eq!(engine.settled(run).await.unwrap().status, RunStatus::Waiting);
+    let gate = engine.pending(None, 10).await.unwrap()[0].gate;
+    engine
+        .decide(run, DecisionRequest::approve(gate, Principal::new("bob")))
+        .await
+        .unwrap();
+    let conflict = engine
+        .decide(run, DecisionRequest::reject(gate, "no", Principal::new("eve")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(conflict, holdpoint::Error::DecisionConflict { .. }),
+        "{conflict}"
+    );
+    let done = engine.settled(run).await.unwrap();
+    assert_eq!(done.status, RunStatus::Completed);
+    assert_eq!(
+        engine.get(run).await.unwrap().state.output,
+        Some(json!({"amount": 700}))
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), 2, "each step body ran once");
+    workers.shutdown().await;
+    let events = store.read(run, Seq::ZERO).await.unwrap();
+    assert!(matches!(
+        holdpoint::replay(&registry, &events).await,
+        holdpoint::Replay::Consistent { .. }
+    ));
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        2,
+        "replay answers steps from the journal"
+    );
+    assert!(matches!(
+        engine
+            .decide(
+                RunId::new(),
+                DecisionRequest::approve(gate, Principal::new("bob"))
+            )
+            .await
+            .unwrap_err(),
+        holdpoint::Error::UnknownRun(_) | holdpoint::Error::Journal(Error::UnknownRun(_))
+    ));
+}
+
+async fn engine_two_engines_on_one_store_drive_each_run_once<S: Subject>(store: S) {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let a = Engine::new(store.clone(), counting_registry(ran.clone())).unwrap();
+    let b = Engine::new(store.clone(), counting_registry(ran.clone())).unwrap();
+    let (wa, wb) = (a.spawn_workers(), b.spawn_workers());
+    let mut runs = Vec::new();
+    for i in 0..30u64 {
+        runs.push(a.start("pay", &i, None).await.unwrap());
+    }
+    for &run in &runs {
+        assert_eq!(b.settled(run).await.unwrap().status, RunStatus::Waiting);
+        let gate = b
+            .get(run)
+            .await
+            .unwrap()
+            .state
+            .gates
+            .keys()
+            .next()
+            .copied()
+            .unwrap();
+        b.decide(run, DecisionRequest::approve(gate, Principal::new("bob")))
+            .await
+            .unwrap();
+    }
+    for &run in &runs {
+        assert_eq!(a.settled(run).await.unwrap().status, RunStatus::Completed);
+    }
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        60,
+        "two step bodies per run, each once"
+    );
+    wa.shutdown().await;
+    wb.shutdown().await;
 }

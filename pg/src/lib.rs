@@ -246,6 +246,20 @@ impl PgStore {
             .map_err(pg)
     }
 
+    /// Bytes the schema's tables and indexes take.
+    pub async fn size_on_disk(&self) -> Result<u64> {
+        let c = self.inner.pool.get().await.map_err(pg)?;
+        let row = c
+            .query_one(
+                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
+                &[&self.inner.schema],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
     pub fn schema(&self) -> &str {
         &self.inner.schema
     }
