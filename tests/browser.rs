@@ -153,22 +153,25 @@ async fn sign_in(c: &Client, app: &App, token: &str) {
     c.goto(&format!("{}/", app.url)).await.unwrap();
     // Not signed in: the inbox sends us to the sign-in page.
     assert!(c.current_url().await.unwrap().path().starts_with("/signin"));
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys(token)
-        .await
-        .unwrap();
-    c.find(Locator::Css("main form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(c, "#token", token).await;
+    click(c, "main form button[type=submit]").await;
     c.wait()
         .for_element(Locator::Css("#pending"))
         .await
         .expect("signed in, the inbox shows");
+}
+
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css)).await.unwrap().click().await.unwrap();
+}
+
+async fn type_into(c: &Client, css: &str, text: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .send_keys(text)
+        .await
+        .unwrap();
 }
 
 async fn text_of(c: &Client, css: &str) -> String {
@@ -224,12 +227,7 @@ async fn sign_in_edit_with_an_invalid_then_a_valid_attempt_and_the_run_pays_the_
     );
     std::fs::write(screenshot_dir().join("inbox.png"), c.screenshot().await.unwrap()).unwrap();
 
-    c.find(Locator::Css(&format!("{row} a.button")))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, &format!("{row} a.button")).await;
     c.wait().for_element(Locator::Css("#edit-form")).await.unwrap();
     let gate_url = c.current_url().await.unwrap();
     assert!(text_of(&c, "#args").await.contains("customer-of-A-1001"));
@@ -240,12 +238,7 @@ async fn sign_in_edit_with_an_invalid_then_a_valid_attempt_and_the_run_pays_the_
     let area = c.find(Locator::Css("#edit-args")).await.unwrap();
     area.clear().await.unwrap();
     area.send_keys("{\"to\": \"x\", oops").await.unwrap();
-    c.find(Locator::Css("#edit-form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#edit-form button[type=submit]").await;
     let shown = text_of(&c, "#edit-error").await;
     assert!(shown.contains("Not valid JSON"), "inline error: {shown:?}");
     assert_eq!(c.current_url().await.unwrap(), gate_url, "nothing was submitted");
@@ -254,12 +247,7 @@ async fn sign_in_edit_with_an_invalid_then_a_valid_attempt_and_the_run_pays_the_
     let area = c.find(Locator::Css("#edit-args")).await.unwrap();
     area.clear().await.unwrap();
     area.send_keys("{\"to\": 5}").await.unwrap();
-    c.find(Locator::Css("#edit-form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#edit-form button[type=submit]").await;
     let refused = c
         .wait()
         .for_element(Locator::Css("#decision-error"))
@@ -277,18 +265,8 @@ async fn sign_in_edit_with_an_invalid_then_a_valid_attempt_and_the_run_pays_the_
     let area = c.find(Locator::Css("#edit-args")).await.unwrap();
     area.clear().await.unwrap();
     area.send_keys(&edited.to_string()).await.unwrap();
-    c.find(Locator::Css("#edit-form input[name=comment]"))
-        .await
-        .unwrap()
-        .send_keys("half is fair")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#edit-form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&c, "#edit-form input[name=comment]", "half is fair").await;
+    click(&c, "#edit-form button[type=submit]").await;
     c.wait().for_element(Locator::Css("#recorded")).await.unwrap();
     assert!(text_of(&c, "#recorded").await.contains("edit by alice"));
 
@@ -330,28 +308,10 @@ async fn reject_with_a_reason_approve_and_a_second_session_sees_the_conflict() {
 
     // Reject: the reason is required (the browser refuses an empty one), then recorded.
     open_gate(&alice, &app, to_reject).await;
-    alice
-        .find(Locator::Css("#reject-form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&alice, "#reject-form button[type=submit]").await;
     assert!(decisions(&app.engine.events(to_reject).await.unwrap()).is_empty());
-    alice
-        .find(Locator::Css("#reject-reason"))
-        .await
-        .unwrap()
-        .send_keys("the customer already got a voucher")
-        .await
-        .unwrap();
-    alice
-        .find(Locator::Css("#reject-form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&alice, "#reject-reason", "the customer already got a voucher").await;
+    click(&alice, "#reject-form button[type=submit]").await;
     alice.wait().for_element(Locator::Css("#recorded")).await.unwrap();
     assert_eq!(
         decisions(&app.engine.events(to_reject).await.unwrap()),
@@ -366,26 +326,10 @@ async fn reject_with_a_reason_approve_and_a_second_session_sees_the_conflict() {
     // Both open the same gate; Alice approves first; Bob's reject finds her decision.
     open_gate(&alice, &app, to_approve).await;
     open_gate(&bob, &app, to_approve).await;
-    alice
-        .find(Locator::Css("#approve-form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&alice, "#approve-form button[type=submit]").await;
     alice.wait().for_element(Locator::Css("#recorded")).await.unwrap();
-    bob.find(Locator::Css("#reject-reason"))
-        .await
-        .unwrap()
-        .send_keys("no")
-        .await
-        .unwrap();
-    bob.find(Locator::Css("#reject-form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&bob, "#reject-reason", "no").await;
+    click(&bob, "#reject-form button[type=submit]").await;
     let conflict = bob
         .wait()
         .for_element(Locator::Css("#decision-error"))
@@ -550,12 +494,7 @@ async fn a_viewer_sees_gates_read_only_and_cannot_decide() {
     assert!(c.find(Locator::Css("#approve-form")).await.is_err());
     assert!(text_of(&c, "p.readonly").await.contains("only view"));
     // Sign out: the inbox asks for a token again.
-    c.find(Locator::Css("header form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "header form button").await;
     c.wait().for_element(Locator::Css("#token")).await.unwrap();
     c.goto(&format!("{}/", app.url)).await.unwrap();
     assert!(c.current_url().await.unwrap().path().starts_with("/signin"));

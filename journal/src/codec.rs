@@ -184,6 +184,44 @@ fn decode_body(run: RunId, seq: Seq, body: &[u8]) -> Result<Event> {
     Ok(event)
 }
 
+/// An append's events, encoded once (outside any transaction: stores may retry theirs).
+pub struct Encoded {
+    /// The stored records, in order.
+    pub records: Vec<Vec<u8>>,
+    /// Each event as numbered, with its chain hash.
+    pub events: Vec<(Event, ChainHash)>,
+}
+
+/// Numbers `kinds` from `first` (all at `at`), chains them from `head`, and encodes them.
+pub fn encode_append(
+    run: RunId,
+    first: Seq,
+    at: chrono::DateTime<chrono::Utc>,
+    kinds: Vec<crate::event::EventKind>,
+    head: &ChainHash,
+    limit: usize,
+) -> Result<Encoded> {
+    let mut out = Encoded {
+        records: Vec::with_capacity(kinds.len()),
+        events: Vec::with_capacity(kinds.len()),
+    };
+    let mut head = *head;
+    for (i, kind) in kinds.into_iter().enumerate() {
+        let event = Event {
+            run,
+            seq: first.plus(i as u64),
+            at,
+            v: kind.format(),
+            event: kind,
+        };
+        let (record, hash) = encode(&event, &head, limit)?;
+        out.records.push(record);
+        out.events.push((event, hash));
+        head = hash;
+    }
+    Ok(out)
+}
+
 /// Decodes and verifies a run's records `[from, next_seq)`, as every store reads them:
 /// each record's checksum and envelope, the chain from the record before `from`
 /// (`before`, required when `from > 0`), no gaps, nothing missing at the end, and the

@@ -769,22 +769,14 @@ impl Store for SledStore {
             }));
         }
         // Encode outside the transaction: sled may run the closure more than once.
-        let mut records = Vec::with_capacity(append.events.len());
-        let mut events = Vec::with_capacity(append.events.len());
-        let mut head = current.head;
-        for (i, kind) in append.events.into_iter().enumerate() {
-            let event = Event {
-                run,
-                seq: append.expected.plus(i as u64),
-                at: append.at,
-                v: kind.format(),
-                event: kind,
-            };
-            let (record, hash) = codec::encode(&event, &head, self.inner.options.max_event_bytes)?;
-            records.push(record);
-            events.push((event, hash));
-            head = hash;
-        }
+        let codec::Encoded { records, events } = codec::encode_append(
+            run,
+            append.expected,
+            append.at,
+            append.events,
+            &current.head,
+            self.inner.options.max_event_bytes,
+        )?;
         let outcome = self.transact(|t| {
             let Some(mut summary) = get_summary(&t[RUNS], run)? else {
                 return Err(Tx::Abort(Error::UnknownRun(run)));

@@ -705,22 +705,14 @@ impl Store for PgStore {
             }));
         }
         // Encode once, outside the transaction.
-        let mut records = Vec::with_capacity(append.events.len());
-        let mut events = Vec::with_capacity(append.events.len());
-        let mut head = current.head;
-        for (i, kind) in append.events.into_iter().enumerate() {
-            let event = Event {
-                run,
-                seq: append.expected.plus(i as u64),
-                at: append.at,
-                v: kind.format(),
-                event: kind,
-            };
-            let (record, hash) = codec::encode(&event, &head, self.inner.options.max_event_bytes)?;
-            records.push(record);
-            events.push((event, hash));
-            head = hash;
-        }
+        let codec::Encoded { records, events } = codec::encode_append(
+            run,
+            append.expected,
+            append.at,
+            append.events,
+            &current.head,
+            self.inner.options.max_event_bytes,
+        )?;
         let outcome = retrying(|| async {
             let mut c = self.inner.pool.get().await?;
             let tx = c.transaction().await?;
