@@ -144,12 +144,17 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The payments made: the log a person reads, checked against the ledger's record.
 fn ledger(server: &Server) -> Vec<Value> {
-    std::fs::read_to_string(server.tools().join("ledger.jsonl"))
+    let path = server.tools().join("ledger.jsonl");
+    let log: Vec<Value> = std::fs::read_to_string(&path)
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+        .collect();
+    let record = holdpoint::workflows::Ledger::new(&path).entries().unwrap();
+    assert_eq!(log.len(), record.len(), "the log and the payment files agree");
+    log
 }
 
 #[test]

@@ -185,7 +185,8 @@ impl Client {
     /// Long-polls until the run is quiet (waiting for a person, or ended); the API
     /// process hears of other processes' writes by LISTEN/NOTIFY.
     fn settle(&self, run: &str) -> Value {
-        loop {
+        // At most four minutes: a run that never settles fails the test, never hangs it.
+        for _ in 0..8 {
             let (st, b) = self.call(
                 "GET",
                 &format!("/v1/runs/{run}/wait?timeout_ms=30000"),
@@ -197,6 +198,7 @@ impl Client {
                 return b;
             }
         }
+        panic!("run {run} did not settle in four minutes");
     }
     fn approve(&self, run: &str) {
         let (st, b) = self.call(
@@ -209,11 +211,13 @@ impl Client {
     }
 }
 
+/// The payments made (the ledger's payment files, its record).
 fn ledger(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("data/tools/ledger.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+    holdpoint::workflows::Ledger::new(dir.join("data/tools/ledger.jsonl"))
+        .entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| serde_json::to_value(e).unwrap())
         .collect()
 }
 
