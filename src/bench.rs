@@ -291,7 +291,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
                 url,
                 PgOptions {
                     schema: schema.clone(),
-                    pool_size: 32,
+                    pool_size: 16,
                     ..Default::default()
                 },
             )
@@ -574,6 +574,9 @@ fn spawn_workers(url: &str, schema: &str, n: usize, concurrency: usize) -> Resul
         let mut child = std::process::Command::new(&exe)
             .args(["worker", "--pg", url, "--pg-schema", schema, "--concurrency"])
             .arg(concurrency.to_string())
+            // 64 connections in all, whatever the number of processes.
+            .arg("--pg-pool")
+            .arg((64 / n.max(1)).max(4).to_string())
             .env("HOLDPOINT_LOG", "error")
             .stdout(std::process::Stdio::piped())
             .spawn()

@@ -273,6 +273,10 @@ pub struct PgArgs {
     /// The schema holding Holdpoint's tables in that database.
     #[arg(long, default_value = "holdpoint")]
     pub pg_schema: String,
+    /// Connections this process keeps to PostgreSQL (plus one that listens): keep the
+    /// sum over all processes under the server's `max_connections`.
+    #[arg(long, default_value_t = 16)]
+    pub pg_pool: usize,
 }
 
 /// `holdpoint worker`.
@@ -1091,6 +1095,7 @@ async fn connect_pg(pg: &PgArgs, outbox: Vec<String>) -> Result<Option<holdpoint
         url,
         holdpoint_pg::PgOptions {
             schema: pg.pg_schema.clone(),
+            pool_size: pg.pg_pool,
             outbox_endpoints: outbox,
             ..Default::default()
         },
