@@ -1089,7 +1089,7 @@ fn load_policy(path: Option<&Path>) -> Result<crate::Policy> {
     })
 }
 
-async fn connect_pg(pg: &PgArgs, outbox: Vec<String>) -> Result<Option<holdpoint_pg::PgStore>> {
+async fn connect_pg(pg: &PgArgs, outbox: Option<Vec<String>>) -> Result<Option<holdpoint_pg::PgStore>> {
     let Some(url) = &pg.pg else { return Ok(None) };
     let store = holdpoint_pg::PgStore::connect(
         url,
@@ -1105,7 +1105,7 @@ async fn connect_pg(pg: &PgArgs, outbox: Vec<String>) -> Result<Option<holdpoint
 }
 
 async fn worker(args: WorkerArgs, registry: Registry) -> Result<()> {
-    let store = connect_pg(&args.pg, Vec::new()).await?.ok_or_else(|| {
+    let store = connect_pg(&args.pg, None).await?.ok_or_else(|| {
         CliError("worker needs --pg URL (or HOLDPOINT_PG): the embedded store is one process".into())
     })?;
     let engine = Engine::builder(store, registry)
@@ -1141,7 +1141,7 @@ async fn serve(args: ServeArgs, registry: Registry, demo: bool) -> Result<()> {
         None => None,
     };
     let outbox = hooks.as_ref().map(|h| h.names()).unwrap_or_default();
-    if let Some(store) = connect_pg(&args.pg, outbox.clone()).await? {
+    if let Some(store) = connect_pg(&args.pg, Some(outbox.clone())).await? {
         return serve_on(store, args, registry, demo, hooks, |_| Ok(())).await;
     }
     let store = SledStore::open_with(

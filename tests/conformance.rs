@@ -73,7 +73,7 @@ async fn pg(opts: Opts) -> PgStore {
             pool_size: 8,
             max_event_bytes: opts.max_event_bytes.unwrap_or(d.max_event_bytes),
             max_run_events: opts.max_run_events.unwrap_or(d.max_run_events),
-            outbox_endpoints: opts.outbox,
+            outbox_endpoints: Some(opts.outbox),
             ..d
         },
     )
@@ -783,4 +783,50 @@ async fn engine_two_engines_on_one_store_drive_each_run_once<S: Subject>(store: 
     );
     wa.shutdown().await;
     wb.shutdown().await;
+}
+
+/// PostgreSQL keeps the webhook endpoints in the database: a process that names none (a
+/// worker) still queues for the ones `serve` configured, and a new list drops the
+/// queues of endpoints no longer named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_workers_queue_notifications_for_the_servers_endpoints() {
+    let server = pg(Opts {
+        outbox: vec!["ops".into(), "old".into()],
+        ..Opts::default()
+    })
+    .await;
+    let worker = PgStore::connect(
+        &pg_url(),
+        PgOptions {
+            schema: server.schema().to_string(),
+            outbox_endpoints: None,
+            ..PgOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let run = worker.create_run(new_run("w")).await.unwrap().run();
+    worker
+        .append(append(run, 1, vec![gate(0)]))
+        .await
+        .unwrap()
+        .unwrap();
+    for endpoint in ["ops", "old"] {
+        let q = server.outbox(endpoint, 10).await.unwrap();
+        assert_eq!(q.len(), 1, "{endpoint}");
+        assert_eq!(q[0].notification.kind, NotificationKind::GateOpened);
+    }
+    let restarted = PgStore::connect(
+        &pg_url(),
+        PgOptions {
+            schema: server.schema().to_string(),
+            outbox_endpoints: Some(vec!["ops".into()]),
+            ..PgOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(restarted.outbox("old", 10).await.unwrap().is_empty());
+    assert_eq!(restarted.outbox("ops", 10).await.unwrap().len(), 1);
+    server.drop_schema().await.unwrap();
 }

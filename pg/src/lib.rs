@@ -47,8 +47,12 @@ pub struct PgOptions {
     pub max_event_bytes: usize,
     pub max_run_events: u64,
     pub max_run_bytes: u64,
-    /// Webhook endpoints whose notifications are queued (see the sled store).
-    pub outbox_endpoints: Vec<String>,
+    /// Webhook endpoints whose notifications are queued. They are kept in the database,
+    /// so every process queues for them (workers append most gate events): `Some` makes
+    /// the database's list exactly this one (what `serve` does with its webhooks file;
+    /// queues of endpoints no longer named are dropped), `None` leaves it as it is
+    /// (workers).
+    pub outbox_endpoints: Option<Vec<String>>,
     /// Apply pending migrations on connect (what `serve --pg` does).
     pub migrate: bool,
     /// PostgreSQL ends a session left idle inside a transaction this long, releasing its
@@ -65,7 +69,7 @@ impl Default for PgOptions {
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             max_run_events: 100_000,
             max_run_bytes: 64 * 1024 * 1024,
-            outbox_endpoints: Vec::new(),
+            outbox_endpoints: None,
             migrate: true,
             idle_in_transaction_timeout: Duration::from_secs(10),
         }
@@ -208,6 +212,9 @@ impl PgStore {
             migrations::migrate(&pool, &options.schema).await?;
         } else {
             migrations::check(&pool, &options.schema).await?;
+        }
+        if let Some(names) = &options.outbox_endpoints {
+            set_endpoints(&pool, &options.schema, names).await?;
         }
         let channel = format!("holdpoint_{}", options.schema);
         let (changes, _) = watch::channel(0);
@@ -427,26 +434,24 @@ impl PgStore {
                     }
                 }
                 IndexChange::Notify(mut n) => {
-                    if self.inner.options.outbox_endpoints.is_empty() {
-                        continue;
-                    }
                     if n.action.is_none() {
                         n.action = self
                             .pending_entry(tx, summary.id, n.gate)
                             .await?
                             .map(|g| g.action);
                     }
-                    for endpoint in &self.inner.options.outbox_endpoints {
-                        tx.execute(
-                            &format!(
-                                "INSERT INTO {} (endpoint, id, notification) VALUES ($1, nextval('{}'), $2)",
-                                self.t("outbox"),
-                                self.t("outbox_ids")
-                            ),
-                            &[endpoint, &Json(&*n)],
-                        )
-                        .await?;
-                    }
+                    // One row per configured endpoint (none: nothing queued).
+                    tx.execute(
+                        &format!(
+                            "INSERT INTO {} (endpoint, id, notification) \
+                             SELECT name, nextval('{}'), $1 FROM {} ORDER BY name",
+                            self.t("outbox"),
+                            self.t("outbox_ids"),
+                            self.t("webhook_endpoints")
+                        ),
+                        &[&Json(&*n)],
+                    )
+                    .await?;
                 }
             }
         }
@@ -558,6 +563,35 @@ impl PgStore {
             .map_err(pg)?;
         Ok(row.map(|r| r.get(0)))
     }
+}
+
+/// Makes the database's webhook endpoints exactly `names`, dropping the queues of the
+/// others.
+async fn set_endpoints(pool: &Pool, schema: &str, names: &[String]) -> Result<()> {
+    let mut c = pool.get().await.map_err(pg)?;
+    let tx = c.transaction().await.map_err(pg)?;
+    let names: Vec<String> = names.to_vec();
+    tx.execute(
+        &format!("DELETE FROM {schema}.outbox WHERE endpoint <> ALL($1)"),
+        &[&names],
+    )
+    .await
+    .map_err(pg)?;
+    tx.execute(
+        &format!("DELETE FROM {schema}.webhook_endpoints WHERE name <> ALL($1)"),
+        &[&names],
+    )
+    .await
+    .map_err(pg)?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {schema}.webhook_endpoints (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING"
+        ),
+        &[&names],
+    )
+    .await
+    .map_err(pg)?;
+    tx.commit().await.map_err(pg)
 }
 
 /// Holds a LISTEN connection and bumps `changes` on every notification; reconnects when

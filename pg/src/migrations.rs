@@ -7,9 +7,10 @@ use deadpool_postgres::Pool;
 use holdpoint_journal::{Error, Result};
 
 /// `(version, SQL)`; `{s}` is the schema. Never edit a released migration: add one.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE {s}.runs (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE {s}.runs (
         run_id UUID PRIMARY KEY,
         summary JSONB NOT NULL,
         status TEXT NOT NULL,
@@ -62,7 +63,9 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     );
     CREATE SEQUENCE {s}.outbox_ids;
     CREATE SEQUENCE {s}.lease_tokens;",
-)];
+    ),
+    (2, "CREATE TABLE {s}.webhook_endpoints (name TEXT PRIMARY KEY);"),
+];
 
 /// The newest version this build knows.
 pub fn latest() -> i32 {
