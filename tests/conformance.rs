@@ -208,6 +208,15 @@ fn approve(p: u32, by: &str) -> EventKind {
     }
 }
 
+/// The one ready run, leased by a new worker for 30 s.
+async fn claim_one<S: Subject>(store: &S) -> Lease {
+    store
+        .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 1)
+        .await
+        .unwrap()
+        .remove(0)
+}
+
 fn append(run: RunId, expected: u64, events: Vec<EventKind>) -> Append {
     Append {
         run,
@@ -405,11 +414,7 @@ async fn an_expired_lease_is_taken_over_and_the_old_holder_cannot_append<S: Subj
 
 async fn a_wake_up_during_a_lease_is_kept_for_its_release<S: Subject>(store: S) {
     let run = store.create_run(new_run("w")).await.unwrap().run();
-    let lease = store
-        .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 1)
-        .await
-        .unwrap()
-        .remove(0);
+    let lease = claim_one(&store).await;
     let mut a = append(run, 1, vec![gate(0)]);
     a.lease = Some(lease.token);
     store.append(a).await.unwrap().unwrap();
@@ -630,11 +635,7 @@ async fn the_outbox_queues_notifications_per_endpoint_in_order<S: Subject>(store
 
 async fn stuck_runs_are_parked_and_never_claimed<S: Subject>(store: S) {
     let run = store.create_run(new_run("w")).await.unwrap().run();
-    let lease = store
-        .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 1)
-        .await
-        .unwrap()
-        .remove(0);
+    let lease = claim_one(&store).await;
     store.mark_stuck(&lease, "code changed".into()).await.unwrap();
     let s = store.summary(run).await.unwrap().unwrap();
     assert_eq!(

@@ -222,6 +222,47 @@ pub fn encode_append(
     Ok(out)
 }
 
+/// What every store does before its write: the run must exist and be at the append's
+/// expected seq (else a conflict value naming what is there); then its events are
+/// numbered, chained from the run's head and encoded, once, outside the write (which
+/// stores may retry). Returns the summary it checked against, for the write to compare.
+pub fn prepare_append(
+    current: Option<crate::store::RunSummary>,
+    append: crate::store::Append,
+    limit: usize,
+) -> Result<std::result::Result<(crate::store::RunSummary, Encoded), crate::store::AppendConflict>> {
+    let run = append.run;
+    let Some(current) = current else {
+        return Err(Error::UnknownRun(run));
+    };
+    if current.next_seq != append.expected {
+        return Ok(Err(crate::store::AppendConflict {
+            run,
+            expected: append.expected,
+            found: current.next_seq,
+        }));
+    }
+    let encoded = encode_append(
+        run,
+        append.expected,
+        append.at,
+        append.events,
+        &current.head,
+        limit,
+    )?;
+    Ok(Ok((current, encoded)))
+}
+
+/// A journal holding events past the seq its run's summary knows (found by the strict,
+/// offline check).
+pub fn past_summary(run: RunId, next_seq: Seq) -> Error {
+    Error::Corrupt {
+        run,
+        seq: next_seq,
+        reason: format!("journal has events past seq {next_seq} that the run's summary does not know"),
+    }
+}
+
 /// Decodes and verifies a run's records `[from, next_seq)`, as every store reads them:
 /// each record's checksum and envelope, the chain from the record before `from`
 /// (`before`, required when `from > 0`), no gaps, nothing missing at the end, and the

@@ -300,14 +300,7 @@ impl SledStore {
             .range(event_key(run, summary.next_seq)..=event_key(run, Seq(u64::MAX)))
             .next();
         if past.is_some() {
-            return Err(Error::Corrupt {
-                run,
-                seq: summary.next_seq,
-                reason: format!(
-                    "journal has events past seq {} that the run's summary does not know",
-                    summary.next_seq
-                ),
-            });
+            return Err(codec::past_summary(run, summary.next_seq));
         }
         Ok((summary.next_seq, summary.head))
     }
@@ -758,40 +751,30 @@ impl Store for SledStore {
 
     async fn append(&self, append: Append) -> Result<std::result::Result<Appended, AppendConflict>> {
         let run = append.run;
-        let Some(current) = self.summary_now(run)? else {
-            return Err(Error::UnknownRun(run));
+        let expected = append.expected;
+        let lease = append.lease;
+        // Encoded here, outside the transaction: sled may run the closure more than once.
+        let prepared =
+            codec::prepare_append(self.summary_now(run)?, append, self.inner.options.max_event_bytes)?;
+        let (current, codec::Encoded { records, events }) = match prepared {
+            Ok(p) => p,
+            Err(conflict) => return Ok(Err(conflict)),
         };
-        if current.next_seq != append.expected {
-            return Ok(Err(AppendConflict {
-                run,
-                expected: append.expected,
-                found: current.next_seq,
-            }));
-        }
-        // Encode outside the transaction: sled may run the closure more than once.
-        let codec::Encoded { records, events } = codec::encode_append(
-            run,
-            append.expected,
-            append.at,
-            append.events,
-            &current.head,
-            self.inner.options.max_event_bytes,
-        )?;
         let outcome = self.transact(|t| {
             let Some(mut summary) = get_summary(&t[RUNS], run)? else {
                 return Err(Tx::Abort(Error::UnknownRun(run)));
             };
-            if summary.next_seq != append.expected || summary.head != current.head {
+            if summary.next_seq != expected || summary.head != current.head {
                 return Ok(Err(AppendConflict {
                     run,
-                    expected: append.expected,
+                    expected,
                     found: summary.next_seq,
                 }));
             }
             if summary.status.is_terminal() {
                 return Err(Tx::Abort(Error::RunEnded(run)));
             }
-            if let Some(token) = append.lease {
+            if let Some(token) = lease {
                 let held = match t[LEASES].get(run.as_bytes())? {
                     Some(b) => serde_json::from_slice::<Lease>(&b)
                         .map(|l| l.token == token)

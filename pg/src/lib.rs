@@ -519,14 +519,7 @@ impl PgStore {
             .await
             .map_err(pg)?;
         if past.is_some() {
-            return Err(Error::Corrupt {
-                run,
-                seq: summary.next_seq,
-                reason: format!(
-                    "journal has events past seq {} that the run's summary does not know",
-                    summary.next_seq
-                ),
-            });
+            return Err(codec::past_summary(run, summary.next_seq));
         }
         Ok((summary.next_seq, summary.head))
     }
@@ -728,42 +721,34 @@ impl Store for PgStore {
 
     async fn append(&self, append: Append) -> Result<std::result::Result<Appended, AppendConflict>> {
         let run = append.run;
-        let Some(current) = self.read_summary(run).await? else {
-            return Err(Error::UnknownRun(run));
-        };
-        if current.next_seq != append.expected {
-            return Ok(Err(AppendConflict {
-                run,
-                expected: append.expected,
-                found: current.next_seq,
-            }));
-        }
-        // Encode once, outside the transaction.
-        let codec::Encoded { records, events } = codec::encode_append(
-            run,
-            append.expected,
-            append.at,
-            append.events,
-            &current.head,
+        let expected = append.expected;
+        let lease = append.lease;
+        let prepared = codec::prepare_append(
+            self.read_summary(run).await?,
+            append,
             self.inner.options.max_event_bytes,
         )?;
+        let (current, codec::Encoded { records, events }) = match prepared {
+            Ok(p) => p,
+            Err(conflict) => return Ok(Err(conflict)),
+        };
         let outcome = retrying(|| async {
             let mut c = self.inner.pool.get().await?;
             let tx = c.transaction().await?;
             let Some((mut summary, token)) = self.locked_summary(&tx, run).await? else {
                 return Err(TxError::Journal(Error::UnknownRun(run)));
             };
-            if summary.next_seq != append.expected || summary.head != current.head {
+            if summary.next_seq != expected || summary.head != current.head {
                 return Ok(Err(AppendConflict {
                     run,
-                    expected: append.expected,
+                    expected,
                     found: summary.next_seq,
                 }));
             }
             if summary.status.is_terminal() {
                 return Err(TxError::Journal(Error::RunEnded(run)));
             }
-            if let Some(want) = append.lease {
+            if let Some(want) = lease {
                 if token != Some(want.0 as i64) {
                     return Err(TxError::Journal(Error::LeaseLost(run)));
                 }
