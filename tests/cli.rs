@@ -1,8 +1,9 @@
 //! End to end: the real `holdpoint` binary on a free loopback port with a temp data
 //! directory; decisions through the CLI; effects observed in the agents' tools.
 
+mod common;
+
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -44,36 +45,24 @@ role = "operator"
             ),
         )
         .unwrap();
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--addr",
-                "127.0.0.1:0",
-                "--body-limit",
-                "65536",
-                "--data",
-            ])
-            .arg(data)
-            .arg("--tokens")
-            .arg(&tokens)
-            .args(extra)
-            .env("HOLDPOINT_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().expect("server printed nothing").unwrap();
-        let url = first
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no url in {first:?}"))
-            .to_string();
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--body-limit",
+            "65536",
+            "--data",
+        ])
+        .arg(data)
+        .arg("--tokens")
+        .arg(&tokens)
+        .args(extra)
+        .env("HOLDPOINT_LOG", "warn");
+        let (child, first) = common::spawn_ready(&mut cmd);
         Server {
             child,
-            url,
+            url: common::url_in(&first),
             data: data.to_path_buf(),
         }
     }

@@ -5,10 +5,11 @@
 //!
 //! `HOLDPOINT_MP_RUNS` sets the runs of the main test (default 1,000).
 
+mod common;
+
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdpoint");
 const ADMIN: &str = "admin-token-0123456789";
@@ -73,16 +74,7 @@ impl Proc {
 
 /// Spawns `holdpoint ARGS` and waits for its first line of output (it is ready then).
 fn spawn(args: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("HOLDPOINT_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().expect("the process printed nothing").unwrap();
-    std::thread::spawn(move || for _ in lines {});
+    let (child, first) = common::spawn_ready(Command::new(BIN).args(args).env("HOLDPOINT_LOG", "warn"));
     (Proc(child), first)
 }
 
@@ -116,12 +108,7 @@ fn api(schema: &Schema, dir: &Path) -> (Proc, String) {
         "--data",
         data.to_str().unwrap(),
     ]);
-    let url = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no url in {first:?}"))
-        .to_string();
-    (p, url)
+    (p, common::url_in(&first))
 }
 
 fn worker(schema: &Schema, dir: &Path, lease_secs: u64) -> Proc {

@@ -183,3 +183,27 @@ pub fn event_key(run: holdpoint::journal::RunId, seq: u64) -> Vec<u8> {
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }
+
+/// Spawns `cmd` (the binary under test) with stdout piped and returns once it printed its
+/// first line (it is ready then), with that line; the rest of its output is drained so it
+/// never blocks on a full pipe.
+pub fn spawn_ready(cmd: &mut std::process::Command) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("the process printed nothing").unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    (child, first)
+}
+
+/// The `http://` address a server's first line names.
+pub fn url_in(line: &str) -> String {
+    line.split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no url in {line:?}"))
+        .to_string()
+}
