@@ -213,6 +213,11 @@ struct Figures {
 /// The invariants, checked on the directory as the crash left it.
 async fn check(dir: &Path, runs: u64) -> Result<Figures, String> {
     let store = SledStore::open(dir.join("data")).map_err(|e| format!("reopen failed: {e}"))?;
+    // Every index agrees with the journals: no commit a crash cut is left half-done.
+    let problems = store.check_indexes().map_err(|e| e.to_string())?;
+    if !problems.is_empty() {
+        return Err(format!("indexes disagree with journals: {problems:?}"));
+    }
     let mut fig = Figures::default();
     // Journals: each verifies; no position completes twice; what each gate allowed.
     let mut allowed: BTreeMap<String, Option<Payment>> = BTreeMap::new(); // key run/pos -> allowed args (None: not allowed)
@@ -326,6 +331,7 @@ fn parent() -> Result<(), String> {
         "append-before-flush",
         "group-commit-before-fsync",
         "step-after-effect",
+        "commit-before-indexes",
     ];
     let (mut kills, mut aborts, mut finished_early) = (0, 0, 0);
     let gated = runs.div_ceil(3);
@@ -342,7 +348,7 @@ fn parent() -> Result<(), String> {
         let armed = cfg!(feature = "failpoints") && cycle % 2 == 1;
         let mut how = "SIGKILL".to_string();
         if armed {
-            let point = failpoints[pick(seed, &format!("fp {cycle}"), 3) as usize];
+            let point = failpoints[pick(seed, &format!("fp {cycle}"), failpoints.len() as u64) as usize];
             let after = 1 + pick(seed, &format!("fp n {cycle}"), 400);
             cmd.env("HOLDPOINT_FAILPOINT", format!("{point}:{after}"));
             how = format!("failpoint {point} after {after} passes");

@@ -4,7 +4,9 @@
 //!
 //! Points: `append-before-flush` (an append's transaction committed, not yet flushed),
 //! `group-commit-before-fsync` (sled flushed, our fsync not yet done),
-//! `step-after-effect` (a step's body returned; its `step-completed` not yet recorded).
+//! `step-after-effect` (a step's body returned; its `step-completed` not yet recorded),
+//! `commit-before-indexes` (a sled commit's intent, events and summary written and
+//! handed to the disk, its index changes not yet: recovery must finish it).
 
 #[cfg(feature = "failpoints")]
 mod imp {
@@ -15,6 +17,10 @@ mod imp {
     static HITS: AtomicU64 = AtomicU64::new(0);
 
     pub fn hit(name: &str) {
+        hit_after(name, || {})
+    }
+
+    pub fn hit_after(name: &str, before_abort: impl FnOnce()) {
         let plan = PLAN.get_or_init(|| {
             let spec = std::env::var("HOLDPOINT_FAILPOINT").ok()?;
             let (n, count) = spec.split_once(':')?;
@@ -22,6 +28,7 @@ mod imp {
         });
         if let Some((n, count)) = plan {
             if n == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 >= *count {
+                before_abort();
                 eprintln!("failpoint {name}: aborting");
                 std::process::abort();
             }
@@ -34,4 +41,12 @@ mod imp {
 pub fn hit(_name: &str) {
     #[cfg(feature = "failpoints")]
     imp::hit(_name);
+}
+
+/// Passes a crash point that runs `before_abort` (say, a flush, so the crash finds the
+/// writes so far on disk) when it fires.
+#[inline]
+pub fn hit_after(_name: &str, _before_abort: impl FnOnce()) {
+    #[cfg(feature = "failpoints")]
+    imp::hit_after(_name, _before_abort);
 }

@@ -14,19 +14,40 @@
 //! | `deadlines` | due ms (8) ++ run (16) ++ gate (4) | empty               |
 //! | `rule_decisions` | rule ++ 0 ++ ms (8) ++ run (16) ++ gate (4) | `RuleDecision` JSON |
 //!
-//! **Write path.** An append encodes its records outside any transaction (sled retries
-//! transaction closures, so they must stay pure and cheap), then one multi-tree
-//! transaction checks the expected seq and the lease, inserts the records and applies
-//! [`RunSummary::apply`]'s index changes. Then the caller joins the next group commit:
-//! one flusher thread runs `Db::flush` (which writes sled's buffers with
+//! | `intents`   | run (16)                     | commit intent (see below) |
+//!
+//! **Write path.** sled's multi-tree transactions (and batches) switch the whole
+//! process to a global reader-writer lock that `Db::flush` holds for its entire I/O
+//! wait, so every commit stalled behind every group commit; the store uses neither.
+//! Writes are plain inserts and removes, serialized by one mutex per store, in a fixed
+//! order that recovery can finish: an append encodes its records outside the lock, then
+//! under it checks the expected seq and the lease, and writes
+//! 1. an *intent* for the run (the summary before the commit and the seq after it),
+//! 2. the events,
+//! 3. the new summary (and its status key),
+//! 4. the index changes [`RunSummary::apply`] derived (pending gates, ready queue,
+//!    deadlines, idempotency keys, rule history, outbox),
+//! 5. and removes the intent.
+//!
+//! Readers never see an index entry before the summary that covers it (a gate shows in
+//! `pending` only once `read` returns its event). Then the caller joins the next group
+//! commit: one flusher thread runs `Db::flush` (which writes sled's buffers with
 //! `sync_file_range`) and then `fdatasync` on sled's data file through our own handle,
 //! and wakes every append that was waiting when the flush began. So an acknowledged
 //! append survives a process crash, a kernel crash and a power loss (given a disk that
 //! honours flushes), and concurrent appends share one sync.
 //!
-//! **Recovery.** Events and indexes are written in one transaction, so they never
-//! disagree. Leases die with their process: on open, every lease left in the file is
-//! turned back into a ready entry, so an activation a crash interrupted is driven again.
+//! **Recovery.** sled recovers a prefix of its log, so after a crash a commit is either
+//! absent, complete, or cut somewhere after its intent. On open, each intent left over
+//! is finished: if all its events are there, the summary and every index change are
+//! derived again from the summary before and those events, and written (each write is
+//! idempotent); if some event is missing, the ones there are removed and the old
+//! summary put back. Either way the commit was never acknowledged.
+//!
+//! **Leases** live in memory (sled allows one process per directory, so a lease dies
+//! with its process anyway). A claimed run keeps its `ready` entry until its release,
+//! so a run whose activation a crash interrupted is driven again after the restart; the
+//! ready queue's keys are mirrored in memory for claims.
 
 use crate::codec::{self, ChainHash};
 use crate::error::{Error, Result};
@@ -37,10 +58,7 @@ use crate::store::{
     NewRun, Outgoing, PendingGate, RuleDecision, RunStatus, RunSummary, Store,
 };
 use chrono::{DateTime, TimeZone, Utc};
-use sled::transaction::{
-    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
-};
-use sled::Transactional;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,6 +114,8 @@ struct Inner {
     changes: watch::Sender<u64>,
     options: SledOptions,
     outbox_next: AtomicU64,
+    /// Held across every write (see the module docs); never across an await.
+    state: Mutex<State>,
 }
 
 #[derive(Clone)]
@@ -105,40 +125,71 @@ struct Trees {
     by_status: sled::Tree,
     pending: sled::Tree,
     ready: sled::Tree,
+    /// Written by earlier versions only: leases are in memory now. Emptied on open.
     leases: sled::Tree,
     starts: sled::Tree,
     deadlines: sled::Tree,
     rule_decisions: sled::Tree,
     /// Notifications to deliver, per endpoint: `endpoint \0 id(8, big-endian)`.
     outbox: sled::Tree,
+    /// Commits in progress: run -> [`Intent`].
+    intents: sled::Tree,
 }
 
-// Positions of the trees in the slice every transaction uses.
-const EVENTS: usize = 0;
-const RUNS: usize = 1;
-const BY_STATUS: usize = 2;
-const PENDING: usize = 3;
-const READY: usize = 4;
-const LEASES: usize = 5;
-const STARTS: usize = 6;
-const DEADLINES: usize = 7;
-const RULE_DECISIONS: usize = 8;
-const OUTBOX: usize = 9;
+/// What the writers share: the leases and the ready queue's mirror.
+#[derive(Default)]
+struct State {
+    leases: HashMap<RunId, Lease>,
+    /// Every entry of the `ready` tree: run -> due (ms). A run has at most one.
+    wake: HashMap<RunId, u64>,
+    /// The entries of runs no worker holds, by due time: what `claim` takes.
+    ready: BTreeSet<(u64, RunId)>,
+    next_token: u64,
+}
 
-impl Trees {
-    fn all(&self) -> [&sled::Tree; 10] {
-        [
-            &self.events,
-            &self.runs,
-            &self.by_status,
-            &self.pending,
-            &self.ready,
-            &self.leases,
-            &self.starts,
-            &self.deadlines,
-            &self.rule_decisions,
-            &self.outbox,
-        ]
+impl State {
+    fn leased(&self, run: RunId, token: LeaseToken) -> bool {
+        self.leases.get(&run).is_some_and(|l| l.token == token)
+    }
+}
+
+/// An unfinished commit, as stored under `intents`: enough to finish it or undo it.
+struct Intent {
+    /// The run's next seq once the commit's events are all written.
+    target: Seq,
+    /// The commit also parks the run (`mark_stuck`), with this reason.
+    stuck: Option<String>,
+    /// The summary before the commit, as stored (`None`: the commit creates the run).
+    old: Option<Vec<u8>>,
+}
+
+impl Intent {
+    fn encode(&self) -> Vec<u8> {
+        let stuck = self.stuck.as_deref().unwrap_or_default().as_bytes();
+        let old = self.old.as_deref().unwrap_or_default();
+        let mut v = Vec::with_capacity(14 + stuck.len() + old.len());
+        v.extend_from_slice(&self.target.0.to_be_bytes());
+        v.push(u8::from(self.stuck.is_some()));
+        v.extend_from_slice(&(stuck.len() as u32).to_be_bytes());
+        v.extend_from_slice(stuck);
+        v.push(u8::from(self.old.is_some()));
+        v.extend_from_slice(old);
+        v
+    }
+
+    fn decode(run: RunId, bytes: &[u8]) -> Result<Intent> {
+        let bad = || Error::Storage(format!("commit intent of run {run} is malformed"));
+        let target = Seq(u64::from_be_bytes(
+            bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(bad)?,
+        ));
+        let has_stuck = *bytes.get(8).ok_or_else(bad)? == 1;
+        let len =
+            u32::from_be_bytes(bytes.get(9..13).and_then(|b| b.try_into().ok()).ok_or_else(bad)?) as usize;
+        let stuck = bytes.get(13..13 + len).ok_or_else(bad)?;
+        let stuck = has_stuck.then(|| String::from_utf8_lossy(stuck).into_owned());
+        let has_old = *bytes.get(13 + len).ok_or_else(bad)? == 1;
+        let old = has_old.then(|| bytes.get(14 + len..).unwrap_or_default().to_vec());
+        Ok(Intent { target, stuck, old })
     }
 }
 
@@ -172,11 +223,17 @@ impl SledStore {
             deadlines: db.open_tree("deadlines")?,
             rule_decisions: db.open_tree("rule_decisions")?,
             outbox: db.open_tree("outbox")?,
+            intents: db.open_tree("intents")?,
         };
         // sled keeps its log in `<dir>/db`; we fsync it ourselves (see module docs).
         let data_file = File::open(dir.join("db"))?;
         let flusher = GroupCommit::start(db.clone(), data_file);
         let (changes, _) = watch::channel(0);
+        let state = State {
+            // Fencing tokens only grow, across restarts too.
+            next_token: u64::try_from(Utc::now().timestamp_micros()).unwrap_or(1),
+            ..State::default()
+        };
         let store = SledStore {
             inner: Arc::new(Inner {
                 dir,
@@ -186,10 +243,13 @@ impl SledStore {
                 changes,
                 options,
                 outbox_next: AtomicU64::new(0),
+                state: Mutex::new(state),
             }),
         };
-        store.recover_leases()?;
         store.open_outboxes()?;
+        store.load_ready()?;
+        store.finish_intents()?;
+        store.recover_leases()?;
         Ok(store)
     }
 
@@ -347,31 +407,173 @@ impl SledStore {
         self.inner.flusher.wait().await
     }
 
-    /// Every lease left in the file belongs to a process that is gone (sled allows one
-    /// process per directory): put those runs back on the ready queue.
+    /// Leases left in the `leases` tree by an earlier version belong to a process that
+    /// is gone: put those runs back on the ready queue and empty the tree.
     fn recover_leases(&self) -> Result<()> {
-        // Due at once, whatever clock the engine runs on.
-        let now = DateTime::<Utc>::UNIX_EPOCH;
-        let runs: Vec<RunId> = self
-            .inner
-            .trees
+        let trees = &self.inner.trees;
+        let runs: Vec<(sled::IVec, RunId)> = trees
             .leases
             .iter()
             .keys()
-            .filter_map(|k| k.ok().and_then(|k| run_from_key(&k)))
+            .filter_map(|k| k.ok())
+            .filter_map(|k| run_from_key(&k).map(|r| (k, r)))
             .collect();
-        for run in runs {
-            self.transact(|t| {
-                t[LEASES].remove(&run.as_bytes()[..])?;
-                if let Some(mut summary) = get_summary(&t[RUNS], run)? {
-                    if !summary.status.is_terminal() && summary.stuck.is_none() {
-                        schedule(t, &mut summary, now)?;
-                        put_summary(t, &summary, None)?;
+        let mut st = self.state();
+        for (key, run) in runs {
+            if let Some(summary) = self.summary_now(run)? {
+                if !summary.status.is_terminal() && summary.stuck.is_none() {
+                    // Due at once, whatever clock the engine runs on.
+                    Writer::new(self, &mut st).schedule(run, DateTime::<Utc>::UNIX_EPOCH)?;
+                }
+            }
+            trees.leases.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// Mirrors the ready queue in memory, keeping the earliest entry of each run (a crash
+    /// between writing a new entry and removing the old one leaves two).
+    fn load_ready(&self) -> Result<()> {
+        let mut st = self.state();
+        let mut extra = Vec::new();
+        for key in self.inner.trees.ready.iter().keys() {
+            let key = key?;
+            let (Some(ms), Some(run)) = (
+                key.get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes),
+                key.get(8..).and_then(run_from_key),
+            ) else {
+                return Err(Error::Storage("malformed key in the ready queue".into()));
+            };
+            match st.wake.get(&run) {
+                Some(&first) if first <= ms => extra.push(key),
+                Some(&later) => {
+                    extra.push(ready_key(later, run).to_vec().into());
+                    st.ready.remove(&(later, run));
+                    st.wake.insert(run, ms);
+                    st.ready.insert((ms, run));
+                }
+                None => {
+                    st.wake.insert(run, ms);
+                    st.ready.insert((ms, run));
+                }
+            }
+        }
+        for key in extra {
+            self.inner.trees.ready.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// Finishes or undoes every commit a crash interrupted (see the module docs).
+    fn finish_intents(&self) -> Result<()> {
+        let pending: Vec<(RunId, Intent)> = self
+            .inner
+            .trees
+            .intents
+            .iter()
+            .map(|item| {
+                let (k, v) = item?;
+                let run =
+                    run_from_key(&k).ok_or_else(|| Error::Storage("malformed commit intent key".into()))?;
+                Ok((run, Intent::decode(run, &v)?))
+            })
+            .collect::<Result<_>>()?;
+        if !pending.is_empty() {
+            tracing::warn!(commits = pending.len(), "finishing commits a crash interrupted");
+        }
+        let mut st = self.state();
+        for (run, intent) in pending {
+            self.finish_intent(&mut st, run, intent)?;
+        }
+        Ok(())
+    }
+
+    fn finish_intent(&self, st: &mut State, run: RunId, intent: Intent) -> Result<()> {
+        let trees = &self.inner.trees;
+        let old = match &intent.old {
+            Some(bytes) => Some(decode_summary(run, bytes)?),
+            None => None,
+        };
+        let from = old.as_ref().map_or(Seq::ZERO, |s| s.next_seq);
+        let mut records = Vec::new();
+        for seq in from.0..intent.target.0 {
+            match trees.events.get(event_key(run, Seq(seq)))? {
+                Some(r) => records.push(r),
+                None => break,
+            }
+        }
+        // Decoded again (their hashes chain from the old head); a record that does not
+        // decode counts as missing.
+        let mut prev = old.as_ref().map_or(ChainHash::GENESIS, |s| s.head);
+        let mut events = Vec::new();
+        for (i, record) in records.iter().enumerate() {
+            match codec::decode(run, Seq(from.0 + i as u64), record, &prev) {
+                Ok((event, head)) => {
+                    prev = head;
+                    events.push((event, head));
+                }
+                Err(e) => {
+                    tracing::error!(%run, error = %e, "an unacknowledged commit does not decode");
+                    break;
+                }
+            }
+        }
+        let mut w = Writer::new(self, st);
+        if (events.len() as u64) < intent.target.0 - from.0 {
+            // Cut before its last event: nothing after the events was written. Undo.
+            for seq in from.0..intent.target.0 {
+                trees.events.remove(event_key(run, Seq(seq)))?;
+            }
+            match (&old, &intent.old) {
+                (Some(old), Some(bytes)) => {
+                    trees.runs.insert(run.as_bytes(), bytes.as_slice())?;
+                    w.put_status(old, None)?;
+                }
+                _ => {
+                    trees.runs.remove(run.as_bytes())?;
+                    for st in RunStatus::ALL {
+                        trees.by_status.remove(status_key(st, run))?;
                     }
                 }
-                Ok(())
-            })?;
+            }
+            trees.intents.remove(run.as_bytes())?;
+            tracing::warn!(%run, "undid a commit a crash cut short (it was never acknowledged)");
+            return Ok(());
         }
+        // Complete: derive the summary and the index changes again and write them.
+        let mut summary = match old {
+            Some(s) => s,
+            None => {
+                let Some((first, _)) = events.first() else {
+                    trees.intents.remove(run.as_bytes())?;
+                    return Ok(());
+                };
+                let new = new_run_from(first)?;
+                if let Some(key) = &new.idempotency_key {
+                    let mut v = run.as_bytes().to_vec();
+                    v.extend_from_slice(&new.request_hash()?);
+                    trees.starts.insert(key.as_bytes(), v)?;
+                }
+                RunSummary::start(&new)
+            }
+        };
+        let mut changes = Vec::new();
+        for ((event, head), record) in events.iter().zip(&records) {
+            summary.bytes += record.len() as u64;
+            changes.extend(summary.apply(event, *head));
+        }
+        if let Some(reason) = &intent.stuck {
+            park(&mut summary, reason);
+        }
+        w.put_summary(&summary, None)?;
+        w.apply_changes(&summary, changes)?;
+        if intent.stuck.is_some() {
+            w.unschedule(run)?;
+        }
+        trees.intents.remove(run.as_bytes())?;
+        tracing::warn!(%run, "finished a commit a crash interrupted");
         Ok(())
     }
 
@@ -402,51 +604,332 @@ impl SledStore {
         Ok(())
     }
 
-    fn transact<T>(&self, f: impl Fn(&[TransactionalTree]) -> std::result::Result<T, Tx>) -> Result<T> {
-        let all = self.inner.trees.all();
-        let trees: &[&sled::Tree] = &all;
-        let r: std::result::Result<T, TransactionError<Error>> = trees.transaction(|t| {
-            f(t).map_err(|e| match e {
-                Tx::Abort(e) => ConflictableTransactionError::Abort(e),
-                Tx::Sled(e) => e.into(),
-            })
-        });
-        match r {
-            Ok(v) => Ok(v),
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
-    }
-
-    fn outbox(&self) -> Outbox<'_> {
-        Outbox {
-            endpoints: &self.inner.options.outbox_endpoints,
-            next_id: &self.inner.outbox_next,
-        }
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn bump(&self) {
         self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// The stored summary, without its wake-up (see [`SledStore::with_wake`]).
     fn summary_now(&self, run: RunId) -> Result<Option<RunSummary>> {
         match self.inner.trees.runs.get(run.as_bytes())? {
             None => Ok(None),
             Some(v) => decode_summary(run, &v).map(Some),
         }
     }
-}
 
-/// The error type inside transaction closures.
-enum Tx {
-    Abort(Error),
-    Sled(UnabortableTransactionError),
-}
-
-impl From<UnabortableTransactionError> for Tx {
-    fn from(e: UnabortableTransactionError) -> Self {
-        Tx::Sled(e)
+    /// Fills in the summaries' wake-ups: the ready queue is the one record of them.
+    fn with_wake(&self, mut summaries: Vec<RunSummary>) -> Vec<RunSummary> {
+        let st = self.state();
+        for s in &mut summaries {
+            s.wake_at = st
+                .wake
+                .get(&s.id)
+                .and_then(|ms| Utc.timestamp_millis_opt(*ms as i64).single());
+        }
+        summaries
     }
+
+    /// Every index entry of every run agrees with the run's journal: its summary is the
+    /// journal's fold, its status key is there (and no other), its open gates are the
+    /// `pending` entries, and no commit is left unfinished. Returns what disagrees (an
+    /// empty list when all is well). For offline checks and crash tests.
+    pub fn check_indexes(&self) -> Result<Vec<String>> {
+        let trees = &self.inner.trees;
+        let mut problems = Vec::new();
+        for item in trees.intents.iter().keys() {
+            let key = item?;
+            problems.push(format!("unfinished commit for {:?}", run_from_key(&key)));
+        }
+        let mut gates = 0usize;
+        for item in trees.runs.iter() {
+            let (k, v) = item?;
+            let run = run_from_key(&k).ok_or_else(|| Error::Storage("malformed key in runs tree".into()))?;
+            let stored = decode_summary(run, &v)?;
+            let records = trees
+                .events
+                .range(event_key(run, Seq::ZERO)..=event_key(run, Seq(u64::MAX)))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let mut prev = ChainHash::GENESIS;
+            let mut summary: Option<RunSummary> = None;
+            for (i, (_, record)) in records.iter().enumerate() {
+                let (event, head) = codec::decode(run, Seq(i as u64), record, &prev)?;
+                prev = head;
+                let s = match summary.as_mut() {
+                    Some(s) => s,
+                    None => summary.insert(RunSummary::start(&new_run_from(&event)?)),
+                };
+                s.bytes += record.len() as u64;
+                s.apply(&event, head);
+            }
+            let Some(mut derived) = summary else {
+                problems.push(format!("run {run} has a summary and no events"));
+                continue;
+            };
+            if let Some(reason) = &stored.stuck {
+                park(&mut derived, reason);
+            }
+            derived.wake_at = stored.wake_at;
+            if derived != stored {
+                problems.push(format!(
+                    "run {run}: summary {stored:?} is not its journal's {derived:?}"
+                ));
+            }
+            for st in RunStatus::ALL {
+                let present = trees.by_status.contains_key(status_key(st, run))?;
+                if present != (st == stored.status) {
+                    problems.push(format!("run {run}: status key {st:?} present={present}"));
+                }
+            }
+            for gate in &derived.open_gates {
+                gates += 1;
+                if !trees.pending.contains_key(gate_key(run, *gate))? {
+                    problems.push(format!("run {run}: open gate {gate} is not pending"));
+                }
+            }
+        }
+        let pending = trees.pending.len();
+        if pending != gates {
+            problems.push(format!("{pending} pending entries for {gates} open gates"));
+        }
+        Ok(problems)
+    }
+}
+
+/// Parks a summary as `mark_stuck` does.
+fn park(summary: &mut RunSummary, reason: &str) {
+    summary.stuck = Some(reason.to_string());
+    if !summary.status.is_terminal() {
+        summary.status = RunStatus::Stuck;
+    }
+}
+
+/// The [`NewRun`] a run's first event records.
+fn new_run_from(event: &Event) -> Result<NewRun> {
+    match &event.event {
+        EventKind::RunStarted {
+            workflow,
+            version,
+            input,
+            idempotency_key,
+            started_by,
+        } => Ok(NewRun {
+            id: event.run,
+            started_by: started_by.clone(),
+            workflow: workflow.clone(),
+            version: *version,
+            input: input.clone(),
+            idempotency_key: idempotency_key.clone(),
+            at: event.at,
+        }),
+        other => Err(Error::Corrupt {
+            run: event.run,
+            seq: Seq::ZERO,
+            reason: format!("the first event is {other:?}, not run-started"),
+        }),
+    }
+}
+
+/// Writes under the store's lock: index maintenance shared by commits and recovery.
+struct Writer<'a> {
+    trees: &'a Trees,
+    st: &'a mut State,
+    endpoints: &'a [String],
+    next_id: &'a AtomicU64,
+}
+
+impl<'a> Writer<'a> {
+    fn new(store: &'a SledStore, st: &'a mut State) -> Writer<'a> {
+        Writer {
+            trees: &store.inner.trees,
+            st,
+            endpoints: &store.inner.options.outbox_endpoints,
+            next_id: &store.inner.outbox_next,
+        }
+    }
+
+    /// Keeps `by_status` in step with the summary.
+    fn put_status(&self, summary: &RunSummary, old_status: Option<RunStatus>) -> Result<()> {
+        let by_status = &self.trees.by_status;
+        match old_status {
+            Some(old) if old == summary.status => {}
+            Some(old) => {
+                by_status.insert(status_key(summary.status, summary.id), &[])?;
+                by_status.remove(status_key(old, summary.id))?;
+            }
+            None => {
+                // Status unknown to the caller: clear every other status key.
+                by_status.insert(status_key(summary.status, summary.id), &[])?;
+                for st in RunStatus::ALL {
+                    if st != summary.status {
+                        by_status.remove(status_key(st, summary.id))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the summary (its wake-up lives in the ready queue) and its status key.
+    fn put_summary(&self, summary: &RunSummary, old_status: Option<RunStatus>) -> Result<()> {
+        let bytes = if summary.wake_at.is_some() {
+            serde_json::to_vec(&RunSummary {
+                wake_at: None,
+                ..summary.clone()
+            })?
+        } else {
+            serde_json::to_vec(summary)?
+        };
+        self.trees.runs.insert(summary.id.as_bytes(), bytes)?;
+        self.put_status(summary, old_status)
+    }
+
+    /// Makes the run ready at `at` (or earlier, if it already was): into the ready queue,
+    /// or, while a worker holds it, onto the lease to be queued at release.
+    fn schedule(&mut self, run: RunId, at: DateTime<Utc>) -> Result<()> {
+        if let Some(lease) = self.st.leases.get_mut(&run) {
+            lease.rewake_at = Some(lease.rewake_at.map_or(at, |r| r.min(at)));
+            return Ok(());
+        }
+        self.set_wake(run, Some(ms(at)))
+    }
+
+    /// Sets the run's one ready entry (earlier or later than before), or removes it.
+    /// The new entry is written before the old one is removed, so a crash between the
+    /// two leaves both (`load_ready` keeps the earlier), never neither.
+    fn set_wake(&mut self, run: RunId, at: Option<u64>) -> Result<()> {
+        let old = self.st.wake.get(&run).copied();
+        if old == at {
+            if let Some(ms) = at {
+                if !self.st.leases.contains_key(&run) {
+                    self.st.ready.insert((ms, run));
+                }
+            }
+            return Ok(());
+        }
+        if let Some(ms) = at {
+            self.trees.ready.insert(ready_key(ms, run), &[])?;
+            self.st.wake.insert(run, ms);
+            if !self.st.leases.contains_key(&run) {
+                self.st.ready.insert((ms, run));
+            }
+        } else {
+            self.st.wake.remove(&run);
+        }
+        if let Some(ms) = old {
+            self.trees.ready.remove(ready_key(ms, run))?;
+            self.st.ready.remove(&(ms, run));
+        }
+        Ok(())
+    }
+
+    /// Takes the run off the ready queue, whoever holds it.
+    fn unschedule(&mut self, run: RunId) -> Result<()> {
+        self.set_wake(run, None)
+    }
+
+    fn apply_changes(&mut self, summary: &RunSummary, changes: Vec<IndexChange>) -> Result<()> {
+        let t = self.trees;
+        let run = summary.id;
+        for change in changes {
+            match change {
+                IndexChange::Notify(mut n) => {
+                    if self.endpoints.is_empty() {
+                        continue;
+                    }
+                    if n.action.is_none() {
+                        // Decided or escalated: the gate's entry is still open here.
+                        if let Some(bytes) = t.pending.get(gate_key(run, n.gate))? {
+                            n.action = serde_json::from_slice::<PendingGate>(&bytes)
+                                .ok()
+                                .map(|g| g.action);
+                        }
+                    }
+                    let value = serde_json::to_vec(&n)?;
+                    for endpoint in self.endpoints {
+                        // Ids only grow, so each queue keeps a run's notifications in the
+                        // order its events were written.
+                        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                        t.outbox.insert(outbox_key(endpoint, id), value.clone())?;
+                    }
+                }
+                IndexChange::GateOpened(gate) => {
+                    t.pending
+                        .insert(gate_key(gate.run, gate.gate), serde_json::to_vec(&*gate)?)?;
+                }
+                IndexChange::GateClosed(gate) => {
+                    t.pending.remove(gate_key(run, gate))?;
+                }
+                IndexChange::Wake(at) => self.schedule(run, at)?,
+                IndexChange::Ended => self.unschedule(run)?,
+                IndexChange::DeadlineSet { gate, at, old } => {
+                    t.deadlines.insert(deadline_key(at, run, gate), &[])?;
+                    if let Some(old) = old {
+                        if old != at {
+                            t.deadlines.remove(deadline_key(old, run, gate))?;
+                        }
+                    }
+                }
+                IndexChange::Decided { gate, kind, by, at } => {
+                    // The gate's entry is still there (it is closed after this change).
+                    if let Some(bytes) = t.pending.get(gate_key(run, gate))? {
+                        if let Some(rule) = serde_json::from_slice::<PendingGate>(&bytes)
+                            .ok()
+                            .and_then(|g| g.rule)
+                        {
+                            let entry = RuleDecision {
+                                auto: false,
+                                kind,
+                                by,
+                                at,
+                                run,
+                                gate,
+                            };
+                            t.rule_decisions
+                                .insert(rule_key(rule, at, run, gate), serde_json::to_vec(&entry)?)?;
+                        }
+                    }
+                }
+                IndexChange::TrustedAllow { rule, position, at } => {
+                    let gate = GateId(position.0);
+                    let entry = RuleDecision {
+                        auto: true,
+                        kind: crate::event::DecisionKind::Approve,
+                        by: crate::ids::Principal::system(),
+                        at,
+                        run,
+                        gate,
+                    };
+                    t.rule_decisions
+                        .insert(rule_key(rule, at, run, gate), serde_json::to_vec(&entry)?)?;
+                }
+                IndexChange::DeadlineCleared { gate, at } => {
+                    t.deadlines.remove(deadline_key(at, run, gate))?;
+                }
+                IndexChange::GateChanged(gate, change) => {
+                    let key = gate_key(run, gate);
+                    if let Some(bytes) = t.pending.get(key)? {
+                        let mut entry: PendingGate = serde_json::from_slice(&bytes).map_err(|e| {
+                            Error::Storage(format!("pending entry of run {run} does not decode: {e}"))
+                        })?;
+                        entry.change(&change);
+                        t.pending.insert(key, serde_json::to_vec(&entry)?)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn rule_key(rule: String, at: DateTime<Utc>, run: RunId, gate: GateId) -> Vec<u8> {
+    let mut key = rule.into_bytes();
+    key.push(0);
+    key.extend_from_slice(&ms(at).to_be_bytes());
+    key.extend_from_slice(&gate_key(run, gate));
+    key
 }
 
 fn event_key(run: RunId, seq: Seq) -> [u8; 24] {
@@ -467,9 +950,9 @@ fn ms(t: DateTime<Utc>) -> u64 {
     t.timestamp_millis().max(0) as u64
 }
 
-fn ready_key(at: DateTime<Utc>, run: RunId) -> [u8; 24] {
+fn ready_key(ms: u64, run: RunId) -> [u8; 24] {
     let mut k = [0; 24];
-    k[..8].copy_from_slice(&ms(at).to_be_bytes());
+    k[..8].copy_from_slice(&ms.to_be_bytes());
     k[8..].copy_from_slice(run.as_bytes());
     k
 }
@@ -502,76 +985,6 @@ fn decode_summary(run: RunId, bytes: &[u8]) -> Result<RunSummary> {
     })
 }
 
-fn get_summary(t: &TransactionalTree, run: RunId) -> std::result::Result<Option<RunSummary>, Tx> {
-    match t.get(run.as_bytes())? {
-        None => Ok(None),
-        Some(v) => decode_summary(run, &v).map(Some).map_err(Tx::Abort),
-    }
-}
-
-fn json<T: serde::Serialize>(v: &T) -> std::result::Result<Vec<u8>, Tx> {
-    serde_json::to_vec(v).map_err(|e| Tx::Abort(e.into()))
-}
-
-/// Writes the summary and keeps `by_status` in step with it.
-fn put_summary(
-    t: &[TransactionalTree],
-    summary: &RunSummary,
-    old_status: Option<RunStatus>,
-) -> std::result::Result<(), Tx> {
-    match old_status {
-        Some(old) if old == summary.status => {}
-        Some(old) => {
-            t[BY_STATUS].remove(&status_key(old, summary.id)[..])?;
-            t[BY_STATUS].insert(&status_key(summary.status, summary.id)[..], &[][..])?;
-        }
-        None => {
-            // Status unknown to the caller: clear every other status key.
-            for st in RunStatus::ALL {
-                if st != summary.status {
-                    t[BY_STATUS].remove(&status_key(st, summary.id)[..])?;
-                }
-            }
-            t[BY_STATUS].insert(&status_key(summary.status, summary.id)[..], &[][..])?;
-        }
-    }
-    t[RUNS].insert(&summary.id.as_bytes()[..], json(summary)?)?;
-    Ok(())
-}
-
-/// Makes the run ready at `at` (or earlier, if it already was): into the ready queue,
-/// or, while a worker holds it, onto the lease to be queued at release.
-fn schedule(
-    t: &[TransactionalTree],
-    summary: &mut RunSummary,
-    at: DateTime<Utc>,
-) -> std::result::Result<(), Tx> {
-    let run = summary.id;
-    if let Some(bytes) = t[LEASES].get(run.as_bytes())? {
-        let mut lease: Lease = serde_json::from_slice(&bytes)
-            .map_err(|e| Tx::Abort(Error::Storage(format!("lease of run {run} does not decode: {e}"))))?;
-        lease.rewake_at = Some(lease.rewake_at.map_or(at, |r| r.min(at)));
-        t[LEASES].insert(&run.as_bytes()[..], json(&lease)?)?;
-        return Ok(());
-    }
-    if let Some(old) = summary.wake_at {
-        if old <= at {
-            return Ok(());
-        }
-        t[READY].remove(&ready_key(old, run)[..])?;
-    }
-    t[READY].insert(&ready_key(at, run)[..], &[][..])?;
-    summary.wake_at = Some(at);
-    Ok(())
-}
-
-fn unschedule(t: &[TransactionalTree], summary: &mut RunSummary) -> std::result::Result<(), Tx> {
-    if let Some(old) = summary.wake_at.take() {
-        t[READY].remove(&ready_key(old, summary.id)[..])?;
-    }
-    Ok(())
-}
-
 fn outbox_key(endpoint: &str, id: u64) -> Vec<u8> {
     let mut k = endpoint.as_bytes().to_vec();
     k.push(0);
@@ -579,115 +992,8 @@ fn outbox_key(endpoint: &str, id: u64) -> Vec<u8> {
     k
 }
 
-/// Where [`IndexChange::Notify`] goes.
-struct Outbox<'a> {
-    endpoints: &'a [String],
-    /// Next queue id. In memory (sled is one process per directory), seeded on open past
-    /// every queued id and the clock; sled's own `generate_id` must not be called inside
-    /// a transaction (it can wait on the transaction's own locks).
-    next_id: &'a AtomicU64,
-}
-
-fn apply_changes(
-    t: &[TransactionalTree],
-    summary: &mut RunSummary,
-    changes: Vec<IndexChange>,
-    outbox: &Outbox<'_>,
-) -> std::result::Result<(), Tx> {
-    for change in changes {
-        match change {
-            IndexChange::Notify(mut n) => {
-                if outbox.endpoints.is_empty() {
-                    continue;
-                }
-                if n.action.is_none() {
-                    // Decided or escalated: the gate's entry is still open here.
-                    if let Some(bytes) = t[PENDING].get(&gate_key(summary.id, n.gate)[..])? {
-                        n.action = serde_json::from_slice::<PendingGate>(&bytes)
-                            .ok()
-                            .map(|g| g.action);
-                    }
-                }
-                let value = json(&n)?;
-                for endpoint in outbox.endpoints {
-                    // Ids only grow, so each queue keeps a run's notifications in the
-                    // order its events were written.
-                    let id = outbox.next_id.fetch_add(1, Ordering::Relaxed);
-                    t[OUTBOX].insert(outbox_key(endpoint, id), value.clone())?;
-                }
-            }
-            IndexChange::GateOpened(gate) => {
-                t[PENDING].insert(&gate_key(gate.run, gate.gate)[..], json(&*gate)?)?;
-            }
-            IndexChange::GateClosed(gate) => {
-                t[PENDING].remove(&gate_key(summary.id, gate)[..])?;
-            }
-            IndexChange::Wake(at) => schedule(t, summary, at)?,
-            IndexChange::Ended => unschedule(t, summary)?,
-            IndexChange::DeadlineSet { gate, at, old } => {
-                if let Some(old) = old {
-                    t[DEADLINES].remove(&deadline_key(old, summary.id, gate)[..])?;
-                }
-                t[DEADLINES].insert(&deadline_key(at, summary.id, gate)[..], &[][..])?;
-            }
-            IndexChange::Decided { gate, kind, by, at } => {
-                // The gate's entry is still there (it is closed after this change).
-                if let Some(bytes) = t[PENDING].get(&gate_key(summary.id, gate)[..])? {
-                    if let Some(rule) = serde_json::from_slice::<PendingGate>(&bytes)
-                        .ok()
-                        .and_then(|g| g.rule)
-                    {
-                        let mut key = rule.into_bytes();
-                        key.push(0);
-                        key.extend_from_slice(&ms(at).to_be_bytes());
-                        key.extend_from_slice(&gate_key(summary.id, gate));
-                        let entry = RuleDecision {
-                            auto: false,
-                            kind,
-                            by,
-                            at,
-                            run: summary.id,
-                            gate,
-                        };
-                        t[RULE_DECISIONS].insert(key, json(&entry)?)?;
-                    }
-                }
-            }
-            IndexChange::TrustedAllow { rule, position, at } => {
-                let gate = GateId(position.0);
-                let mut key = rule.into_bytes();
-                key.push(0);
-                key.extend_from_slice(&ms(at).to_be_bytes());
-                key.extend_from_slice(&gate_key(summary.id, gate));
-                let entry = RuleDecision {
-                    auto: true,
-                    kind: crate::event::DecisionKind::Approve,
-                    by: crate::ids::Principal::system(),
-                    at,
-                    run: summary.id,
-                    gate,
-                };
-                t[RULE_DECISIONS].insert(key, json(&entry)?)?;
-            }
-            IndexChange::DeadlineCleared { gate, at } => {
-                t[DEADLINES].remove(&deadline_key(at, summary.id, gate)[..])?;
-            }
-            IndexChange::GateChanged(gate, change) => {
-                let key = gate_key(summary.id, gate);
-                if let Some(bytes) = t[PENDING].get(&key[..])? {
-                    let mut entry: PendingGate = serde_json::from_slice(&bytes).map_err(|e| {
-                        Tx::Abort(Error::Storage(format!(
-                            "pending entry of run {} does not decode: {e}",
-                            summary.id
-                        )))
-                    })?;
-                    entry.change(&change);
-                    t[PENDING].insert(&key[..], json(&entry)?)?;
-                }
-            }
-        }
-    }
-    Ok(())
+fn lease_ttl(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60))
 }
 
 impl Store for SledStore {
@@ -711,37 +1017,55 @@ impl Store for SledStore {
         };
         let (record, head) = codec::encode(&event, &ChainHash::GENESIS, self.inner.options.max_event_bytes)?;
         let hash = run.request_hash()?;
-        let created = self.transact(|t| {
-            if let Some(key) = &run.idempotency_key {
-                if let Some(existing) = t[STARTS].get(key.as_bytes())? {
-                    let existing_run = run_from_key(&existing)
-                        .ok_or_else(|| Tx::Abort(Error::Storage("malformed starts entry".into())))?;
-                    if existing.get(16..) != Some(&hash[..]) {
-                        return Err(Tx::Abort(Error::StartConflict {
-                            key: key.clone(),
-                            existing: existing_run,
-                        }));
+        let trees = &self.inner.trees;
+        let created = {
+            let mut st = self.state();
+            let existing = match &run.idempotency_key {
+                Some(key) => match trees.starts.get(key.as_bytes())? {
+                    Some(existing) => {
+                        let existing_run = run_from_key(&existing)
+                            .ok_or_else(|| Error::Storage("malformed starts entry".into()))?;
+                        if existing.get(16..) != Some(&hash[..]) {
+                            return Err(Error::StartConflict {
+                                key: key.clone(),
+                                existing: existing_run,
+                            });
+                        }
+                        Some(existing_run)
                     }
-                    return Ok(Created::Existing(existing_run));
+                    None => None,
+                },
+                None => None,
+            };
+            match existing {
+                Some(existing) => Created::Existing(existing),
+                None => {
+                    if trees.runs.contains_key(run.id.as_bytes())? {
+                        return Err(Error::Storage(format!("run {} already exists", run.id)));
+                    }
+                    let mut summary = RunSummary::start(&run);
+                    summary.bytes = record.len() as u64;
+                    let changes = summary.apply(&event, head);
+                    let intent = Intent {
+                        target: Seq(1),
+                        stuck: None,
+                        old: None,
+                    };
+                    trees.intents.insert(run.id.as_bytes(), intent.encode())?;
+                    trees.events.insert(event_key(run.id, Seq::ZERO), record)?;
+                    let mut w = Writer::new(self, &mut st);
+                    w.put_summary(&summary, None)?;
+                    if let Some(key) = &run.idempotency_key {
+                        let mut v = run.id.as_bytes().to_vec();
+                        v.extend_from_slice(&hash);
+                        trees.starts.insert(key.as_bytes(), v)?;
+                    }
+                    w.apply_changes(&summary, changes)?;
+                    trees.intents.remove(run.id.as_bytes())?;
+                    Created::New(run.id)
                 }
-                let mut v = run.id.as_bytes().to_vec();
-                v.extend_from_slice(&hash);
-                t[STARTS].insert(key.as_bytes(), v)?;
             }
-            if t[RUNS].get(run.id.as_bytes())?.is_some() {
-                return Err(Tx::Abort(Error::Storage(format!(
-                    "run {} already exists",
-                    run.id
-                ))));
-            }
-            let mut summary = RunSummary::start(&run);
-            summary.bytes = record.len() as u64;
-            let changes = summary.apply(&event, head);
-            t[EVENTS].insert(&event_key(run.id, Seq::ZERO)[..], record.clone())?;
-            apply_changes(t, &mut summary, changes, &self.outbox())?;
-            put_summary(t, &summary, None)?;
-            Ok(Created::New(run.id))
-        })?;
+        };
         // Even an existing run is synced before answering: its start may have been
         // acknowledged to nobody yet (a crash right after the first attempt's write).
         self.inner.flusher.wait().await?;
@@ -753,17 +1077,20 @@ impl Store for SledStore {
         let run = append.run;
         let expected = append.expected;
         let lease = append.lease;
-        // Encoded here, outside the transaction: sled may run the closure more than once.
+        // Encoded here, outside the lock.
         let prepared =
             codec::prepare_append(self.summary_now(run)?, append, self.inner.options.max_event_bytes)?;
         let (current, codec::Encoded { records, events }) = match prepared {
             Ok(p) => p,
             Err(conflict) => return Ok(Err(conflict)),
         };
-        let outcome = self.transact(|t| {
-            let Some(mut summary) = get_summary(&t[RUNS], run)? else {
-                return Err(Tx::Abort(Error::UnknownRun(run)));
+        let trees = &self.inner.trees;
+        let outcome = {
+            let mut st = self.state();
+            let Some(old_bytes) = trees.runs.get(run.as_bytes())? else {
+                return Err(Error::UnknownRun(run));
             };
+            let mut summary = decode_summary(run, &old_bytes)?;
             if summary.next_seq != expected || summary.head != current.head {
                 return Ok(Err(AppendConflict {
                     run,
@@ -772,17 +1099,11 @@ impl Store for SledStore {
                 }));
             }
             if summary.status.is_terminal() {
-                return Err(Tx::Abort(Error::RunEnded(run)));
+                return Err(Error::RunEnded(run));
             }
             if let Some(token) = lease {
-                let held = match t[LEASES].get(run.as_bytes())? {
-                    Some(b) => serde_json::from_slice::<Lease>(&b)
-                        .map(|l| l.token == token)
-                        .unwrap_or(false),
-                    None => false,
-                };
-                if !held {
-                    return Err(Tx::Abort(Error::LeaseLost(run)));
+                if !st.leased(run, token) {
+                    return Err(Error::LeaseLost(run));
                 }
             }
             let added_bytes: u64 = records.iter().map(|r| r.len() as u64).sum();
@@ -797,27 +1118,36 @@ impl Store for SledStore {
                 limits.max_run_events,
                 limits.max_run_bytes,
                 closing,
-            )
-            .map_err(Tx::Abort)?;
+            )?;
+            let intent = Intent {
+                target: Seq(events_after),
+                stuck: None,
+                old: Some(old_bytes.to_vec()),
+            };
+            trees.intents.insert(run.as_bytes(), intent.encode())?;
             summary.bytes = bytes_after;
             let old_status = summary.status;
-            for ((event, hash), record) in events.iter().zip(&records) {
-                t[EVENTS].insert(&event_key(run, event.seq)[..], record.clone())?;
-                let changes = summary.apply(event, *hash);
-                apply_changes(t, &mut summary, changes, &self.outbox())?;
+            let mut changes = Vec::new();
+            for ((event, hash), record) in events.iter().zip(records) {
+                trees.events.insert(event_key(run, event.seq), record)?;
+                changes.extend(summary.apply(event, *hash));
             }
-            put_summary(t, &summary, Some(old_status))?;
-            Ok(Ok(Appended {
+            let mut w = Writer::new(self, &mut st);
+            w.put_summary(&summary, Some(old_status))?;
+            crate::failpoint::hit_after("commit-before-indexes", || {
+                let _ = self.inner.db.flush();
+            });
+            w.apply_changes(&summary, changes)?;
+            trees.intents.remove(run.as_bytes())?;
+            Appended {
                 next: summary.next_seq,
                 head: summary.head,
-            }))
-        })?;
-        if outcome.is_ok() {
-            crate::failpoint::hit("append-before-flush");
-            self.inner.flusher.wait().await?;
-            self.bump();
-        }
-        Ok(outcome)
+            }
+        };
+        crate::failpoint::hit("append-before-flush");
+        self.inner.flusher.wait().await?;
+        self.bump();
+        Ok(Ok(outcome))
     }
 
     async fn read(&self, run: RunId, from: Seq) -> Result<Vec<Event>> {
@@ -828,7 +1158,7 @@ impl Store for SledStore {
     }
 
     async fn summary(&self, run: RunId) -> Result<Option<RunSummary>> {
-        self.summary_now(run)
+        Ok(self.summary_now(run)?.and_then(|s| self.with_wake(vec![s]).pop()))
     }
 
     async fn list_runs(
@@ -877,7 +1207,7 @@ impl Store for SledStore {
                 }
             }
         }
-        Ok(out)
+        Ok(self.with_wake(out))
     }
 
     async fn pending(&self, after: Option<(RunId, GateId)>, limit: usize) -> Result<Vec<PendingGate>> {
@@ -909,191 +1239,131 @@ impl Store for SledStore {
         ttl: Duration,
         max: usize,
     ) -> Result<Vec<Lease>> {
-        let expires_at = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
+        let expires_at = lease_ttl(now, ttl);
         let mut out = Vec::new();
-        // Runs whose lease expired without a release (a stalled worker): take them over.
-        let mut expired = Vec::new();
-        for item in self.inner.trees.leases.iter() {
-            let (_, v) = item?;
-            if let Ok(lease) = serde_json::from_slice::<Lease>(&v) {
-                if lease.expires_at <= now {
-                    expired.push(lease);
-                }
-            }
-        }
-        for old in expired.into_iter().take(max) {
-            let token = LeaseToken(self.inner.db.generate_id()?);
-            let lease = Lease {
-                run: old.run,
-                owner,
-                token,
-                expires_at,
-                rewake_at: None,
-            };
-            let taken = self.transact(|t| {
-                let current = t[LEASES].get(old.run.as_bytes())?;
-                let still = current
-                    .and_then(|b| serde_json::from_slice::<Lease>(&b).ok())
-                    .is_some_and(|l| l.token == old.token);
-                if !still {
-                    return Ok(false);
-                }
-                t[LEASES].insert(&old.run.as_bytes()[..], json(&lease)?)?;
-                Ok(true)
-            })?;
-            if taken {
-                out.push(lease);
-            }
-        }
-        let limit_key = ready_key(now, RunId::from_bytes([0xff; 16]));
-        let candidates: Vec<sled::IVec> = self
-            .inner
-            .trees
-            .ready
-            .range(..=limit_key)
-            .keys()
-            .take(max.saturating_sub(out.len()))
-            .collect::<std::result::Result<_, _>>()?;
-        for key in candidates {
-            let Some(run) = key.get(8..).and_then(run_from_key) else {
+        let mut st = self.state();
+        // Runs whose lease expired without a release (a stalled activation): take them
+        // over. The old holder's appends fail on its token from now on.
+        let expired: Vec<RunId> = st
+            .leases
+            .values()
+            .filter(|l| l.expires_at <= now)
+            .map(|l| l.run)
+            .take(max)
+            .collect();
+        for run in expired {
+            st.next_token += 1;
+            let token = LeaseToken(st.next_token);
+            let Some(lease) = st.leases.get_mut(&run) else {
                 continue;
             };
-            let token = LeaseToken(self.inner.db.generate_id()?);
+            lease.owner = owner;
+            lease.token = token;
+            lease.expires_at = expires_at;
+            out.push(lease.clone());
+        }
+        let now_ms = ms(now);
+        while out.len() < max {
+            let Some(&(at, run)) = st.ready.first() else { break };
+            if at > now_ms {
+                break;
+            }
+            st.ready.pop_first();
+            st.next_token += 1;
             let lease = Lease {
                 run,
                 owner,
-                token,
+                token: LeaseToken(st.next_token),
                 expires_at,
                 rewake_at: None,
             };
-            let taken = self.transact(|t| {
-                if t[READY].get(&key)?.is_none() {
-                    return Ok(false);
-                }
-                t[READY].remove(&key)?;
-                let Some(mut summary) = get_summary(&t[RUNS], run)? else {
-                    return Ok(false);
-                };
-                summary.wake_at = None;
-                if t[LEASES].get(run.as_bytes())?.is_some() {
-                    // Leased already (should not happen: wake-ups of leased runs go on
-                    // the lease). Keep the wake-up for when it is released.
-                    schedule(t, &mut summary, now)?;
-                    put_summary(t, &summary, Some(summary.status))?;
-                    return Ok(false);
-                }
-                put_summary(t, &summary, Some(summary.status))?;
-                if summary.status.is_terminal() || summary.stuck.is_some() {
-                    return Ok(false);
-                }
-                t[LEASES].insert(&run.as_bytes()[..], json(&lease)?)?;
-                Ok(true)
-            })?;
-            if taken {
-                out.push(lease);
-            }
+            st.leases.insert(run, lease.clone());
+            out.push(lease);
         }
         Ok(out)
     }
 
     async fn release(&self, lease: &Lease, wake: Option<DateTime<Utc>>) -> Result<()> {
         let run = lease.run;
-        self.transact(|t| {
-            let Some(bytes) = t[LEASES].get(run.as_bytes())? else {
-                return Ok(());
-            };
-            let current: Lease = serde_json::from_slice(&bytes)
-                .map_err(|e| Tx::Abort(Error::Storage(format!("lease of run {run} does not decode: {e}"))))?;
-            if current.token != lease.token {
+        {
+            let mut st = self.state();
+            if !st.leased(run, lease.token) {
                 return Ok(());
             }
-            t[LEASES].remove(&run.as_bytes()[..])?;
+            let Some(current) = st.leases.remove(&run) else {
+                return Ok(());
+            };
             let at = match (wake, current.rewake_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            if let (Some(at), Some(mut summary)) = (at, get_summary(&t[RUNS], run)?) {
-                if !summary.status.is_terminal() && summary.stuck.is_none() {
-                    schedule(t, &mut summary, at)?;
-                    put_summary(t, &summary, Some(summary.status))?;
-                }
-            }
-            Ok(())
-        })?;
+            let at = match at {
+                Some(at) => match self.summary_now(run)? {
+                    Some(s) if !s.status.is_terminal() && s.stuck.is_none() => Some(ms(at)),
+                    _ => None,
+                },
+                None => None,
+            };
+            Writer::new(self, &mut st).set_wake(run, at)?;
+        }
         self.bump();
         Ok(())
     }
 
     async fn renew(&self, lease: &Lease, now: DateTime<Utc>, ttl: Duration) -> Result<Option<Lease>> {
-        let run = lease.run;
-        let expires_at = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60));
-        self.transact(|t| {
-            let Some(bytes) = t[LEASES].get(run.as_bytes())? else {
-                return Ok(None);
-            };
-            let Ok(mut current) = serde_json::from_slice::<Lease>(&bytes) else {
-                return Ok(None);
-            };
-            if current.token != lease.token {
-                return Ok(None);
+        let mut st = self.state();
+        match st.leases.get_mut(&lease.run) {
+            Some(current) if current.token == lease.token => {
+                current.expires_at = lease_ttl(now, ttl);
+                Ok(Some(current.clone()))
             }
-            current.expires_at = expires_at;
-            t[LEASES].insert(&run.as_bytes()[..], json(&current)?)?;
-            Ok(Some(current))
-        })
+            _ => Ok(None),
+        }
     }
 
     async fn mark_stuck(&self, lease: &Lease, reason: String) -> Result<()> {
         let run = lease.run;
-        self.transact(|t| {
-            let held = t[LEASES]
-                .get(run.as_bytes())?
-                .and_then(|b| serde_json::from_slice::<Lease>(&b).ok())
-                .is_some_and(|l| l.token == lease.token);
-            if !held {
-                return Err(Tx::Abort(Error::LeaseLost(run)));
+        let trees = &self.inner.trees;
+        {
+            let mut st = self.state();
+            if !st.leased(run, lease.token) {
+                return Err(Error::LeaseLost(run));
             }
-            t[LEASES].remove(&run.as_bytes()[..])?;
-            let Some(mut summary) = get_summary(&t[RUNS], run)? else {
-                return Err(Tx::Abort(Error::UnknownRun(run)));
+            let Some(old_bytes) = trees.runs.get(run.as_bytes())? else {
+                return Err(Error::UnknownRun(run));
             };
+            let mut summary = decode_summary(run, &old_bytes)?;
+            let intent = Intent {
+                target: summary.next_seq,
+                stuck: Some(reason.clone()),
+                old: Some(old_bytes.to_vec()),
+            };
+            trees.intents.insert(run.as_bytes(), intent.encode())?;
+            st.leases.remove(&run);
             let old = summary.status;
-            unschedule(t, &mut summary)?;
-            summary.stuck = Some(reason.clone());
-            if !summary.status.is_terminal() {
-                summary.status = RunStatus::Stuck;
-            }
-            put_summary(t, &summary, Some(old))?;
-            Ok(())
-        })?;
+            park(&mut summary, &reason);
+            let mut w = Writer::new(self, &mut st);
+            w.put_summary(&summary, Some(old))?;
+            w.unschedule(run)?;
+            trees.intents.remove(run.as_bytes())?;
+        }
+        self.inner.flusher.wait().await?;
         self.bump();
         Ok(())
     }
 
     async fn is_leased(&self, run: RunId) -> Result<bool> {
-        Ok(self.inner.trees.leases.contains_key(run.as_bytes())?)
+        Ok(self.state().leases.contains_key(&run))
     }
 
     async fn next_wake(&self) -> Result<Option<DateTime<Utc>>> {
-        let ready = match self.inner.trees.ready.first()? {
-            Some((k, _)) => {
-                let ms = u64::from_be_bytes(
-                    k.get(..8)
-                        .and_then(|b| b.try_into().ok())
-                        .ok_or_else(|| Error::Storage("malformed ready key".into()))?,
-                );
-                Utc.timestamp_millis_opt(ms as i64).single()
-            }
-            None => None,
-        };
-        // A lease running out is a wake-up too: its run is taken over then. (Leases are
-        // the activations in flight: a short scan.)
-        let mut expiring: Option<DateTime<Utc>> = None;
-        for item in self.inner.trees.leases.iter().values() {
-            if let Ok(lease) = serde_json::from_slice::<Lease>(&item?) {
-                expiring = Some(expiring.map_or(lease.expires_at, |e| e.min(lease.expires_at)));
-            }
-        }
+        let st = self.state();
+        let ready = st
+            .ready
+            .first()
+            .and_then(|(ms, _)| Utc.timestamp_millis_opt(*ms as i64).single());
+        // A lease running out is a wake-up too: its run is taken over then.
+        let expiring = st.leases.values().map(|l| l.expires_at).min();
         Ok(match (ready, expiring) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
