@@ -62,7 +62,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -114,9 +114,14 @@ struct Inner {
     changes: watch::Sender<u64>,
     options: SledOptions,
     outbox_next: AtomicU64,
-    /// Held across every write (see the module docs); never across an await.
+    /// Leases and the ready queue's mirror: held briefly, never across an await.
     state: Mutex<State>,
+    /// Commits to one run are serialized by the stripe its id falls in (creations with
+    /// an idempotency key by the key's); commits to other runs go on at once.
+    stripes: Box<[Mutex<()>]>,
 }
+
+const STRIPES: usize = 64;
 
 #[derive(Clone)]
 struct Trees {
@@ -244,6 +249,7 @@ impl SledStore {
                 options,
                 outbox_next: AtomicU64::new(0),
                 state: Mutex::new(state),
+                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             }),
         };
         store.open_outboxes()?;
@@ -418,12 +424,11 @@ impl SledStore {
             .filter_map(|k| k.ok())
             .filter_map(|k| run_from_key(&k).map(|r| (k, r)))
             .collect();
-        let mut st = self.state();
         for (key, run) in runs {
             if let Some(summary) = self.summary_now(run)? {
                 if !summary.status.is_terminal() && summary.stuck.is_none() {
                     // Due at once, whatever clock the engine runs on.
-                    Writer::new(self, &mut st).schedule(run, DateTime::<Utc>::UNIX_EPOCH)?;
+                    Writer::new(self).schedule(run, DateTime::<Utc>::UNIX_EPOCH)?;
                 }
             }
             trees.leases.remove(key)?;
@@ -483,14 +488,13 @@ impl SledStore {
         if !pending.is_empty() {
             tracing::warn!(commits = pending.len(), "finishing commits a crash interrupted");
         }
-        let mut st = self.state();
         for (run, intent) in pending {
-            self.finish_intent(&mut st, run, intent)?;
+            self.finish_intent(run, intent)?;
         }
         Ok(())
     }
 
-    fn finish_intent(&self, st: &mut State, run: RunId, intent: Intent) -> Result<()> {
+    fn finish_intent(&self, run: RunId, intent: Intent) -> Result<()> {
         let trees = &self.inner.trees;
         let old = match &intent.old {
             Some(bytes) => Some(decode_summary(run, bytes)?),
@@ -520,7 +524,7 @@ impl SledStore {
                 }
             }
         }
-        let mut w = Writer::new(self, st);
+        let w = Writer::new(self);
         if (events.len() as u64) < intent.target.0 - from.0 {
             // Cut before its last event: nothing after the events was written. Undo.
             for seq in from.0..intent.target.0 {
@@ -604,8 +608,21 @@ impl SledStore {
         Ok(())
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.inner.state)
+    }
+
+    /// The lock serializing commits to `run`.
+    fn run_lock(&self, run: RunId) -> MutexGuard<'_, ()> {
+        // v7 ids end in random bits.
+        lock(&self.inner.stripes[usize::from(run.as_bytes()[15]) % STRIPES])
+    }
+
+    /// The lock serializing creations with this idempotency key.
+    fn key_lock(&self, key: &str) -> MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key);
+        lock(&self.inner.stripes[(h % STRIPES as u64) as usize])
     }
 
     fn bump(&self) {
@@ -732,19 +749,23 @@ fn new_run_from(event: &Event) -> Result<NewRun> {
     }
 }
 
-/// Writes under the store's lock: index maintenance shared by commits and recovery.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Index maintenance shared by commits (under their run's lock) and recovery.
 struct Writer<'a> {
     trees: &'a Trees,
-    st: &'a mut State,
+    state: &'a Mutex<State>,
     endpoints: &'a [String],
     next_id: &'a AtomicU64,
 }
 
 impl<'a> Writer<'a> {
-    fn new(store: &'a SledStore, st: &'a mut State) -> Writer<'a> {
+    fn new(store: &'a SledStore) -> Writer<'a> {
         Writer {
             trees: &store.inner.trees,
-            st,
+            state: &store.inner.state,
             endpoints: &store.inner.options.outbox_endpoints,
             next_id: &store.inner.outbox_next,
         }
@@ -788,49 +809,21 @@ impl<'a> Writer<'a> {
 
     /// Makes the run ready at `at` (or earlier, if it already was): into the ready queue,
     /// or, while a worker holds it, onto the lease to be queued at release.
-    fn schedule(&mut self, run: RunId, at: DateTime<Utc>) -> Result<()> {
-        if let Some(lease) = self.st.leases.get_mut(&run) {
+    fn schedule(&self, run: RunId, at: DateTime<Utc>) -> Result<()> {
+        let mut st = lock(self.state);
+        if let Some(lease) = st.leases.get_mut(&run) {
             lease.rewake_at = Some(lease.rewake_at.map_or(at, |r| r.min(at)));
             return Ok(());
         }
-        self.set_wake(run, Some(ms(at)))
-    }
-
-    /// Sets the run's one ready entry (earlier or later than before), or removes it.
-    /// The new entry is written before the old one is removed, so a crash between the
-    /// two leaves both (`load_ready` keeps the earlier), never neither.
-    fn set_wake(&mut self, run: RunId, at: Option<u64>) -> Result<()> {
-        let old = self.st.wake.get(&run).copied();
-        if old == at {
-            if let Some(ms) = at {
-                if !self.st.leases.contains_key(&run) {
-                    self.st.ready.insert((ms, run));
-                }
-            }
-            return Ok(());
-        }
-        if let Some(ms) = at {
-            self.trees.ready.insert(ready_key(ms, run), &[])?;
-            self.st.wake.insert(run, ms);
-            if !self.st.leases.contains_key(&run) {
-                self.st.ready.insert((ms, run));
-            }
-        } else {
-            self.st.wake.remove(&run);
-        }
-        if let Some(ms) = old {
-            self.trees.ready.remove(ready_key(ms, run))?;
-            self.st.ready.remove(&(ms, run));
-        }
-        Ok(())
+        set_wake(&mut st, self.trees, run, Some(ms(at)))
     }
 
     /// Takes the run off the ready queue, whoever holds it.
-    fn unschedule(&mut self, run: RunId) -> Result<()> {
-        self.set_wake(run, None)
+    fn unschedule(&self, run: RunId) -> Result<()> {
+        set_wake(&mut lock(self.state), self.trees, run, None)
     }
 
-    fn apply_changes(&mut self, summary: &RunSummary, changes: Vec<IndexChange>) -> Result<()> {
+    fn apply_changes(&self, summary: &RunSummary, changes: Vec<IndexChange>) -> Result<()> {
         let t = self.trees;
         let run = summary.id;
         for change in changes {
@@ -922,6 +915,35 @@ impl<'a> Writer<'a> {
         }
         Ok(())
     }
+}
+
+/// Sets the run's one ready entry (earlier or later than before), or removes it.
+/// The new entry is written before the old one is removed, so a crash between the
+/// two leaves both (`load_ready` keeps the earlier), never neither.
+fn set_wake(st: &mut State, trees: &Trees, run: RunId, at: Option<u64>) -> Result<()> {
+    let old = st.wake.get(&run).copied();
+    if old == at {
+        if let Some(ms) = at {
+            if !st.leases.contains_key(&run) {
+                st.ready.insert((ms, run));
+            }
+        }
+        return Ok(());
+    }
+    if let Some(ms) = at {
+        trees.ready.insert(ready_key(ms, run), &[])?;
+        st.wake.insert(run, ms);
+        if !st.leases.contains_key(&run) {
+            st.ready.insert((ms, run));
+        }
+    } else {
+        st.wake.remove(&run);
+    }
+    if let Some(ms) = old {
+        trees.ready.remove(ready_key(ms, run))?;
+        st.ready.remove(&(ms, run));
+    }
+    Ok(())
 }
 
 fn rule_key(rule: String, at: DateTime<Utc>, run: RunId, gate: GateId) -> Vec<u8> {
@@ -1019,7 +1041,7 @@ impl Store for SledStore {
         let hash = run.request_hash()?;
         let trees = &self.inner.trees;
         let created = {
-            let mut st = self.state();
+            let _key = run.idempotency_key.as_deref().map(|k| self.key_lock(k));
             let existing = match &run.idempotency_key {
                 Some(key) => match trees.starts.get(key.as_bytes())? {
                     Some(existing) => {
@@ -1053,7 +1075,7 @@ impl Store for SledStore {
                     };
                     trees.intents.insert(run.id.as_bytes(), intent.encode())?;
                     trees.events.insert(event_key(run.id, Seq::ZERO), record)?;
-                    let mut w = Writer::new(self, &mut st);
+                    let w = Writer::new(self);
                     w.put_summary(&summary, None)?;
                     if let Some(key) = &run.idempotency_key {
                         let mut v = run.id.as_bytes().to_vec();
@@ -1078,19 +1100,28 @@ impl Store for SledStore {
         let expected = append.expected;
         let lease = append.lease;
         // Encoded here, outside the lock.
-        let prepared =
-            codec::prepare_append(self.summary_now(run)?, append, self.inner.options.max_event_bytes)?;
+        let seen = self.inner.trees.runs.get(run.as_bytes())?;
+        let current = match &seen {
+            Some(bytes) => Some(decode_summary(run, bytes)?),
+            None => None,
+        };
+        let prepared = codec::prepare_append(current, append, self.inner.options.max_event_bytes)?;
         let (current, codec::Encoded { records, events }) = match prepared {
             Ok(p) => p,
             Err(conflict) => return Ok(Err(conflict)),
         };
         let trees = &self.inner.trees;
         let outcome = {
-            let mut st = self.state();
+            let _run = self.run_lock(run);
             let Some(old_bytes) = trees.runs.get(run.as_bytes())? else {
                 return Err(Error::UnknownRun(run));
             };
-            let mut summary = decode_summary(run, &old_bytes)?;
+            // Unchanged since it was read (the common case): no second decode.
+            let mut summary = if seen.as_ref() == Some(&old_bytes) {
+                current.clone()
+            } else {
+                decode_summary(run, &old_bytes)?
+            };
             if summary.next_seq != expected || summary.head != current.head {
                 return Ok(Err(AppendConflict {
                     run,
@@ -1102,7 +1133,7 @@ impl Store for SledStore {
                 return Err(Error::RunEnded(run));
             }
             if let Some(token) = lease {
-                if !st.leased(run, token) {
+                if !self.state().leased(run, token) {
                     return Err(Error::LeaseLost(run));
                 }
             }
@@ -1132,7 +1163,7 @@ impl Store for SledStore {
                 trees.events.insert(event_key(run, event.seq), record)?;
                 changes.extend(summary.apply(event, *hash));
             }
-            let mut w = Writer::new(self, &mut st);
+            let w = Writer::new(self);
             w.put_summary(&summary, Some(old_status))?;
             crate::failpoint::hit_after("commit-before-indexes", || {
                 let _ = self.inner.db.flush();
@@ -1241,10 +1272,11 @@ impl Store for SledStore {
     ) -> Result<Vec<Lease>> {
         let expires_at = lease_ttl(now, ttl);
         let mut out = Vec::new();
-        let mut st = self.state();
         // Runs whose lease expired without a release (a stalled activation): take them
-        // over. The old holder's appends fail on its token from now on.
-        let expired: Vec<RunId> = st
+        // over. The old holder's appends fail on its token from now on (the run's lock
+        // keeps a commit of the old holder from straddling the change).
+        let expired: Vec<RunId> = self
+            .state()
             .leases
             .values()
             .filter(|l| l.expires_at <= now)
@@ -1252,16 +1284,22 @@ impl Store for SledStore {
             .take(max)
             .collect();
         for run in expired {
+            let _run = self.run_lock(run);
+            let mut st = self.state();
             st.next_token += 1;
             let token = LeaseToken(st.next_token);
             let Some(lease) = st.leases.get_mut(&run) else {
                 continue;
             };
+            if lease.expires_at > now {
+                continue;
+            }
             lease.owner = owner;
             lease.token = token;
             lease.expires_at = expires_at;
             out.push(lease.clone());
         }
+        let mut st = self.state();
         let now_ms = ms(now);
         while out.len() < max {
             let Some(&(at, run)) = st.ready.first() else { break };
@@ -1286,12 +1324,16 @@ impl Store for SledStore {
     async fn release(&self, lease: &Lease, wake: Option<DateTime<Utc>>) -> Result<()> {
         let run = lease.run;
         {
-            let mut st = self.state();
-            if !st.leased(run, lease.token) {
-                return Ok(());
-            }
-            let Some(current) = st.leases.remove(&run) else {
-                return Ok(());
+            let _run = self.run_lock(run);
+            let current = {
+                let mut st = self.state();
+                if !st.leased(run, lease.token) {
+                    return Ok(());
+                }
+                match st.leases.remove(&run) {
+                    Some(current) => current,
+                    None => return Ok(()),
+                }
             };
             let at = match (wake, current.rewake_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -1304,7 +1346,7 @@ impl Store for SledStore {
                 },
                 None => None,
             };
-            Writer::new(self, &mut st).set_wake(run, at)?;
+            set_wake(&mut self.state(), &self.inner.trees, run, at)?;
         }
         self.bump();
         Ok(())
@@ -1325,8 +1367,8 @@ impl Store for SledStore {
         let run = lease.run;
         let trees = &self.inner.trees;
         {
-            let mut st = self.state();
-            if !st.leased(run, lease.token) {
+            let _run = self.run_lock(run);
+            if !self.state().leased(run, lease.token) {
                 return Err(Error::LeaseLost(run));
             }
             let Some(old_bytes) = trees.runs.get(run.as_bytes())? else {
@@ -1339,10 +1381,10 @@ impl Store for SledStore {
                 old: Some(old_bytes.to_vec()),
             };
             trees.intents.insert(run.as_bytes(), intent.encode())?;
-            st.leases.remove(&run);
+            self.state().leases.remove(&run);
             let old = summary.status;
             park(&mut summary, &reason);
-            let mut w = Writer::new(self, &mut st);
+            let w = Writer::new(self);
             w.put_summary(&summary, Some(old))?;
             w.unschedule(run)?;
             trees.intents.remove(run.as_bytes())?;
