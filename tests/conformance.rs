@@ -636,7 +636,16 @@ async fn the_outbox_queues_notifications_per_endpoint_in_order<S: Subject>(store
 async fn stuck_runs_are_parked_and_never_claimed<S: Subject>(store: S) {
     let run = store.create_run(new_run("w")).await.unwrap().run();
     let lease = claim_one(&store).await;
+    let mut opened = append(run, 1, vec![gate(0)]);
+    opened.lease = Some(lease.token);
+    store.append(opened).await.unwrap().unwrap();
     store.mark_stuck(&lease, "code changed".into()).await.unwrap();
+    // A decision arriving at the parked run does not make it claimable.
+    store
+        .append(append(run, 2, vec![approve(0, "bob")]))
+        .await
+        .unwrap()
+        .unwrap();
     let s = store.summary(run).await.unwrap().unwrap();
     assert_eq!(
         (s.status, s.stuck.as_deref()),

@@ -855,7 +855,10 @@ impl<'a> Writer<'a> {
                 IndexChange::GateClosed(gate) => {
                     t.pending.remove(gate_key(run, gate))?;
                 }
-                IndexChange::Wake(at) => self.schedule(run, at)?,
+                // A parked run waits for an operator, whatever arrives (a decision, say):
+                // it never goes back on the ready queue (PostgreSQL's claim filters it).
+                IndexChange::Wake(at) if summary.stuck.is_none() => self.schedule(run, at)?,
+                IndexChange::Wake(_) => {}
                 IndexChange::Ended => self.unschedule(run)?,
                 IndexChange::DeadlineSet { gate, at, old } => {
                     t.deadlines.insert(deadline_key(at, run, gate), &[])?;
