@@ -21,7 +21,7 @@ pub use event::{
 pub use ids::{GateId, LeaseToken, Position, Principal, RunId, Seq, WorkerId};
 pub use sled_store::{SledOptions, SledStore, DEFAULT_MAX_EVENT_BYTES};
 pub use store::{
-    check_run_limits, closes, Append, AppendConflict, Appended, Created, DueDeadline, GateChange,
-    IndexChange, Lease, NewRun, Notification, NotificationKind, Outgoing, PendingGate, RecordedDecision,
-    RuleDecision, RunStatus, RunSummary, Store,
+    check_append_limits, check_run_limits, closes, Append, AppendConflict, Appended, Created, DueDeadline,
+    GateChange, IndexChange, Lease, NewRun, Notification, NotificationKind, Outgoing, PendingGate,
+    RecordedDecision, RuleDecision, RunStatus, RunSummary, Store,
 };

@@ -54,8 +54,8 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
 use crate::ids::{GateId, LeaseToken, RunId, Seq, WorkerId};
 use crate::store::{
-    check_run_limits, closes, Append, AppendConflict, Appended, Created, DueDeadline, IndexChange, Lease,
-    NewRun, Outgoing, PendingGate, RuleDecision, RunStatus, RunSummary, Store,
+    check_append_limits, Append, AppendConflict, Appended, Created, DueDeadline, IndexChange, Lease, NewRun,
+    Outgoing, PendingGate, RuleDecision, RunStatus, RunSummary, Store,
 };
 use chrono::{DateTime, TimeZone, Utc};
 use std::collections::{BTreeSet, HashMap};
@@ -1140,18 +1140,13 @@ impl Store for SledStore {
                     return Err(Error::LeaseLost(run));
                 }
             }
-            let added_bytes: u64 = records.iter().map(|r| r.len() as u64).sum();
-            let events_after = summary.next_seq.0 + events.len() as u64;
-            let bytes_after = summary.bytes + added_bytes;
             let limits = &self.inner.options;
-            let closing = events.iter().all(|(e, _)| closes(&e.event));
-            check_run_limits(
-                run,
-                events_after,
-                bytes_after,
+            let (events_after, bytes_after) = check_append_limits(
+                &summary,
+                &records,
+                &events,
                 limits.max_run_events,
                 limits.max_run_bytes,
-                closing,
             )?;
             let intent = Intent {
                 target: Seq(events_after),

@@ -75,6 +75,30 @@ pub fn check_run_limits(
     })
 }
 
+/// [`check_run_limits`] for an append of `records` (encoding `events`) to the run
+/// `summary` describes. Returns the run's event count and bytes after it.
+pub fn check_append_limits(
+    summary: &RunSummary,
+    records: &[Vec<u8>],
+    events: &[(crate::event::Event, crate::codec::ChainHash)],
+    max_events: u64,
+    max_bytes: u64,
+) -> Result<(u64, u64)> {
+    let added: u64 = records.iter().map(|r| r.len() as u64).sum();
+    let events_after = summary.next_seq.0 + events.len() as u64;
+    let bytes_after = summary.bytes + added;
+    let closing = events.iter().all(|(e, _)| closes(&e.event));
+    check_run_limits(
+        summary.id,
+        events_after,
+        bytes_after,
+        max_events,
+        max_bytes,
+        closing,
+    )?;
+    Ok((events_after, bytes_after))
+}
+
 impl NewRun {
     /// What a start's idempotency key is bound to: workflow, version and input.
     pub fn request_hash(&self) -> Result<[u8; 32]> {

@@ -26,9 +26,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::StreamExt;
 use holdpoint_journal::codec::{self, ChainHash};
 use holdpoint_journal::{
-    check_run_limits, closes, Append, AppendConflict, Appended, Created, DueDeadline, Error, Event,
-    EventKind, GateId, IndexChange, Lease, LeaseToken, NewRun, Outgoing, PendingGate, Result, RuleDecision,
-    RunId, RunStatus, RunSummary, Seq, Store, WorkerId, DEFAULT_MAX_EVENT_BYTES,
+    check_append_limits, Append, AppendConflict, Appended, Created, DueDeadline, Error, Event, EventKind,
+    GateId, IndexChange, Lease, LeaseToken, NewRun, Outgoing, PendingGate, Result, RuleDecision, RunId,
+    RunStatus, RunSummary, Seq, Store, WorkerId, DEFAULT_MAX_EVENT_BYTES,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -753,19 +753,9 @@ impl Store for PgStore {
                     return Err(TxError::Journal(Error::LeaseLost(run)));
                 }
             }
-            let added: u64 = records.iter().map(|r| r.len() as u64).sum();
-            let events_after = summary.next_seq.0 + events.len() as u64;
-            let bytes_after = summary.bytes + added;
             let o = &self.inner.options;
-            let closing = events.iter().all(|(e, _)| closes(&e.event));
-            check_run_limits(
-                run,
-                events_after,
-                bytes_after,
-                o.max_run_events,
-                o.max_run_bytes,
-                closing,
-            )?;
+            let (_, bytes_after) =
+                check_append_limits(&summary, &records, &events, o.max_run_events, o.max_run_bytes)?;
             summary.bytes = bytes_after;
             let insert = tx
                 .prepare(&format!(
