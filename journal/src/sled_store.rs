@@ -547,27 +547,18 @@ impl SledStore {
             return Ok(());
         }
         // Complete: derive the summary and the index changes again and write them.
-        let mut summary = match old {
-            Some(s) => s,
-            None => {
-                let Some((first, _)) = events.first() else {
-                    trees.intents.remove(run.as_bytes())?;
-                    return Ok(());
-                };
-                let new = new_run_from(first)?;
-                if let Some(key) = &new.idempotency_key {
-                    let mut v = run.as_bytes().to_vec();
-                    v.extend_from_slice(&new.request_hash()?);
-                    trees.starts.insert(key.as_bytes(), v)?;
-                }
-                RunSummary::start(&new)
+        if let (None, Some((first, _))) = (&old, events.first()) {
+            let new = new_run_from(first)?;
+            if let Some(key) = &new.idempotency_key {
+                let mut v = run.as_bytes().to_vec();
+                v.extend_from_slice(&new.request_hash()?);
+                trees.starts.insert(key.as_bytes(), v)?;
             }
-        };
-        let mut changes = Vec::new();
-        for ((event, head), record) in events.iter().zip(&records) {
-            summary.bytes += record.len() as u64;
-            changes.extend(summary.apply(event, *head));
         }
+        let Some((mut summary, changes)) = fold_records(old, &events, &records)? else {
+            trees.intents.remove(run.as_bytes())?;
+            return Ok(());
+        };
         if let Some(reason) = &intent.stuck {
             park(&mut summary, reason);
         }
@@ -669,19 +660,15 @@ impl SledStore {
                 .events
                 .range(event_key(run, Seq::ZERO)..=event_key(run, Seq(u64::MAX)))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
+            let records: Vec<sled::IVec> = records.into_iter().map(|(_, r)| r).collect();
             let mut prev = ChainHash::GENESIS;
-            let mut summary: Option<RunSummary> = None;
-            for (i, (_, record)) in records.iter().enumerate() {
+            let mut events = Vec::with_capacity(records.len());
+            for (i, record) in records.iter().enumerate() {
                 let (event, head) = codec::decode(run, Seq(i as u64), record, &prev)?;
                 prev = head;
-                let s = match summary.as_mut() {
-                    Some(s) => s,
-                    None => summary.insert(RunSummary::start(&new_run_from(&event)?)),
-                };
-                s.bytes += record.len() as u64;
-                s.apply(&event, head);
+                events.push((event, head));
             }
-            let Some(mut derived) = summary else {
+            let Some((mut derived, _)) = fold_records(None, &events, &records)? else {
                 problems.push(format!("run {run} has a summary and no events"));
                 continue;
             };
@@ -721,6 +708,27 @@ fn park(summary: &mut RunSummary, reason: &str) {
     if !summary.status.is_terminal() {
         summary.status = RunStatus::Stuck;
     }
+}
+
+/// Folds a run's decoded events (and the records they came from, for the byte count)
+/// into `base`, or, without one, into the summary their first event starts. Returns the
+/// summary and the index changes, or `None` for no events and no base.
+fn fold_records(
+    base: Option<RunSummary>,
+    events: &[(Event, ChainHash)],
+    records: &[sled::IVec],
+) -> Result<Option<(RunSummary, Vec<IndexChange>)>> {
+    let mut summary = match (base, events.first()) {
+        (Some(s), _) => s,
+        (None, Some((first, _))) => RunSummary::start(&new_run_from(first)?),
+        (None, None) => return Ok(None),
+    };
+    let mut changes = Vec::new();
+    for ((event, head), record) in events.iter().zip(records) {
+        summary.bytes += record.len() as u64;
+        changes.extend(summary.apply(event, *head));
+    }
+    Ok(Some((summary, changes)))
 }
 
 /// The [`NewRun`] a run's first event records.
