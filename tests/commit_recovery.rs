@@ -10,33 +10,11 @@ use serde_json::json;
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
+use common::{approve, gate_with};
+
 const CHILD: &str = "HOLDPOINT_COMMIT_CHILD";
-
-fn gate(p: u32, deadline: Option<chrono::DateTime<Utc>>) -> EventKind {
-    EventKind::ApprovalRequested {
-        gate: GateId(p),
-        kind: GateKind::Approval,
-        action: "send_money".into(),
-        args: json!({"amount": p}),
-        context: json!(null),
-        reason: "test".into(),
-        allowed: vec![DecisionKind::Approve, DecisionKind::Reject],
-        deadline,
-        rule: Some("payments".into()),
-        spec: None,
-    }
-}
-
-fn approve(p: u32) -> EventKind {
-    EventKind::DecisionRecorded {
-        gate: GateId(p),
-        decision: Decision::Approve,
-        by: Principal::new("alice"),
-        comment: None,
-        idempotency_key: None,
-        request_hash: None,
-    }
-}
 
 /// The child: one run, a gate with a deadline, then its decision. The failpoint fires at
 /// the `n`-th commit that passes it.
@@ -56,7 +34,10 @@ async fn write_until_crash(dir: &Path) {
         .await
         .unwrap();
     let deadline = Utc::now() + chrono::Duration::hours(1);
-    for (expected, event) in [(1, gate(0, Some(deadline))), (2, approve(0))] {
+    for (expected, event) in [
+        (1, gate_with(0, Some(deadline), Some("payments"))),
+        (2, approve(0, "alice")),
+    ] {
         store
             .append(Append {
                 run,

@@ -5,6 +5,9 @@
 //! stays in `journal/tests/sled_store.rs`.
 
 use chrono::Utc;
+mod common;
+
+use common::{approve, gate_with};
 use holdpoint::journal::*;
 use holdpoint_pg::{PgOptions, PgStore};
 use serde_json::json;
@@ -178,34 +181,8 @@ fn step(p: u32) -> EventKind {
     }
 }
 
-fn gate_with(p: u32, deadline: Option<chrono::DateTime<Utc>>, rule: Option<&str>) -> EventKind {
-    EventKind::ApprovalRequested {
-        gate: GateId(p),
-        kind: GateKind::Approval,
-        action: "send_money".into(),
-        args: json!({"amount": p}),
-        context: json!(null),
-        reason: "test".into(),
-        allowed: vec![DecisionKind::Approve, DecisionKind::Reject],
-        deadline,
-        rule: rule.map(str::to_string),
-        spec: None,
-    }
-}
-
 fn gate(p: u32) -> EventKind {
     gate_with(p, None, None)
-}
-
-fn approve(p: u32, by: &str) -> EventKind {
-    EventKind::DecisionRecorded {
-        gate: GateId(p),
-        decision: Decision::Approve,
-        by: Principal::new(by),
-        comment: None,
-        idempotency_key: None,
-        request_hash: None,
-    }
 }
 
 /// The one ready run, leased by a new worker for 30 s.

@@ -2,7 +2,7 @@
 //! need the real API but control the engine (its clock, its policy).
 #![allow(dead_code)]
 
-use holdpoint::journal::SledStore;
+use holdpoint::journal::{Decision, DecisionKind, EventKind, GateId, GateKind, Principal, SledStore};
 use holdpoint::server::{self, AppState, Tokens};
 use holdpoint::Engine;
 use serde_json::{json, Value};
@@ -206,4 +206,32 @@ pub fn url_in(line: &str) -> String {
         .find(|w| w.starts_with("http://"))
         .unwrap_or_else(|| panic!("no url in {line:?}"))
         .to_string()
+}
+
+/// An approval gate at position `p` on `send_money` (journal level).
+pub fn gate_with(p: u32, deadline: Option<chrono::DateTime<chrono::Utc>>, rule: Option<&str>) -> EventKind {
+    EventKind::ApprovalRequested {
+        gate: GateId(p),
+        kind: GateKind::Approval,
+        action: "send_money".into(),
+        args: json!({"amount": p}),
+        context: json!(null),
+        reason: "test".into(),
+        allowed: vec![DecisionKind::Approve, DecisionKind::Reject],
+        deadline,
+        rule: rule.map(str::to_string),
+        spec: None,
+    }
+}
+
+/// An approve decision of gate `p` by `by` (journal level).
+pub fn approve(p: u32, by: &str) -> EventKind {
+    EventKind::DecisionRecorded {
+        gate: GateId(p),
+        decision: Decision::Approve,
+        by: Principal::new(by),
+        comment: None,
+        idempotency_key: None,
+        request_hash: None,
+    }
 }
