@@ -1222,9 +1222,10 @@ async fn serve_on<St: Store + Clone>(
     if let Some(w) = webhooks {
         w.shutdown().await;
     }
-    match engine.into_store() {
+    // Connection tasks may still be dropping their handles after `serve` returned.
+    match tokio::time::timeout(Duration::from_secs(10), engine.into_store_when_released()).await {
         Ok(store) => close(store)?,
-        Err(_) => tracing::warn!("engine still referenced at shutdown; the store closes on exit"),
+        Err(_) => tracing::warn!("engine still referenced 10 s after shutdown; the store closes on exit"),
     }
     served.map_err(|e| CliError(format!("server failed: {e}")))?;
     say!("stopped");

@@ -737,3 +737,38 @@ async fn running_workers_fire_a_due_timer_and_waiting_runs_hold_no_lease() {
     assert_eq!(s.status, RunStatus::Completed);
     workers.shutdown().await;
 }
+
+/// A shutdown that awaits a task may move on while that task is still dropping its
+/// engine handle; `into_store_when_released` waits for the drop instead of failing.
+#[tokio::test]
+async fn the_store_comes_back_once_the_last_handle_is_dropped() {
+    let env = env();
+    let held = env.engine.clone();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let holder = tokio::spawn(async move {
+        released.await.unwrap();
+        drop(held);
+    });
+    let engine = env.engine.clone();
+    drop(env.engine);
+    let engine = match engine.into_store() {
+        Ok(_) => panic!("the store came back while a handle was alive"),
+        Err(engine) => engine,
+    };
+    let waiting = tokio::spawn(engine.into_store_when_released());
+    // One turn of this single-threaded runtime: the waiter looks, finds the held handle
+    // and parks.
+    tokio::task::yield_now().await;
+    assert!(
+        !waiting.is_finished(),
+        "the store came back while a handle was alive"
+    );
+    release.send(()).unwrap();
+    // The timeout only elapses if the drop was missed.
+    let store = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the wait saw the last handle dropped")
+        .unwrap();
+    holder.await.unwrap();
+    store.close().unwrap();
+}

@@ -108,12 +108,8 @@ impl Api {
         self.workers.take().unwrap().shutdown().await;
         let engine = self.engine.clone();
         drop(self);
-        engine
-            .into_store()
-            .ok()
-            .expect("engine unshared")
-            .close()
-            .unwrap();
+        // The server's connection tasks may still be dropping their handles.
+        engine.into_store_when_released().await.close().unwrap();
     }
 
     async fn call(&self, method: &'static str, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {

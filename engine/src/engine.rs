@@ -197,13 +197,26 @@ pub enum Replay {
 /// The engine: one store, one registry, a clock.
 pub struct Engine<S: Store> {
     inner: Arc<Inner<S>>,
+    released: Released,
 }
 
 impl<S: Store> Clone for Engine<S> {
     fn clone(&self) -> Self {
         Engine {
             inner: self.inner.clone(),
+            released: Released(self.released.0.clone()),
         }
+    }
+}
+
+/// Each engine handle's token: dropping a handle wakes whoever waits in
+/// [`Engine::into_store_when_released`] to look again. `notify_one` keeps a permit when
+/// nobody waits yet, so a drop between that look and the wait is not missed.
+struct Released(Arc<tokio::sync::Notify>);
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        self.0.notify_one();
     }
 }
 
@@ -272,6 +285,7 @@ impl<S: Store> EngineBuilder<S> {
                 observer: self.observer,
                 run_ids: self.run_ids,
             }),
+            released: Released(Arc::default()),
         })
     }
 }
@@ -308,9 +322,27 @@ impl<S: Store> Engine<S> {
     /// Gives the store back (to close it), if no clone of this engine and no worker is
     /// alive; otherwise returns the engine.
     pub fn into_store(self) -> std::result::Result<S, Engine<S>> {
-        match Arc::try_unwrap(self.inner) {
+        let Engine { inner, released } = self;
+        match Arc::try_unwrap(inner) {
             Ok(inner) => Ok(inner.store),
-            Err(inner) => Err(Engine { inner }),
+            Err(inner) => Err(Engine { inner, released }),
+        }
+    }
+
+    /// Gives the store back once every other handle of this engine (its clones, its
+    /// workers, a server's connections) has been dropped. Shutdown paths use it after
+    /// stopping whatever held handles: a task that finishes may still be dropping its
+    /// handle when the code that awaited it moves on. Waits forever if a handle is
+    /// never dropped; bound it with a timeout where that matters.
+    pub async fn into_store_when_released(self) -> S {
+        let released = self.released.0.clone();
+        let mut engine = self;
+        loop {
+            match engine.into_store() {
+                Ok(store) => return store,
+                Err(again) => engine = again,
+            }
+            released.notified().await;
         }
     }
 
