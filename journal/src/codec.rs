@@ -1,33 +1,110 @@
 //! The stored form of an event: a small binary header around the event's JSON.
 //!
+//! Record format 2 (written since the envelope went binary):
+//!
 //! ```text
-//! byte 0       record format (1)
-//! bytes 1..5   CRC-32 (IEEE) of bytes 5.. (big-endian)
+//! byte 0       record format (2)
+//! bytes 1..5   CRC-32 (IEEE) of place ++ bytes 5.. (big-endian)
 //! bytes 5..37  chain hash of the previous event of the same run (zeros at seq 0)
-//! bytes 37..   the event as JSON
+//! bytes 37..45 `at`: whole seconds since the Unix epoch (i64, big-endian)
+//! bytes 45..49 `at`: nanoseconds within the second (u32, big-endian)
+//! bytes 49..51 event format version `v` (u16, big-endian)
+//! bytes 51..   what happened (the [`EventKind`]) as JSON
 //! ```
 //!
-//! The chain hash of a record is `SHA-256(prev_hash ++ json)`. The CRC catches torn
-//! writes and flipped bits cheaply, before any JSON is parsed; the chain catches what a
-//! CRC cannot: an event edited and re-checksummed, removed, inserted or reordered. The
-//! run's summary keeps the hash of its last event (the head), so a truncated tail or a
-//! rolled-back journal is detected too.
+//! `place` is the record's key, the run id's 16 bytes and the seq as a big-endian u64:
+//! the run and seq are not stored in the record (the key holds them), but they are
+//! checked, so a record copied under another key fails its checksum. The chain hash of
+//! a record is `SHA-256(prev_hash ++ place ++ bytes 37..)`.
+//!
+//! Record format 1 (still read, never written): bytes 0..37 as above without `place` in
+//! the CRC, then the whole [`Event`] as JSON; its chain hash is `SHA-256(prev_hash ++
+//! json)`. The chain continues across the two formats, so journals begun before the
+//! change keep their heads and grow in format 2.
+//!
+//! The CRC catches torn writes and flipped bits cheaply, before any JSON is parsed; the
+//! chain catches what a CRC cannot: an event edited and re-checksummed, removed, inserted
+//! or reordered. The run's summary keeps the hash of its last event (the head), so a
+//! truncated tail or a rolled-back journal is detected too.
 
 use crate::error::{Error, Result};
-use crate::event::{Event, FORMAT_VERSION};
+use crate::event::{Event, EventKind, FORMAT_VERSION};
 use crate::ids::{RunId, Seq};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
 
 /// The record layout this build writes.
-pub const RECORD_FORMAT: u8 = 1;
-/// Bytes before the JSON body.
+pub const RECORD_FORMAT: u8 = 2;
+/// The first record layout, read but no longer written.
+pub const RECORD_FORMAT_1: u8 = 1;
+/// Bytes before the body: format, CRC and the previous chain hash.
 pub const HEADER_LEN: usize = 1 + 4 + 32;
+/// Bytes of a format-2 body before the event's JSON: `at` and `v`.
+const ENVELOPE_LEN: usize = 8 + 4 + 2;
 
-/// A link of a run's hash chain.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+/// A link of a run's hash chain. Serialized as 64 lowercase hex digits; an array of 32
+/// numbers (how summaries stored it before) is still read.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct ChainHash(pub [u8; 32]);
+
+impl Serialize for ChainHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut hex = [0u8; 64];
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for (i, b) in self.0.iter().enumerate() {
+            hex[2 * i] = DIGITS[usize::from(b >> 4)];
+            hex[2 * i + 1] = DIGITS[usize::from(b & 15)];
+        }
+        // Only ASCII digits were written.
+        s.serialize_str(std::str::from_utf8(&hex).unwrap_or_default())
+    }
+}
+
+impl<'de> Deserialize<'de> for ChainHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ChainHash;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a chain hash: 64 hex digits, or an array of 32 bytes")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<ChainHash, E> {
+                let digits = v.as_bytes();
+                if digits.len() != 64 {
+                    return Err(E::invalid_length(digits.len(), &self));
+                }
+                let nibble = |c: u8| match c {
+                    b'0'..=b'9' => Ok(c - b'0'),
+                    b'a'..=b'f' => Ok(c - b'a' + 10),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                };
+                let mut out = [0u8; 32];
+                for (i, pair) in digits.chunks_exact(2).enumerate() {
+                    out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+                }
+                Ok(ChainHash(out))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<ChainHash, A::Error> {
+                let mut out = [0u8; 32];
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    return Err(serde::de::Error::invalid_length(33, &self));
+                }
+                Ok(ChainHash(out))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
 
 impl ChainHash {
     /// The `prev_hash` of a run's first event.
@@ -50,21 +127,45 @@ impl fmt::Display for ChainHash {
     }
 }
 
-fn chain(prev: &ChainHash, body: &[u8]) -> ChainHash {
+/// A record's key: the run id's bytes, then the seq big-endian.
+fn place(run: RunId, seq: Seq) -> [u8; 24] {
+    let mut out = [0; 24];
+    out[..16].copy_from_slice(run.as_bytes());
+    out[16..].copy_from_slice(&seq.0.to_be_bytes());
+    out
+}
+
+fn chain(prev: &ChainHash, place: Option<&[u8; 24]>, body: &[u8]) -> ChainHash {
     let mut h = Sha256::new();
     h.update(prev.0);
+    if let Some(place) = place {
+        h.update(place);
+    }
     h.update(body);
     ChainHash(h.finalize().into())
 }
 
-/// Encodes `event` as a record following `prev`. Returns the record and its chain hash.
-/// `limit` caps the JSON body; a larger event is refused, not truncated.
+fn crc(place: Option<&[u8; 24]>, rest: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    if let Some(place) = place {
+        h.update(place);
+    }
+    h.update(rest);
+    h.finalize()
+}
+
+/// Encodes `event` as a record following `prev` (record format 2). Returns the record
+/// and its chain hash. `limit` caps the stored body (the envelope and the JSON of what
+/// happened); a larger event is refused, not truncated.
 pub fn encode(event: &Event, prev: &ChainHash, limit: usize) -> Result<(Vec<u8>, ChainHash)> {
-    let mut record = Vec::with_capacity(HEADER_LEN + 256);
+    let mut record = Vec::with_capacity(HEADER_LEN + ENVELOPE_LEN + 192);
     record.push(RECORD_FORMAT);
     record.extend_from_slice(&[0; 4]);
     record.extend_from_slice(&prev.0);
-    serde_json::to_writer(&mut record, event)?;
+    record.extend_from_slice(&event.at.timestamp().to_be_bytes());
+    record.extend_from_slice(&event.at.timestamp_subsec_nanos().to_be_bytes());
+    record.extend_from_slice(&event.v.to_be_bytes());
+    serde_json::to_writer(&mut record, &event.event)?;
     let size = record.len() - HEADER_LEN;
     if size > limit {
         return Err(Error::EventTooLarge {
@@ -73,55 +174,63 @@ pub fn encode(event: &Event, prev: &ChainHash, limit: usize) -> Result<(Vec<u8>,
             limit,
         });
     }
-    let crc = crc32fast::hash(&record[5..]);
+    let place = place(event.run, event.seq);
+    let crc = crc(Some(&place), &record[5..]);
     record[1..5].copy_from_slice(&crc.to_be_bytes());
-    let hash = chain(prev, &record[HEADER_LEN..]);
+    let hash = chain(prev, Some(&place), &record[HEADER_LEN..]);
     Ok((record, hash))
 }
 
 /// A record whose checksum is good but whose body is not yet decoded.
 pub struct Checked<'a> {
+    pub format: u8,
     pub prev: ChainHash,
     pub body: &'a [u8],
+    place: Option<[u8; 24]>,
 }
 
 impl Checked<'_> {
     pub fn hash(&self) -> ChainHash {
-        chain(&self.prev, self.body)
+        chain(&self.prev, self.place.as_ref(), self.body)
     }
 }
 
-/// Checks a record's framing and checksum. `run` and `seq` name where it was read from,
-/// for the error.
+/// Checks a record's framing and checksum. `run` and `seq` name where it was read from:
+/// a format-2 record's checksum covers them, and errors name them.
 pub fn check(run: RunId, seq: Seq, record: &[u8]) -> Result<Checked<'_>> {
     let corrupt = |reason: String| Error::Corrupt { run, seq, reason };
-    if record.len() < HEADER_LEN + 2 {
+    let (place, shortest) = match record.first() {
+        Some(&RECORD_FORMAT) => (Some(place(run, seq)), HEADER_LEN + ENVELOPE_LEN + 2),
+        Some(&RECORD_FORMAT_1) => (None, HEADER_LEN + 2),
+        Some(other) => return Err(corrupt(format!("unknown record format byte {other}"))),
+        None => return Err(corrupt("record is empty".into())),
+    };
+    if record.len() < shortest {
         return Err(corrupt(format!(
             "record is {} bytes, shorter than any event",
             record.len()
         )));
     }
-    if record[0] != RECORD_FORMAT {
-        return Err(corrupt(format!("unknown record format byte {}", record[0])));
-    }
     let stored = u32::from_be_bytes([record[1], record[2], record[3], record[4]]);
-    let actual = crc32fast::hash(&record[5..]);
+    let actual = crc(place.as_ref(), &record[5..]);
     if stored != actual {
         return Err(corrupt(format!(
-            "checksum mismatch (stored {stored:08x}, computed {actual:08x})"
+            "checksum mismatch (stored {stored:08x}, computed {actual:08x}): the record is damaged or is not stored where it was written"
         )));
     }
     let mut prev = [0; 32];
     prev.copy_from_slice(&record[5..HEADER_LEN]);
     Ok(Checked {
+        format: record[0],
         prev: ChainHash(prev),
         body: &record[HEADER_LEN..],
+        place,
     })
 }
 
 /// Fully verifies one record read at (`run`, `seq`): checksum, link to `prev` (the chain
-/// hash of the event before it), decoding, format version, and that the envelope names
-/// the place it was read from. Returns the event and its own chain hash.
+/// hash of the event before it), decoding, format version, and that the record belongs
+/// at the place it was read from. Returns the event and its own chain hash.
 pub fn decode(run: RunId, seq: Seq, record: &[u8], prev: &ChainHash) -> Result<(Event, ChainHash)> {
     let checked = check(run, seq, record)?;
     if checked.prev != *prev {
@@ -132,11 +241,47 @@ pub fn decode(run: RunId, seq: Seq, record: &[u8], prev: &ChainHash) -> Result<(
                 .into(),
         });
     }
-    let event = decode_body(run, seq, checked.body)?;
+    let event = if checked.format == RECORD_FORMAT_1 {
+        decode_body_v1(run, seq, checked.body)?
+    } else {
+        decode_body(run, seq, checked.body)?
+    };
     Ok((event, checked.hash()))
 }
 
+/// A format-2 body: the binary envelope, then what happened as JSON.
 fn decode_body(run: RunId, seq: Seq, body: &[u8]) -> Result<Event> {
+    let corrupt = |reason: String| Error::Corrupt { run, seq, reason };
+    // `check` guarantees the envelope's bytes are there.
+    let (envelope, json) = body.split_at(ENVELOPE_LEN);
+    let mut secs = [0; 8];
+    secs.copy_from_slice(&envelope[..8]);
+    let mut nanos = [0; 4];
+    nanos.copy_from_slice(&envelope[8..12]);
+    let v = u16::from_be_bytes([envelope[12], envelope[13]]);
+    if v > FORMAT_VERSION || v == 0 {
+        return Err(Error::UnknownFormat {
+            run,
+            seq,
+            version: v,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let at = DateTime::<Utc>::from_timestamp(i64::from_be_bytes(secs), u32::from_be_bytes(nanos))
+        .ok_or_else(|| corrupt("event time is out of range".into()))?;
+    let event: EventKind =
+        serde_json::from_slice(json).map_err(|e| corrupt(format!("event does not decode: {e}")))?;
+    Ok(Event {
+        run,
+        seq,
+        at,
+        v,
+        event,
+    })
+}
+
+/// A format-1 body: the whole event as JSON, its envelope naming its place.
+fn decode_body_v1(run: RunId, seq: Seq, body: &[u8]) -> Result<Event> {
     // Read the version first so a newer format is reported as such rather than as a
     // decoding failure.
     #[derive(Deserialize)]
@@ -342,6 +487,22 @@ mod tests {
                 output: serde_json::json!({"ok": seq}),
             },
         }
+    }
+
+    #[test]
+    fn chain_hashes_serialize_as_hex_and_the_array_form_still_reads() {
+        let hash = ChainHash(std::array::from_fn(|i| (i * 8) as u8));
+        let json = serde_json::to_string(&hash).unwrap();
+        assert_eq!(json, format!("\"{}\"", hash.to_hex()));
+        assert_eq!(serde_json::from_str::<ChainHash>(&json).unwrap(), hash);
+        let array = serde_json::to_string(&hash.0).unwrap();
+        assert_eq!(serde_json::from_str::<ChainHash>(&array).unwrap(), hash);
+        for bad in ["\"00\"", "\"{}\"", "[1,2]", "[256]"] {
+            let bad = bad.replace("{}", &"zz".repeat(32));
+            assert!(serde_json::from_str::<ChainHash>(&bad).is_err(), "{bad}");
+        }
+        let too_long = serde_json::to_string(&vec![0u8; 33]).unwrap();
+        assert!(serde_json::from_str::<ChainHash>(&too_long).is_err());
     }
 
     #[test]

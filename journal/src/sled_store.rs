@@ -22,7 +22,7 @@
 //! Writes are plain inserts and removes, serialized by one mutex per store, in a fixed
 //! order that recovery can finish: an append encodes its records outside the lock, then
 //! under it checks the expected seq and the lease, and writes
-//! 1. an *intent* for the run (the summary before the commit and the seq after it),
+//! 1. an *intent* for the run (the seq before the commit and the seq after it),
 //! 2. the events,
 //! 3. the new summary (and its status key),
 //! 4. the index changes [`RunSummary::apply`] derived (pending gates, ready queue,
@@ -39,10 +39,12 @@
 //!
 //! **Recovery.** sled recovers a prefix of its log, so after a crash a commit is either
 //! absent, complete, or cut somewhere after its intent. On open, each intent left over
-//! is finished: if all its events are there, the summary and every index change are
-//! derived again from the summary before and those events, and written (each write is
-//! idempotent); if some event is missing, the ones there are removed and the old
-//! summary put back. Either way the commit was never acknowledged.
+//! is finished. The summary before the commit is the fold of the journal up to the
+//! intent's first seq (what `check_indexes` derives for every run). If all the commit's
+//! events are there, the new summary and every index change are derived again from that
+//! summary and those events, and written (each write is idempotent); if some event is
+//! missing, the ones there are removed and the old summary put back. Either way the
+//! commit was never acknowledged.
 //!
 //! **Leases** live in memory (sled allows one process per directory, so a lease dies
 //! with its process anyway). A claimed run keeps its `ready` entry until its release,
@@ -164,21 +166,42 @@ struct Intent {
     target: Seq,
     /// The commit also parks the run (`mark_stuck`), with this reason.
     stuck: Option<String>,
-    /// The summary before the commit, as stored (`None`: the commit creates the run).
-    old: Option<Vec<u8>>,
+    /// The run before the commit.
+    old: Before,
+}
+
+/// What an intent knows of the run before its commit.
+enum Before {
+    /// Nothing: the commit creates the run.
+    Created,
+    /// The summary as stored (intents written before summaries were re-derived).
+    Stored(Vec<u8>),
+    /// The run had this many events; its summary is their fold (as `check_indexes`
+    /// derives it) with the stored summary's `stuck`, which no commit with events changes.
+    Journal(Seq),
 }
 
 impl Intent {
+    /// `target` (8), stuck flag (1), reason length (4), reason, then what came before:
+    /// 0 (created), 1 and the old summary's bytes (stored), or 2 and its next seq (8).
     fn encode(&self) -> Vec<u8> {
         let stuck = self.stuck.as_deref().unwrap_or_default().as_bytes();
-        let old = self.old.as_deref().unwrap_or_default();
-        let mut v = Vec::with_capacity(14 + stuck.len() + old.len());
+        let mut v = Vec::with_capacity(22 + stuck.len());
         v.extend_from_slice(&self.target.0.to_be_bytes());
         v.push(u8::from(self.stuck.is_some()));
         v.extend_from_slice(&(stuck.len() as u32).to_be_bytes());
         v.extend_from_slice(stuck);
-        v.push(u8::from(self.old.is_some()));
-        v.extend_from_slice(old);
+        match &self.old {
+            Before::Created => v.push(0),
+            Before::Stored(old) => {
+                v.push(1);
+                v.extend_from_slice(old);
+            }
+            Before::Journal(seq) => {
+                v.push(2);
+                v.extend_from_slice(&seq.0.to_be_bytes());
+            }
+        }
         v
     }
 
@@ -192,8 +215,16 @@ impl Intent {
             u32::from_be_bytes(bytes.get(9..13).and_then(|b| b.try_into().ok()).ok_or_else(bad)?) as usize;
         let stuck = bytes.get(13..13 + len).ok_or_else(bad)?;
         let stuck = has_stuck.then(|| String::from_utf8_lossy(stuck).into_owned());
-        let has_old = *bytes.get(13 + len).ok_or_else(bad)? == 1;
-        let old = has_old.then(|| bytes.get(14 + len..).unwrap_or_default().to_vec());
+        let rest = bytes.get(14 + len..).unwrap_or_default();
+        let old = match *bytes.get(13 + len).ok_or_else(bad)? {
+            0 => Before::Created,
+            1 => Before::Stored(rest.to_vec()),
+            2 => Before::Journal(Seq(u64::from_be_bytes(rest.try_into().map_err(|_| bad())?))),
+            _ => return Err(bad()),
+        };
+        if matches!(old, Before::Journal(from) if from > target) {
+            return Err(bad());
+        }
         Ok(Intent { target, stuck, old })
     }
 }
@@ -494,11 +525,43 @@ impl SledStore {
         Ok(())
     }
 
+    /// The summary of a run's first `upto` events, as stored: their fold, with the
+    /// stored summary's `stuck` (see [`Before::Journal`]).
+    fn summary_upto(&self, run: RunId, upto: Seq) -> Result<RunSummary> {
+        let trees = &self.inner.trees;
+        let mut records = Vec::with_capacity(upto.0 as usize);
+        let mut events = Vec::with_capacity(upto.0 as usize);
+        let mut prev = ChainHash::GENESIS;
+        for seq in 0..upto.0 {
+            let Some(record) = trees.events.get(event_key(run, Seq(seq)))? else {
+                return Err(Error::Corrupt {
+                    run,
+                    seq: Seq(seq),
+                    reason: "event is missing".into(),
+                });
+            };
+            let (event, head) = codec::decode(run, Seq(seq), &record, &prev)?;
+            prev = head;
+            events.push((event, head));
+            records.push(record);
+        }
+        let (mut summary, _) = fold_records(None, &events, &records)?.ok_or(Error::Corrupt {
+            run,
+            seq: Seq::ZERO,
+            reason: "an unfinished commit follows a run with no events".into(),
+        })?;
+        if let Some(stored) = trees.runs.get(run.as_bytes())? {
+            summary.stuck = decode_summary(run, &stored)?.stuck;
+        }
+        Ok(summary)
+    }
+
     fn finish_intent(&self, run: RunId, intent: Intent) -> Result<()> {
         let trees = &self.inner.trees;
         let old = match &intent.old {
-            Some(bytes) => Some(decode_summary(run, bytes)?),
-            None => None,
+            Before::Created => None,
+            Before::Stored(bytes) => Some(decode_summary(run, bytes)?),
+            Before::Journal(upto) => Some(self.summary_upto(run, *upto)?),
         };
         let from = old.as_ref().map_or(Seq::ZERO, |s| s.next_seq);
         let mut records = Vec::new();
@@ -530,12 +593,11 @@ impl SledStore {
             for seq in from.0..intent.target.0 {
                 trees.events.remove(event_key(run, Seq(seq)))?;
             }
-            match (&old, &intent.old) {
-                (Some(old), Some(bytes)) => {
-                    trees.runs.insert(run.as_bytes(), bytes.as_slice())?;
-                    w.put_status(old, None)?;
+            match &old {
+                Some(old) => {
+                    w.put_summary(old, None)?;
                 }
-                _ => {
+                None => {
                     trees.runs.remove(run.as_bytes())?;
                     for st in RunStatus::ALL {
                         trees.by_status.remove(status_key(st, run))?;
@@ -1082,7 +1144,7 @@ impl Store for SledStore {
                     let intent = Intent {
                         target: Seq(1),
                         stuck: None,
-                        old: None,
+                        old: Before::Created,
                     };
                     trees.intents.insert(run.id.as_bytes(), intent.encode())?;
                     trees.events.insert(event_key(run.id, Seq::ZERO), record)?;
@@ -1159,7 +1221,7 @@ impl Store for SledStore {
             let intent = Intent {
                 target: Seq(events_after),
                 stuck: None,
-                old: Some(old_bytes.to_vec()),
+                old: Before::Journal(summary.next_seq),
             };
             trees.intents.insert(run.as_bytes(), intent.encode())?;
             summary.bytes = bytes_after;
@@ -1384,7 +1446,7 @@ impl Store for SledStore {
             let intent = Intent {
                 target: summary.next_seq,
                 stuck: Some(reason.clone()),
-                old: Some(old_bytes.to_vec()),
+                old: Before::Journal(summary.next_seq),
             };
             trees.intents.insert(run.as_bytes(), intent.encode())?;
             self.state().leases.remove(&run);
@@ -1598,5 +1660,54 @@ impl Drop for GroupCommit {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intents_round_trip_and_the_earlier_layout_still_reads() {
+        let run = RunId::new();
+        for (stuck, old) in [
+            (None, Before::Created),
+            (Some("gone".to_string()), Before::Journal(Seq(7))),
+            (None, Before::Stored(b"{\"x\":1}".to_vec())),
+        ] {
+            let intent = Intent {
+                target: Seq(7),
+                stuck,
+                old,
+            };
+            let back = Intent::decode(run, &intent.encode()).unwrap();
+            assert_eq!(back.target, intent.target);
+            assert_eq!(back.stuck, intent.stuck);
+            match (&back.old, &intent.old) {
+                (Before::Created, Before::Created) => {}
+                (Before::Journal(a), Before::Journal(b)) => assert_eq!(a, b),
+                (Before::Stored(a), Before::Stored(b)) => assert_eq!(a, b),
+                _ => panic!("what came before changed in the round trip"),
+            }
+        }
+        // As the previous release wrote it: target, no reason, then 1 and the old summary.
+        let mut earlier = 5u64.to_be_bytes().to_vec();
+        earlier.extend_from_slice(&[0, 0, 0, 0, 0, 1]);
+        earlier.extend_from_slice(b"{}");
+        let intent = Intent::decode(run, &earlier).unwrap();
+        assert!(matches!(intent.old, Before::Stored(ref b) if b == b"{}"));
+        // Truncated or unknown: a typed error, never a panic.
+        for bad in [&earlier[..3], &[0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 9][..]] {
+            assert!(matches!(Intent::decode(run, bad), Err(Error::Storage(_))));
+        }
+        let mut past = Intent {
+            target: Seq(2),
+            stuck: None,
+            old: Before::Journal(Seq(3)),
+        }
+        .encode();
+        assert!(Intent::decode(run, &past).is_err());
+        past.truncate(past.len() - 1);
+        assert!(Intent::decode(run, &past).is_err());
     }
 }

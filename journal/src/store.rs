@@ -253,9 +253,12 @@ pub struct RunSummary {
     pub next_seq: Seq,
     /// Chain hash of the last event.
     pub head: ChainHash,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub open_gates: Vec<GateId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub open_timers: Vec<Position>,
     /// When the run next needs a worker (None: waits for a person, or has ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
