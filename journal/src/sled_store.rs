@@ -1257,7 +1257,14 @@ impl Store for SledStore {
     }
 
     async fn summary(&self, run: RunId) -> Result<Option<RunSummary>> {
-        Ok(self.summary_now(run)?.and_then(|s| self.with_wake(vec![s]).pop()))
+        // Under the run's commit lock: a commit writes its summary before its index
+        // changes, the wake-up among them, and a summary read between the two showed a
+        // run that looked quiet (no wake-up, no deadline) just before it was woken.
+        let summary = {
+            let _run = self.run_lock(run);
+            self.summary_now(run)?
+        };
+        Ok(summary.and_then(|s| self.with_wake(vec![s]).pop()))
     }
 
     async fn list_runs(
