@@ -30,7 +30,8 @@
 //! 5. and removes the intent.
 //!
 //! Readers never see an index entry before the summary that covers it (a gate shows in
-//! `pending` only once `read` returns its event). Then the caller joins the next group
+//! `pending` only once `read` returns its event), and `summary` takes the run's commit
+//! lock, so it never returns a summary whose index changes are still being written. Then the caller joins the next group
 //! commit: one flusher thread runs `Db::flush` (which writes sled's buffers with
 //! `sync_file_range`) and then `fdatasync` on sled's data file through our own handle,
 //! and wakes every append that was waiting when the flush began. So an acknowledged
