@@ -198,13 +198,17 @@ async fn an_edited_and_rechecksummed_event_breaks_the_chain() {
         let mut key = run.as_bytes().to_vec();
         key.extend_from_slice(&2u64.to_be_bytes());
         let value = events.get(&key).unwrap().unwrap().to_vec();
-        let body = String::from_utf8(value[37..].to_vec()).unwrap();
+        // Record format 2: 37 header bytes, 14 envelope bytes, then the event kind's JSON.
+        let body = String::from_utf8(value[51..].to_vec()).unwrap();
         assert!(body.contains(r#""output":1"#), "{body}");
         let body = body.replace(r#""output":1"#, r#""output":9"#);
-        let mut record = value[..37].to_vec();
+        let mut record = value[..51].to_vec();
         record.extend_from_slice(body.as_bytes());
-        let crc = crc32fast::hash(&record[5..]);
-        record[1..5].copy_from_slice(&crc.to_be_bytes());
+        // The checksum covers the key too.
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&key);
+        crc.update(&record[5..]);
+        record[1..5].copy_from_slice(&crc.finalize().to_be_bytes());
         events.insert(key, record).unwrap();
         drop(events);
         common::release_sled(db, dir.path());
