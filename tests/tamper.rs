@@ -59,13 +59,17 @@ async fn modified_deleted_inserted_and_reordered_events_are_found() {
             .unwrap()
             .unwrap()
             .to_vec();
-        let body = String::from_utf8(v[37..].to_vec())
+        // Record format 2: header (37), envelope (14), then the event kind's JSON.
+        let body = String::from_utf8(v[51..].to_vec())
             .unwrap()
             .replace("\"n\":4321", "\"n\":9999");
-        v.truncate(37);
+        v.truncate(51);
         v.extend_from_slice(body.as_bytes());
-        let crc = crc32fast::hash(&v[5..]);
-        v[1..5].copy_from_slice(&crc.to_be_bytes());
+        // The checksum covers the key too.
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&common::event_key(run, 4321));
+        crc.update(&v[5..]);
+        v[1..5].copy_from_slice(&crc.finalize().to_be_bytes());
         events.insert(common::event_key(run, 4321), v).unwrap();
     });
     assert_eq!(first_bad(&dir, run, other).await, Some(4322));
@@ -79,13 +83,17 @@ async fn modified_deleted_inserted_and_reordered_events_are_found() {
             .unwrap()
             .unwrap()
             .to_vec();
-        let body = String::from_utf8(v[37..].to_vec())
+        // Record format 2: header (37), envelope (14), then the event kind's JSON.
+        let body = String::from_utf8(v[51..].to_vec())
             .unwrap()
             .replace(&format!("\"n\":{last}"), "\"n\":0");
-        v.truncate(37);
+        v.truncate(51);
         v.extend_from_slice(body.as_bytes());
-        let crc = crc32fast::hash(&v[5..]);
-        v[1..5].copy_from_slice(&crc.to_be_bytes());
+        // The checksum covers the key too.
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&common::event_key(run, last));
+        crc.update(&v[5..]);
+        v[1..5].copy_from_slice(&crc.finalize().to_be_bytes());
         events.insert(common::event_key(run, last), v).unwrap();
     });
     assert_eq!(first_bad(&dir, run, other).await, Some(last));
