@@ -31,10 +31,10 @@
 //!
 //! Readers never see an index entry before the summary that covers it (a gate shows in
 //! `pending` only once `read` returns its event), and `summary` takes the run's commit
-//! lock, so it never returns a summary whose index changes are still being written. Then the caller joins the next group
-//! commit: one flusher thread runs `Db::flush` (which writes sled's buffers with
-//! `sync_file_range`) and then `fdatasync` on sled's data file through our own handle,
-//! and wakes every append that was waiting when the flush began. So an acknowledged
+//! lock, so it never returns a summary whose index changes are still being written.
+//! Then the caller joins the next group commit: one flusher thread runs `Db::flush`
+//! (which writes sled's buffers with `sync_file_range`) and then `fdatasync` on sled's
+//! data file through our own handle, and wakes every append that was waiting when the flush began. So an acknowledged
 //! append survives a process crash, a kernel crash and a power loss (given a disk that
 //! honours flushes), and concurrent appends share one sync.
 //!
@@ -63,6 +63,7 @@ use crate::store::{
 use chrono::{DateTime, TimeZone, Utc};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -160,6 +161,10 @@ impl State {
         self.leases.get(&run).is_some_and(|l| l.token == token)
     }
 }
+
+/// A run's events as decoded and verified, each with its chain hash, and the records
+/// they came from (for the byte count).
+type VerifiedPrefix = (Vec<(Event, ChainHash)>, Vec<sled::IVec>);
 
 /// An unfinished commit, as stored under `intents`: enough to finish it or undo it.
 struct Intent {
@@ -526,33 +531,53 @@ impl SledStore {
         Ok(())
     }
 
-    /// The summary of a run's first `upto` events, as stored: their fold, with the
-    /// stored summary's `stuck` (see [`Before::Journal`]).
-    fn summary_upto(&self, run: RunId, upto: Seq) -> Result<RunSummary> {
-        let trees = &self.inner.trees;
-        let mut records = Vec::with_capacity(upto.0 as usize);
-        let mut events = Vec::with_capacity(upto.0 as usize);
-        let mut prev = ChainHash::GENESIS;
-        for seq in 0..upto.0 {
-            let Some(record) = trees.events.get(event_key(run, Seq(seq)))? else {
+    /// A run's stored events below `upto` (all of them with `None`), each verified from
+    /// the first, with the records they were decoded from.
+    fn journal_prefix(&self, run: RunId, upto: Option<Seq>) -> Result<VerifiedPrefix> {
+        let start = Bound::Included(event_key(run, Seq::ZERO));
+        let end = match upto {
+            Some(upto) => Bound::Excluded(event_key(run, upto)),
+            None => Bound::Included(event_key(run, Seq(u64::MAX))),
+        };
+        let records = self
+            .inner
+            .trees
+            .events
+            .range((start, end))
+            .values()
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        if let Some(upto) = upto {
+            if (records.len() as u64) < upto.0 {
                 return Err(Error::Corrupt {
                     run,
-                    seq: Seq(seq),
+                    seq: Seq(records.len() as u64),
                     reason: "event is missing".into(),
                 });
-            };
-            let (event, head) = codec::decode(run, Seq(seq), &record, &prev)?;
+            }
+        }
+        let mut prev = ChainHash::GENESIS;
+        let mut events = Vec::with_capacity(records.len());
+        for (i, record) in records.iter().enumerate() {
+            let (event, head) = codec::decode(run, Seq(i as u64), record, &prev)?;
             prev = head;
             events.push((event, head));
-            records.push(record);
         }
+        Ok((events, records))
+    }
+
+    /// The summary of a run's first `upto` events, as stored: their fold, parked as the
+    /// stored summary is (see [`Before::Journal`]).
+    fn summary_upto(&self, run: RunId, upto: Seq) -> Result<RunSummary> {
+        let (events, records) = self.journal_prefix(run, Some(upto))?;
         let (mut summary, _) = fold_records(None, &events, &records)?.ok_or(Error::Corrupt {
             run,
             seq: Seq::ZERO,
             reason: "an unfinished commit follows a run with no events".into(),
         })?;
-        if let Some(stored) = trees.runs.get(run.as_bytes())? {
-            summary.stuck = decode_summary(run, &stored)?.stuck;
+        if let Some(stored) = self.inner.trees.runs.get(run.as_bytes())? {
+            if let Some(reason) = decode_summary(run, &stored)?.stuck {
+                park(&mut summary, &reason);
+            }
         }
         Ok(summary)
     }
@@ -719,18 +744,7 @@ impl SledStore {
             let (k, v) = item?;
             let run = run_from_key(&k).ok_or_else(|| Error::Storage("malformed key in runs tree".into()))?;
             let stored = decode_summary(run, &v)?;
-            let records = trees
-                .events
-                .range(event_key(run, Seq::ZERO)..=event_key(run, Seq(u64::MAX)))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            let records: Vec<sled::IVec> = records.into_iter().map(|(_, r)| r).collect();
-            let mut prev = ChainHash::GENESIS;
-            let mut events = Vec::with_capacity(records.len());
-            for (i, record) in records.iter().enumerate() {
-                let (event, head) = codec::decode(run, Seq(i as u64), record, &prev)?;
-                prev = head;
-                events.push((event, head));
-            }
+            let (events, records) = self.journal_prefix(run, None)?;
             let Some((mut derived, _)) = fold_records(None, &events, &records)? else {
                 problems.push(format!("run {run} has a summary and no events"));
                 continue;
