@@ -12,9 +12,9 @@
 //! bytes 51..   what happened (the [`EventKind`]) as JSON
 //! ```
 //!
-//! `place` is the record's key, the run id's 16 bytes and the seq as a big-endian u64:
-//! the run and seq are not stored in the record (the key holds them), but they are
-//! checked, so a record copied under another key fails its checksum. The chain hash of
+//! `place` is the record's key ([`record_key`]): the run id's 16 bytes and the seq as a
+//! big-endian u64. The run and seq are not stored in the record (the key holds them),
+//! but they are checked, so a record copied under another key fails its checksum. The chain hash of
 //! a record is `SHA-256(prev_hash ++ place ++ bytes 37..)`.
 //!
 //! Record format 1 (still read, never written): bytes 0..37 as above without `place` in
@@ -51,12 +51,7 @@ pub struct ChainHash(pub [u8; 32]);
 
 impl Serialize for ChainHash {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let mut hex = [0u8; 64];
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        for (i, b) in self.0.iter().enumerate() {
-            hex[2 * i] = DIGITS[usize::from(b >> 4)];
-            hex[2 * i + 1] = DIGITS[usize::from(b & 15)];
-        }
+        let hex = self.hex_digits();
         // Only ASCII digits were written.
         s.serialize_str(std::str::from_utf8(&hex).unwrap_or_default())
     }
@@ -111,7 +106,18 @@ impl ChainHash {
     pub const GENESIS: ChainHash = ChainHash([0; 32]);
 
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        self.hex_digits().iter().map(|&d| char::from(d)).collect()
+    }
+
+    /// The hash as 64 lowercase hex digits (ASCII), without allocating.
+    fn hex_digits(&self) -> [u8; 64] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0u8; 64];
+        for (i, b) in self.0.iter().enumerate() {
+            hex[2 * i] = DIGITS[usize::from(b >> 4)];
+            hex[2 * i + 1] = DIGITS[usize::from(b & 15)];
+        }
+        hex
     }
 }
 
@@ -127,8 +133,9 @@ impl fmt::Display for ChainHash {
     }
 }
 
-/// A record's key: the run id's bytes, then the seq big-endian.
-fn place(run: RunId, seq: Seq) -> [u8; 24] {
+/// A record's key, which its checksum and chain hash cover: the run id's bytes, then the
+/// seq big-endian (stores keep records under it, so they sort by run, then seq).
+pub fn record_key(run: RunId, seq: Seq) -> [u8; 24] {
     let mut out = [0; 24];
     out[..16].copy_from_slice(run.as_bytes());
     out[16..].copy_from_slice(&seq.0.to_be_bytes());
@@ -174,7 +181,7 @@ pub fn encode(event: &Event, prev: &ChainHash, limit: usize) -> Result<(Vec<u8>,
             limit,
         });
     }
-    let place = place(event.run, event.seq);
+    let place = record_key(event.run, event.seq);
     let crc = crc(Some(&place), &record[5..]);
     record[1..5].copy_from_slice(&crc.to_be_bytes());
     let hash = chain(prev, Some(&place), &record[HEADER_LEN..]);
@@ -200,7 +207,7 @@ impl Checked<'_> {
 pub fn check(run: RunId, seq: Seq, record: &[u8]) -> Result<Checked<'_>> {
     let corrupt = |reason: String| Error::Corrupt { run, seq, reason };
     let (place, shortest) = match record.first() {
-        Some(&RECORD_FORMAT) => (Some(place(run, seq)), HEADER_LEN + ENVELOPE_LEN + 2),
+        Some(&RECORD_FORMAT) => (Some(record_key(run, seq)), HEADER_LEN + ENVELOPE_LEN + 2),
         Some(&RECORD_FORMAT_1) => (None, HEADER_LEN + 2),
         Some(other) => return Err(corrupt(format!("unknown record format byte {other}"))),
         None => return Err(corrupt("record is empty".into())),

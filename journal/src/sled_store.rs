@@ -367,11 +367,11 @@ impl SledStore {
     fn read_to(&self, run: RunId, from: Seq, summary: &RunSummary) -> Result<Vec<Event>> {
         let events_tree = &self.inner.trees.events;
         let before = match from.0.checked_sub(1) {
-            Some(at) => events_tree.get(event_key(run, Seq(at)))?,
+            Some(at) => events_tree.get(codec::record_key(run, Seq(at)))?,
             None => None,
         };
         let records = events_tree
-            .range(event_key(run, from)..event_key(run, summary.next_seq))
+            .range(codec::record_key(run, from)..codec::record_key(run, summary.next_seq))
             .map(|item| {
                 let (key, record) = item?;
                 let seq = key
@@ -400,7 +400,7 @@ impl SledStore {
             .inner
             .trees
             .events
-            .range(event_key(run, summary.next_seq)..=event_key(run, Seq(u64::MAX)))
+            .range(codec::record_key(run, summary.next_seq)..=codec::record_key(run, Seq(u64::MAX)))
             .next();
         if past.is_some() {
             return Err(codec::past_summary(run, summary.next_seq));
@@ -415,7 +415,7 @@ impl SledStore {
         let mut prev = ChainHash::GENESIS;
         for i in 0..=seq.0 {
             let at = Seq(i);
-            let Some(record) = self.inner.trees.events.get(event_key(run, at))? else {
+            let Some(record) = self.inner.trees.events.get(codec::record_key(run, at))? else {
                 return Err(Error::Corrupt {
                     run,
                     seq: at,
@@ -434,14 +434,17 @@ impl SledStore {
             .inner
             .trees
             .events
-            .get(event_key(run, seq))?
+            .get(codec::record_key(run, seq))?
             .map(|v| v.to_vec()))
     }
 
     /// Overwrites one stored record behind the store's back (corruption tests).
     #[doc(hidden)]
     pub fn overwrite_record(&self, run: RunId, seq: Seq, record: &[u8]) -> Result<()> {
-        self.inner.trees.events.insert(event_key(run, seq), record)?;
+        self.inner
+            .trees
+            .events
+            .insert(codec::record_key(run, seq), record)?;
         Ok(())
     }
 
@@ -534,10 +537,10 @@ impl SledStore {
     /// A run's stored events below `upto` (all of them with `None`), each verified from
     /// the first, with the records they were decoded from.
     fn journal_prefix(&self, run: RunId, upto: Option<Seq>) -> Result<VerifiedPrefix> {
-        let start = Bound::Included(event_key(run, Seq::ZERO));
+        let start = Bound::Included(codec::record_key(run, Seq::ZERO));
         let end = match upto {
-            Some(upto) => Bound::Excluded(event_key(run, upto)),
-            None => Bound::Included(event_key(run, Seq(u64::MAX))),
+            Some(upto) => Bound::Excluded(codec::record_key(run, upto)),
+            None => Bound::Included(codec::record_key(run, Seq(u64::MAX))),
         };
         let records = self
             .inner
@@ -592,7 +595,7 @@ impl SledStore {
         let from = old.as_ref().map_or(Seq::ZERO, |s| s.next_seq);
         let mut records = Vec::new();
         for seq in from.0..intent.target.0 {
-            match trees.events.get(event_key(run, Seq(seq)))? {
+            match trees.events.get(codec::record_key(run, Seq(seq)))? {
                 Some(r) => records.push(r),
                 None => break,
             }
@@ -617,7 +620,7 @@ impl SledStore {
         if (events.len() as u64) < intent.target.0 - from.0 {
             // Cut before its last event: nothing after the events was written. Undo.
             for seq in from.0..intent.target.0 {
-                trees.events.remove(event_key(run, Seq(seq)))?;
+                trees.events.remove(codec::record_key(run, Seq(seq)))?;
             }
             match &old {
                 Some(old) => {
@@ -1042,13 +1045,6 @@ fn rule_key(rule: String, at: DateTime<Utc>, run: RunId, gate: GateId) -> Vec<u8
     key
 }
 
-fn event_key(run: RunId, seq: Seq) -> [u8; 24] {
-    let mut k = [0; 24];
-    k[..16].copy_from_slice(run.as_bytes());
-    k[16..].copy_from_slice(&seq.0.to_be_bytes());
-    k
-}
-
 fn gate_key(run: RunId, gate: GateId) -> [u8; 20] {
     let mut k = [0; 20];
     k[..16].copy_from_slice(run.as_bytes());
@@ -1162,7 +1158,9 @@ impl Store for SledStore {
                         old: Before::Created,
                     };
                     trees.intents.insert(run.id.as_bytes(), intent.encode())?;
-                    trees.events.insert(event_key(run.id, Seq::ZERO), record)?;
+                    trees
+                        .events
+                        .insert(codec::record_key(run.id, Seq::ZERO), record)?;
                     let w = Writer::new(self);
                     w.put_summary(&summary, None)?;
                     if let Some(key) = &run.idempotency_key {
@@ -1243,7 +1241,7 @@ impl Store for SledStore {
             let old_status = summary.status;
             let mut changes = Vec::new();
             for ((event, hash), record) in events.iter().zip(records) {
-                trees.events.insert(event_key(run, event.seq), record)?;
+                trees.events.insert(codec::record_key(run, event.seq), record)?;
                 changes.extend(summary.apply(event, *hash));
             }
             let w = Writer::new(self);
