@@ -73,6 +73,9 @@ pub struct BenchReport {
     pub bytes_on_disk_per_run: f64,
     /// sled's `size_on_disk` after the workload (its growth from an empty directory).
     pub size_on_disk_bytes: u64,
+    /// Bytes of keys and values the sled store holds after the workload, per run: what
+    /// `bytes_on_disk_per_run` would be without sled's garbage and framing (sled only).
+    pub live_bytes_per_run: Option<f64>,
     /// Every sequential decision's latency, sorted (for plots).
     pub latency_samples_ms: Vec<f64>,
 }
@@ -350,6 +353,7 @@ async fn run_on<St: Measured>(
             .map_or(0, |s| s.next_seq.0);
     }
     let disk = engine.store().disk_bytes().await?;
+    let live = engine.store().live_bytes()?;
 
     // Latency: one decision at a time on otherwise idle runs.
     let base = opts.runs as u64;
@@ -395,6 +399,7 @@ async fn run_on<St: Measured>(
         peak_rss_mib: peak_rss_mib(),
         bytes_on_disk_per_run: disk as f64 / n,
         size_on_disk_bytes: disk,
+        live_bytes_per_run: live.map(|b| b as f64 / n),
         latency_samples_ms: latencies.iter().map(|d| d.as_secs_f64() * 1000.0).collect(),
     })
 }
@@ -534,6 +539,8 @@ fn registry() -> Registry {
 trait Measured: Store + Clone {
     fn syncs(&self) -> Option<u64>;
     fn disk_bytes(&self) -> impl std::future::Future<Output = Result<u64, String>> + Send;
+    /// Bytes of keys and values held, where the store can tell cheaply.
+    fn live_bytes(&self) -> Result<Option<u64>, String>;
 }
 
 impl Measured for SledStore {
@@ -543,6 +550,10 @@ impl Measured for SledStore {
     async fn disk_bytes(&self) -> Result<u64, String> {
         self.size_on_disk().map_err(|e| e.to_string())
     }
+    fn live_bytes(&self) -> Result<Option<u64>, String> {
+        let trees = SledStore::live_bytes(self).map_err(|e| e.to_string())?;
+        Ok(Some(trees.iter().map(|t| t.bytes).sum()))
+    }
 }
 
 impl Measured for PgStore {
@@ -551,6 +562,9 @@ impl Measured for PgStore {
     }
     async fn disk_bytes(&self) -> Result<u64, String> {
         self.size_on_disk().await.map_err(|e| e.to_string())
+    }
+    fn live_bytes(&self) -> Result<Option<u64>, String> {
+        Ok(None)
     }
 }
 
@@ -621,6 +635,9 @@ pub async fn run_median(opts: &BenchOptions, repeat: usize) -> Result<BenchRepor
     out.peak_rss_mib = median(|r| r.peak_rss_mib);
     out.bytes_on_disk_per_run = median(|r| r.bytes_on_disk_per_run);
     out.size_on_disk_bytes = median(|r| r.size_on_disk_bytes as f64) as u64;
+    out.live_bytes_per_run = out
+        .live_bytes_per_run
+        .map(|_| median(|r| r.live_bytes_per_run.unwrap_or(0.0)));
     Ok(out)
 }
 
@@ -679,6 +696,14 @@ impl std::fmt::Display for BenchReport {
             f,
             "  disk per run:                       {:>10.0} bytes ({} bytes in all)",
             self.bytes_on_disk_per_run, self.size_on_disk_bytes
-        )
+        )?;
+        match self.live_bytes_per_run {
+            Some(live) => write!(
+                f,
+                "\n  live data per run:                  {live:>10.0} bytes (keys and values; disk is {:.2}x)",
+                self.bytes_on_disk_per_run / live.max(1.0)
+            ),
+            None => Ok(()),
+        }
     }
 }

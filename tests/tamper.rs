@@ -2,8 +2,7 @@
 //! deleted, inserted or reordered event is found, naming the first bad seq; a
 //! truncation made consistent (summary rewritten too) is found against saved heads.
 
-use holdpoint::journal::{RunId, Seq, SledStore, Store};
-use serde_json::{json, Value};
+use holdpoint::journal::{stored_summary, RunId, Seq, SledStore, Store};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -158,10 +157,11 @@ async fn a_consistent_truncation_is_found_against_saved_heads() {
         for seq in EVENTS - 100..EVENTS {
             events.remove(common::event_key(run, seq)).unwrap();
         }
-        let mut summary: Value = serde_json::from_slice(&runs.get(run.as_bytes()).unwrap().unwrap()).unwrap();
-        summary["next_seq"] = json!(EVENTS - 100);
-        summary["head"] = serde_json::to_value(new_head).unwrap();
-        runs.insert(run.as_bytes(), serde_json::to_vec(&summary).unwrap())
+        let stored = runs.get(run.as_bytes()).unwrap().unwrap();
+        let mut summary = stored_summary::decode(run, &stored).unwrap();
+        summary.next_seq = Seq(EVENTS - 100);
+        summary.head = new_head;
+        runs.insert(run.as_bytes(), stored_summary::encode(&summary, false).unwrap())
             .unwrap();
     });
     // On its own the journal now looks whole...

@@ -11,6 +11,7 @@ pub mod failpoint;
 pub mod ids;
 pub mod sled_store;
 pub mod store;
+pub mod stored_summary;
 
 pub use codec::ChainHash;
 pub use error::{Error, Result};
@@ -19,7 +20,7 @@ pub use event::{
     TimeoutOutcome, ValueSource, Verdict, FORMAT_VERSION,
 };
 pub use ids::{GateId, LeaseToken, Position, Principal, RunId, Seq, WorkerId};
-pub use sled_store::{SledOptions, SledStore, DEFAULT_MAX_EVENT_BYTES};
+pub use sled_store::{SledOptions, SledStore, TreeBytes, DEFAULT_MAX_EVENT_BYTES};
 pub use store::{
     check_append_limits, check_run_limits, closes, Append, AppendConflict, Appended, Created, DueDeadline,
     GateChange, IndexChange, Lease, NewRun, Notification, NotificationKind, Outgoing, PendingGate,

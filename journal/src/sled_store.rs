@@ -104,6 +104,15 @@ impl Default for SledOptions {
     }
 }
 
+/// What one of the store's trees holds ([`SledStore::live_bytes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TreeBytes {
+    pub tree: &'static str,
+    pub entries: u64,
+    /// Keys and values.
+    pub bytes: u64,
+}
+
 /// The sled-backed [`Store`]. Cheap to clone (shares one database).
 #[derive(Clone)]
 pub struct SledStore {
@@ -329,6 +338,41 @@ impl SledStore {
     /// sled's own estimate of its files' size.
     pub fn size_on_disk(&self) -> Result<u64> {
         Ok(self.inner.db.size_on_disk()?)
+    }
+
+    /// Entries and bytes of keys and values held now, per tree (what sled's files would
+    /// hold with no garbage and no framing): `size_on_disk` against their sum is sled's
+    /// space amplification. Reads every entry.
+    pub fn live_bytes(&self) -> Result<Vec<TreeBytes>> {
+        let t = &self.inner.trees;
+        let trees: [(&'static str, &sled::Tree); 11] = [
+            ("events", &t.events),
+            ("runs", &t.runs),
+            ("by_status", &t.by_status),
+            ("pending", &t.pending),
+            ("ready", &t.ready),
+            ("leases", &t.leases),
+            ("starts", &t.starts),
+            ("deadlines", &t.deadlines),
+            ("rule_decisions", &t.rule_decisions),
+            ("outbox", &t.outbox),
+            ("intents", &t.intents),
+        ];
+        let mut out = Vec::new();
+        for (name, tree) in trees {
+            let (mut entries, mut bytes) = (0u64, 0u64);
+            for item in tree.iter() {
+                let (k, v) = item?;
+                entries += 1;
+                bytes += (k.len() + v.len()) as u64;
+            }
+            out.push(TreeBytes {
+                tree: name,
+                entries,
+                bytes,
+            });
+        }
+        Ok(out)
     }
 
     /// How many runs have this status (a scan of the status index's prefix).
@@ -624,7 +668,7 @@ impl SledStore {
             }
             match &old {
                 Some(old) => {
-                    w.put_summary(old, None)?;
+                    w.put_summary(old, Prior::Unknown)?;
                 }
                 None => {
                     trees.runs.remove(run.as_bytes())?;
@@ -653,7 +697,7 @@ impl SledStore {
         if let Some(reason) = &intent.stuck {
             park(&mut summary, reason);
         }
-        w.put_summary(&summary, None)?;
+        w.put_summary(&summary, Prior::Unknown)?;
         w.apply_changes(&summary, changes)?;
         if intent.stuck.is_some() {
             w.unschedule(run)?;
@@ -842,6 +886,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Index maintenance shared by commits (under their run's lock) and recovery.
+/// What `by_status` held for a run before a write.
+#[derive(Clone, Copy)]
+enum Prior {
+    /// The run did not exist: no status key.
+    Nothing,
+    /// Not known (recovery): clear every other status.
+    Unknown,
+    /// The key of this status.
+    Was(RunStatus),
+}
+
 struct Writer<'a> {
     trees: &'a Trees,
     state: &'a Mutex<State>,
@@ -860,15 +915,18 @@ impl<'a> Writer<'a> {
     }
 
     /// Keeps `by_status` in step with the summary.
-    fn put_status(&self, summary: &RunSummary, old_status: Option<RunStatus>) -> Result<()> {
+    fn put_status(&self, summary: &RunSummary, prior: Prior) -> Result<()> {
         let by_status = &self.trees.by_status;
-        match old_status {
-            Some(old) if old == summary.status => {}
-            Some(old) => {
+        match prior {
+            Prior::Was(old) if old == summary.status => {}
+            Prior::Was(old) => {
                 by_status.insert(status_key(summary.status, summary.id), &[])?;
                 by_status.remove(status_key(old, summary.id))?;
             }
-            None => {
+            Prior::Nothing => {
+                by_status.insert(status_key(summary.status, summary.id), &[])?;
+            }
+            Prior::Unknown => {
                 // Status unknown to the caller: clear every other status key.
                 by_status.insert(status_key(summary.status, summary.id), &[])?;
                 for st in RunStatus::ALL {
@@ -882,17 +940,10 @@ impl<'a> Writer<'a> {
     }
 
     /// Writes the summary (its wake-up lives in the ready queue) and its status key.
-    fn put_summary(&self, summary: &RunSummary, old_status: Option<RunStatus>) -> Result<()> {
-        let bytes = if summary.wake_at.is_some() {
-            serde_json::to_vec(&RunSummary {
-                wake_at: None,
-                ..summary.clone()
-            })?
-        } else {
-            serde_json::to_vec(summary)?
-        };
+    fn put_summary(&self, summary: &RunSummary, prior: Prior) -> Result<()> {
+        let bytes = crate::stored_summary::encode(summary, false)?;
         self.trees.runs.insert(summary.id.as_bytes(), bytes)?;
-        self.put_status(summary, old_status)
+        self.put_status(summary, prior)
     }
 
     /// Makes the run ready at `at` (or earlier, if it already was): into the ready queue,
@@ -1084,11 +1135,7 @@ fn run_from_key(k: &[u8]) -> Option<RunId> {
 }
 
 fn decode_summary(run: RunId, bytes: &[u8]) -> Result<RunSummary> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt {
-        run,
-        seq: Seq::ZERO,
-        reason: format!("run summary does not decode: {e}"),
-    })
+    crate::stored_summary::decode(run, bytes)
 }
 
 fn outbox_key(endpoint: &str, id: u64) -> Vec<u8> {
@@ -1162,7 +1209,9 @@ impl Store for SledStore {
                         .events
                         .insert(codec::record_key(run.id, Seq::ZERO), record)?;
                     let w = Writer::new(self);
-                    w.put_summary(&summary, None)?;
+                    // No status key to clear: the run did not exist (an undone creation
+                    // removed its status keys with its summary).
+                    w.put_summary(&summary, Prior::Nothing)?;
                     if let Some(key) = &run.idempotency_key {
                         let mut v = run.id.as_bytes().to_vec();
                         v.extend_from_slice(&hash);
@@ -1245,7 +1294,7 @@ impl Store for SledStore {
                 changes.extend(summary.apply(event, *hash));
             }
             let w = Writer::new(self);
-            w.put_summary(&summary, Some(old_status))?;
+            w.put_summary(&summary, Prior::Was(old_status))?;
             crate::failpoint::hit_after("commit-before-indexes", || {
                 let _ = self.inner.db.flush();
             });
@@ -1473,7 +1522,7 @@ impl Store for SledStore {
             let old = summary.status;
             park(&mut summary, &reason);
             let w = Writer::new(self);
-            w.put_summary(&summary, Some(old))?;
+            w.put_summary(&summary, Prior::Was(old))?;
             w.unschedule(run)?;
             trees.intents.remove(run.as_bytes())?;
         }

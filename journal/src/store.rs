@@ -220,6 +220,11 @@ impl RunStatus {
     pub fn code(self) -> u8 {
         self as u8
     }
+
+    /// The status with this [`code`](Self::code), if any.
+    pub fn from_code(code: u8) -> Option<RunStatus> {
+        RunStatus::ALL.into_iter().find(|s| s.code() == code)
+    }
 }
 
 impl fmt::Display for RunStatus {

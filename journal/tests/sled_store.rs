@@ -223,3 +223,45 @@ async fn parallel_commits_keep_every_index_in_step() {
     let store = SledStore::open(dir.path()).unwrap();
     assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
 }
+
+/// A directory written before summaries went binary keeps working: its JSON summaries
+/// read as they were, and a run's next commit stores its summary in the new format.
+#[tokio::test]
+async fn summaries_stored_as_json_read_and_are_rewritten_by_the_next_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let run = store.create_run(new_run("w")).await.unwrap().run();
+    assert!(append_now(&store, run, gate(0)).await);
+    let before = store.summary(run).await.unwrap().unwrap();
+    store.close().unwrap();
+    {
+        // The earlier layout: the summary as JSON (without its wake-up, as then).
+        let db = sled::open(dir.path()).unwrap();
+        let runs = db.open_tree("runs").unwrap();
+        let stored = runs.get(run.as_bytes()).unwrap().unwrap();
+        assert_eq!(stored[0], stored_summary::SUMMARY_FORMAT);
+        runs.insert(run.as_bytes(), serde_json::to_vec(&before).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.summary(run).await.unwrap().unwrap(), before);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    assert!(append_now(&store, run, approve(0)).await);
+    assert_eq!(store.read(run, Seq::ZERO).await.unwrap().len(), 3);
+    store.close().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let stored = db
+        .open_tree("runs")
+        .unwrap()
+        .get(run.as_bytes())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored[0],
+        stored_summary::SUMMARY_FORMAT,
+        "rewritten in the new format"
+    );
+    let after = stored_summary::decode(run, &stored).unwrap();
+    assert_eq!(after.next_seq, Seq(3));
+}
