@@ -265,3 +265,25 @@ async fn summaries_stored_as_json_read_and_are_rewritten_by_the_next_commit() {
     let after = stored_summary::decode(run, &stored).unwrap();
     assert_eq!(after.next_seq, Seq(3));
 }
+
+/// `live_bytes` counts every entry of every tree, keys and values.
+#[tokio::test]
+async fn live_bytes_counts_keys_and_values_per_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let a = store.create_run(new_run("w")).await.unwrap().run();
+    let b = store.create_run(new_run("w")).await.unwrap().run();
+    assert!(append_now(&store, a, step(0)).await);
+    let trees = store.live_bytes().unwrap();
+    let tree = |name: &str| trees.iter().find(|t| t.tree == name).unwrap().clone();
+    let mut record_bytes = 0;
+    for (run, seq) in [(a, 0), (a, 1), (b, 0)] {
+        record_bytes += 24 + store.raw_record(run, Seq(seq)).unwrap().unwrap().len() as u64;
+    }
+    assert_eq!(tree("events").entries, 3);
+    assert_eq!(tree("events").bytes, record_bytes);
+    assert_eq!(tree("runs").entries, 2);
+    assert_eq!(tree("by_status").entries, 2);
+    assert_eq!(tree("intents").entries, 0, "no commit left unfinished");
+    assert_eq!(trees.len(), 11, "every tree is counted");
+}
