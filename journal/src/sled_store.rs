@@ -60,6 +60,7 @@ use crate::store::{
     check_append_limits, Append, AppendConflict, Appended, Created, DueDeadline, IndexChange, Lease, NewRun,
     Outgoing, PendingGate, RuleDecision, RunStatus, RunSummary, Store,
 };
+use crate::stored_summary::decode as decode_summary;
 use chrono::{DateTime, TimeZone, Utc};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -885,7 +886,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Index maintenance shared by commits (under their run's lock) and recovery.
 /// What `by_status` held for a run before a write.
 #[derive(Clone, Copy)]
 enum Prior {
@@ -897,6 +897,7 @@ enum Prior {
     Was(RunStatus),
 }
 
+/// Index maintenance shared by commits (under their run's lock) and recovery.
 struct Writer<'a> {
     trees: &'a Trees,
     state: &'a Mutex<State>,
@@ -1132,10 +1133,6 @@ fn status_key(status: RunStatus, run: RunId) -> [u8; 17] {
 fn run_from_key(k: &[u8]) -> Option<RunId> {
     let b: [u8; 16] = k.get(..16)?.try_into().ok()?;
     Some(RunId::from_bytes(b))
-}
-
-fn decode_summary(run: RunId, bytes: &[u8]) -> Result<RunSummary> {
-    crate::stored_summary::decode(run, bytes)
 }
 
 fn outbox_key(endpoint: &str, id: u64) -> Vec<u8> {

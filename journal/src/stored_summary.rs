@@ -52,18 +52,13 @@ struct RestRef<'a> {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(default)]
 struct Rest {
-    #[serde(default)]
     open_gates: Vec<GateId>,
-    #[serde(default)]
     open_timers: Vec<Position>,
-    #[serde(default)]
     wake_at: Option<DateTime<Utc>>,
-    #[serde(default)]
     idempotency_key: Option<String>,
-    #[serde(default)]
     stuck: Option<String>,
-    #[serde(default)]
     deadlines: Vec<(GateId, DateTime<Utc>)>,
 }
 
