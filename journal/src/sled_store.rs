@@ -5,7 +5,7 @@
 //! | tree        | key                          | value                     |
 //! |-------------|------------------------------|---------------------------|
 //! | `events`    | run (16) ++ seq (8)          | record (see `codec`)      |
-//! | `runs`      | run (16)                     | `RunSummary` JSON         |
+//! | `runs`      | run (16)                     | summary (`stored_summary`) |
 //! | `by_status` | status (1) ++ run (16)       | empty                     |
 //! | `pending`   | run (16) ++ gate (4)         | `PendingGate` JSON        |
 //! | `ready`     | wake ms (8) ++ run (16)      | empty                     |
