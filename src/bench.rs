@@ -6,7 +6,7 @@
 //! all N (through the engine API) and waits until every one has completed. Then, on
 //! separate runs, 100 sequential decisions measure decision→completed latency.
 
-use crate::journal::{GateId, Principal, RunId, RunStatus, SledStore, Store};
+use crate::journal::{GateId, Principal, RunId, RunStatus, SledOptions, SledStore, Store};
 use crate::pg::{PgOptions, PgStore};
 use crate::{DecisionRequest, Engine, EngineConfig, Failure, Gated, Registry};
 use futures::future::join_all;
@@ -32,6 +32,8 @@ pub struct BenchOptions {
     /// With `pg`: drive the runs from this many `holdpoint worker` processes instead of
     /// workers in this process (0).
     pub worker_processes: usize,
+    /// sled's background period ([`SledOptions::flush_every_ms`]).
+    pub sled_flush_every_ms: u64,
 }
 
 impl Default for BenchOptions {
@@ -43,6 +45,7 @@ impl Default for BenchOptions {
             http: false,
             pg: None,
             worker_processes: 0,
+            sled_flush_every_ms: SledOptions::default().flush_every_ms,
         }
     }
 }
@@ -285,7 +288,11 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
     match &opts.pg {
         None => {
             let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-            let store = SledStore::open(dir.path()).map_err(|e| e.to_string())?;
+            let options = SledOptions {
+                flush_every_ms: opts.sled_flush_every_ms,
+                ..SledOptions::default()
+            };
+            let store = SledStore::open_with(dir.path(), options).map_err(|e| e.to_string())?;
             run_on(store, opts, None).await
         }
         Some(url) => {

@@ -178,6 +178,10 @@ pub enum Command {
         /// serving, the first page of pending gates, and peak RSS.
         #[arg(long, value_name = "DIR", conflicts_with_all = ["http", "repeat"])]
         restart: Option<PathBuf>,
+        /// Period of sled's background thread, which reclaims disk space (the store's
+        /// default; for comparing settings).
+        #[arg(long, value_name = "MS", default_value_t = crate::journal::SledOptions::default().flush_every_ms)]
+        sled_flush_every_ms: u64,
         #[arg(long)]
         json: bool,
     },
@@ -588,6 +592,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             worker_processes,
             fill_waiting,
             restart,
+            sled_flush_every_ms,
             json,
         } => {
             if let Some(dir) = fill_waiting {
@@ -612,6 +617,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
                 http,
                 pg,
                 worker_processes,
+                sled_flush_every_ms,
                 ..Default::default()
             };
             let report = runtime()?

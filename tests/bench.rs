@@ -10,6 +10,7 @@ async fn the_standard_workload_runs_and_reports() {
         http: false,
         pg: None,
         worker_processes: 0,
+        ..Default::default()
     };
     let r = holdpoint::bench::run(&opts)
         .await
@@ -40,6 +41,7 @@ async fn the_http_variant_decides_through_real_requests() {
         http: true,
         pg: None,
         worker_processes: 0,
+        ..Default::default()
     };
     let r = holdpoint::bench::run_median(&opts, 2)
         .await

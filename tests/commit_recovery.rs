@@ -1,7 +1,8 @@
-//! A sled commit cut by a crash after its events and summary reached the disk but before
-//! its index changes: reopening finishes it (see `sled_store`'s module docs). The crash
-//! is real: a child process aborts at the `commit-before-indexes` failpoint, after a
-//! flush, so the half-done commit is what the next open finds.
+//! A sled commit cut by a crash: after its events and summary reached the disk but before
+//! its index changes, reopening finishes it; before its summary, or between its events,
+//! reopening undoes it (see `sled_store`'s module docs). The crashes are real: a child
+//! process aborts at a failpoint, after a flush, so the half-done commit is what the
+//! next open finds.
 #![cfg(feature = "failpoints")]
 
 use chrono::Utc;
@@ -16,8 +17,8 @@ use common::{approve, gate_with};
 
 const CHILD: &str = "HOLDPOINT_COMMIT_CHILD";
 
-/// The child: one run, a gate with a deadline, then its decision. The failpoint fires at
-/// the `n`-th commit that passes it.
+/// The child: one run, a gate with a deadline, its decision, then two gates in one
+/// commit. The failpoint fires at the `n`-th commit that passes it.
 async fn write_until_crash(dir: &Path) {
     let store = SledStore::open(dir).unwrap();
     let run = RunId::new();
@@ -34,16 +35,17 @@ async fn write_until_crash(dir: &Path) {
         .await
         .unwrap();
     let deadline = Utc::now() + chrono::Duration::hours(1);
-    for (expected, event) in [
-        (1, gate_with(0, Some(deadline), Some("payments"))),
-        (2, approve(0, "alice")),
+    for (expected, events) in [
+        (1, vec![gate_with(0, Some(deadline), Some("payments"))]),
+        (2, vec![approve(0, "alice")]),
+        (3, vec![gate_with(1, None, None), gate_with(2, None, None)]),
     ] {
         store
             .append(Append {
                 run,
                 expected: Seq(expected),
                 at: Utc::now(),
-                events: vec![event],
+                events,
                 lease: None,
             })
             .await
@@ -53,26 +55,94 @@ async fn write_until_crash(dir: &Path) {
     println!("no crash");
 }
 
-fn crash_at(dir: &Path, pass: u32) {
+/// Runs the test `test` as a child writing into `dir` until `point` aborts it at its
+/// `pass`-th pass.
+fn crash_at(dir: &Path, test: &str, point: &str, pass: u32) {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_commit_cut_before_its_indexes_is_finished_on_open",
-            "--nocapture",
-        ])
+        .args(["--exact", test, "--nocapture"])
         .env(CHILD, dir)
-        .env("HOLDPOINT_FAILPOINT", format!("commit-before-indexes:{pass}"))
+        .env("HOLDPOINT_FAILPOINT", format!("{point}:{pass}"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("failpoint commit-before-indexes"),
+        !out.status.success() && stderr.contains(&format!("failpoint {point}")),
         "the child was to abort at the failpoint: {stderr}"
     );
 }
 
+/// The one run in `store` and its journal's length, after checking the indexes.
+async fn the_run(store: &SledStore) -> (RunId, usize) {
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    let dirty = store
+        .live_bytes()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.tree == "dirty");
+    assert_eq!(
+        dirty.map(|t| t.entries),
+        Some(0),
+        "every mark was checked and removed"
+    );
+    let runs = store.list_runs(None, None, 10).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    let run = runs[0].id;
+    (run, store.read(run, Seq::ZERO).await.unwrap().len())
+}
+
+#[tokio::test]
+async fn a_commit_cut_before_its_summary_is_undone_on_open() {
+    const TEST: &str = "a_commit_cut_before_its_summary_is_undone_on_open";
+    if let Some(dir) = std::env::var_os(CHILD) {
+        write_until_crash(Path::new(&dir)).await;
+        return;
+    }
+    // The gate's commit: its event on disk, the summary still the created run's.
+    let dir = tempfile::tempdir().unwrap();
+    crash_at(dir.path(), TEST, "commit-before-summary", 1);
+    let store = SledStore::open(dir.path()).unwrap();
+    let (run, events) = the_run(&store).await;
+    assert_eq!(events, 1, "the gate's event is gone");
+    assert!(store.pending(None, 10).await.unwrap().is_empty());
+    assert_eq!(store.summary(run).await.unwrap().unwrap().next_seq, Seq(1));
+    // The run goes on from where the acknowledged commits left it.
+    let appended = store
+        .append(Append {
+            run,
+            expected: Seq(1),
+            at: Utc::now(),
+            events: vec![gate_with(0, None, None)],
+            lease: None,
+        })
+        .await
+        .unwrap();
+    assert!(appended.is_ok());
+    assert_eq!(store.pending(None, 10).await.unwrap().len(), 1);
+    store.close().unwrap();
+}
+
+#[tokio::test]
+async fn a_commit_cut_between_its_events_is_undone_on_open() {
+    const TEST: &str = "a_commit_cut_between_its_events_is_undone_on_open";
+    if let Some(dir) = std::env::var_os(CHILD) {
+        write_until_crash(Path::new(&dir)).await;
+        return;
+    }
+    // The two gates' commit: the first gate's event on disk, the second's not.
+    let dir = tempfile::tempdir().unwrap();
+    crash_at(dir.path(), TEST, "commit-between-events", 1);
+    let store = SledStore::open(dir.path()).unwrap();
+    let (run, events) = the_run(&store).await;
+    assert_eq!(events, 3, "neither gate of the cut commit is there");
+    assert!(store.pending(None, 10).await.unwrap().is_empty());
+    let summary = store.summary(run).await.unwrap().unwrap();
+    assert_eq!((summary.next_seq, summary.open_gates.len()), (Seq(3), 0));
+    store.close().unwrap();
+}
+
 #[tokio::test]
 async fn a_commit_cut_before_its_indexes_is_finished_on_open() {
+    const TEST: &str = "a_commit_cut_before_its_indexes_is_finished_on_open";
     if let Some(dir) = std::env::var_os(CHILD) {
         // In the child: write until the failpoint aborts the process.
         write_until_crash(Path::new(&dir)).await;
@@ -81,9 +151,9 @@ async fn a_commit_cut_before_its_indexes_is_finished_on_open() {
     // Pass 1: the gate's commit (events and summary on disk, no pending entry, no
     // deadline entry yet).
     let dir = tempfile::tempdir().unwrap();
-    crash_at(dir.path(), 1);
+    crash_at(dir.path(), TEST, "commit-before-indexes", 1);
     let store = SledStore::open(dir.path()).unwrap();
-    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    the_run(&store).await;
     let pending = store.pending(None, 10).await.unwrap();
     assert_eq!(pending.len(), 1, "the gate the cut commit opened is pending");
     let run = pending[0].run;
@@ -97,9 +167,9 @@ async fn a_commit_cut_before_its_indexes_is_finished_on_open() {
     // summary; its pending entry and deadline are still there, the rule history and the
     // wake-up not yet).
     let dir = tempfile::tempdir().unwrap();
-    crash_at(dir.path(), 2);
+    crash_at(dir.path(), TEST, "commit-before-indexes", 2);
     let store = SledStore::open(dir.path()).unwrap();
-    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    the_run(&store).await;
     assert!(
         store.pending(None, 10).await.unwrap().is_empty(),
         "the decided gate is closed"
@@ -126,5 +196,21 @@ async fn a_commit_cut_before_its_indexes_is_finished_on_open() {
         .unwrap();
     assert_eq!(leases.len(), 1);
     assert_eq!(leases[0].run, run);
+    store.close().unwrap();
+
+    // Pass 3: the two gates' commit (both events and the summary on disk, neither gate
+    // pending yet).
+    let dir = tempfile::tempdir().unwrap();
+    crash_at(dir.path(), TEST, "commit-before-indexes", 3);
+    let store = SledStore::open(dir.path()).unwrap();
+    let (run, events) = the_run(&store).await;
+    assert_eq!(events, 5);
+    let pending = store.pending(None, 10).await.unwrap();
+    let gates: Vec<(RunId, GateId)> = pending.iter().map(|p| (p.run, p.gate)).collect();
+    assert_eq!(
+        gates,
+        vec![(run, GateId(1)), (run, GateId(2))],
+        "both gates are pending"
+    );
     store.close().unwrap();
 }

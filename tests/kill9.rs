@@ -331,6 +331,8 @@ fn parent() -> Result<(), String> {
         "append-before-flush",
         "group-commit-before-fsync",
         "step-after-effect",
+        "commit-between-events",
+        "commit-before-summary",
         "commit-before-indexes",
     ];
     let (mut kills, mut aborts, mut finished_early) = (0, 0, 0);

@@ -161,8 +161,11 @@ async fn a_consistent_truncation_is_found_against_saved_heads() {
         let mut summary = stored_summary::decode(run, &stored).unwrap();
         summary.next_seq = Seq(EVENTS - 100);
         summary.head = new_head;
-        runs.insert(run.as_bytes(), stored_summary::encode(&summary, false).unwrap())
-            .unwrap();
+        runs.insert(
+            run.as_bytes(),
+            stored_summary::encode(&summary, false, summary.next_seq).unwrap(),
+        )
+        .unwrap();
     });
     // On its own the journal now looks whole...
     let out = Command::new(bin)

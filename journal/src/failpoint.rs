@@ -5,8 +5,12 @@
 //! Points: `append-before-flush` (an append's transaction committed, not yet flushed),
 //! `group-commit-before-fsync` (sled flushed, our fsync not yet done),
 //! `step-after-effect` (a step's body returned; its `step-completed` not yet recorded),
-//! `commit-before-indexes` (a sled commit's intent, events and summary written and
-//! handed to the disk, its index changes not yet: recovery must finish it).
+//! `commit-between-events` (a sled commit of several events: its first written and
+//! handed to the disk, the rest not yet: recovery must undo it),
+//! `commit-before-summary` (a sled commit's events written and handed to the disk, its
+//! summary not yet: recovery must undo it),
+//! `commit-before-indexes` (a sled commit's events and summary written and handed to
+//! the disk, its index changes not yet: recovery must finish it).
 
 #[cfg(feature = "failpoints")]
 mod imp {

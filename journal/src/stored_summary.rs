@@ -1,10 +1,11 @@
 //! How the sled store keeps a [`RunSummary`]: a fixed binary header for the fields every
 //! summary has, and JSON only for the ones most summaries leave empty.
 //!
-//! Summary format 1 (written since it replaced JSON; all integers little-endian):
+//! Summary format 2 (written since commits stopped writing per-commit intents; all
+//! integers little-endian):
 //!
 //! ```text
-//! byte 0        summary format (1)
+//! byte 0        summary format (2)
 //! byte 1        status ([`RunStatus::code`])
 //! bytes 2..6    workflow version (u32)
 //! bytes 6..14   next seq (u64)
@@ -12,16 +13,20 @@
 //! bytes 46..58  created at: seconds since the Unix epoch (i64), nanoseconds (u32)
 //! bytes 58..70  updated at: the same
 //! bytes 70..78  bytes of the run's stored records (u64)
-//! bytes 78..82  length of the workflow's name (u32), then the name (UTF-8)
+//! bytes 78..86  the seq the commit that wrote this summary began at (u64): its events
+//!               are `[commit start, next seq)`, so recovery can write that commit's
+//!               index changes again (see `sled_store`'s module docs)
+//! bytes 86..90  length of the workflow's name (u32), then the name (UTF-8)
 //! then          the other fields as a JSON object, only when one of them is set:
 //!               open gates and timers, wake-up, idempotency key, stuck reason, deadlines
 //! ```
 //!
-//! The run id is the entry's key and is not repeated. A summary of a standard run takes
-//! about 95 bytes this way, against about 315 as JSON (the id and the chain head as
-//! text, two RFC 3339 timestamps, and every field's name). Summaries stored as JSON
-//! (their first byte is `{`) are still read; they are rewritten in this format by the
-//! run's next commit.
+//! Format 1 (still read, no longer written) is the same without bytes 78..86. The run id
+//! is the entry's key and is not repeated. A summary of a standard run takes about 103
+//! bytes this way, against about 315 as JSON (the id and the chain head as text, two
+//! RFC 3339 timestamps, and every field's name). Summaries stored as JSON (their first
+//! byte is `{`) are still read; they are rewritten in this format by the run's next
+//! commit.
 
 use crate::codec::ChainHash;
 use crate::error::{Error, Result};
@@ -31,8 +36,18 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// The summary layout this build writes.
-pub const SUMMARY_FORMAT: u8 = 1;
-const FIXED_LEN: usize = 82;
+pub const SUMMARY_FORMAT: u8 = 2;
+/// The layout before the commit start was kept: still read.
+const SUMMARY_FORMAT_1: u8 = 1;
+const FIXED_LEN: usize = 90;
+
+/// A stored summary as read: the summary, and where the commit that wrote it began.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub summary: RunSummary,
+    /// `None` for the earlier layouts, which did not keep it.
+    pub commit_from: Option<Seq>,
+}
 
 /// The fields kept as JSON, borrowed for writing.
 #[derive(Serialize)]
@@ -62,9 +77,10 @@ struct Rest {
     deadlines: Vec<(GateId, DateTime<Utc>)>,
 }
 
-/// The stored form of `summary`. `with_wake: false` leaves the wake-up out (the sled
-/// store keeps it in its ready queue instead).
-pub fn encode(summary: &RunSummary, with_wake: bool) -> Result<Vec<u8>> {
+/// The stored form of `summary`, written by a commit whose events began at
+/// `commit_from` (the summary's `next_seq` for a write with no events). `with_wake:
+/// false` leaves the wake-up out (the sled store keeps it in its ready queue instead).
+pub fn encode(summary: &RunSummary, with_wake: bool, commit_from: Seq) -> Result<Vec<u8>> {
     let name = summary.workflow.as_bytes();
     let name_len = u32::try_from(name.len())
         .map_err(|_| Error::Storage(format!("workflow name of run {} is too long", summary.id)))?;
@@ -79,6 +95,7 @@ pub fn encode(summary: &RunSummary, with_wake: bool) -> Result<Vec<u8>> {
         out.extend_from_slice(&t.timestamp_subsec_nanos().to_le_bytes());
     }
     out.extend_from_slice(&summary.bytes.to_le_bytes());
+    out.extend_from_slice(&commit_from.0.to_le_bytes());
     out.extend_from_slice(&name_len.to_le_bytes());
     out.extend_from_slice(name);
     let rest = RestRef {
@@ -101,16 +118,27 @@ pub fn encode(summary: &RunSummary, with_wake: bool) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Reads a stored summary of run `run`, in this format or as JSON (the earlier form).
+/// Reads a stored summary of run `run`, in this format or an earlier one.
 pub fn decode(run: RunId, bytes: &[u8]) -> Result<RunSummary> {
+    decode_stored(run, bytes).map(|s| s.summary)
+}
+
+/// Reads a stored summary of run `run` with the start of the commit that wrote it.
+pub fn decode_stored(run: RunId, bytes: &[u8]) -> Result<Stored> {
     let corrupt = |reason: String| Error::Corrupt {
         run,
         seq: Seq::ZERO,
         reason: format!("run summary does not decode: {reason}"),
     };
     match bytes.first() {
-        Some(b'{') => return serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string())),
-        Some(&SUMMARY_FORMAT) => {}
+        Some(b'{') => {
+            let summary = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+            return Ok(Stored {
+                summary,
+                commit_from: None,
+            });
+        }
+        Some(&SUMMARY_FORMAT | &SUMMARY_FORMAT_1) => {}
         Some(other) => return Err(corrupt(format!("unknown summary format byte {other}"))),
         None => return Err(corrupt("empty".into())),
     }
@@ -124,6 +152,10 @@ pub fn decode(run: RunId, bytes: &[u8]) -> Result<RunSummary> {
         let created_at = r.time()?;
         let updated_at = r.time()?;
         let stored_bytes = u64::from_le_bytes(r.take()?);
+        let commit_from = match bytes[0] {
+            SUMMARY_FORMAT_1 => None,
+            _ => Some(Seq(u64::from_le_bytes(r.take()?))),
+        };
         let name_len = usize::try_from(u32::from_le_bytes(r.take()?)).ok()?;
         let name = r.slice(name_len)?;
         Some((
@@ -133,10 +165,12 @@ pub fn decode(run: RunId, bytes: &[u8]) -> Result<RunSummary> {
             created_at,
             updated_at,
             stored_bytes,
+            commit_from,
             name,
         ))
     })();
-    let Some((version, next_seq, head, created_at, updated_at, stored_bytes, name)) = fixed else {
+    let Some((version, next_seq, head, created_at, updated_at, stored_bytes, commit_from, name)) = fixed
+    else {
         return Err(corrupt("truncated".into()));
     };
     let workflow = std::str::from_utf8(name)
@@ -146,7 +180,7 @@ pub fn decode(run: RunId, bytes: &[u8]) -> Result<RunSummary> {
         [] => Rest::default(),
         json => serde_json::from_slice(json).map_err(|e| corrupt(e.to_string()))?,
     };
-    Ok(RunSummary {
+    let summary = RunSummary {
         id: run,
         workflow,
         version,
@@ -162,7 +196,8 @@ pub fn decode(run: RunId, bytes: &[u8]) -> Result<RunSummary> {
         stuck: rest.stuck,
         deadlines: rest.deadlines,
         bytes: stored_bytes,
-    })
+    };
+    Ok(Stored { summary, commit_from })
 }
 
 struct Reader<'a> {
@@ -223,7 +258,7 @@ mod tests {
             status: RunStatus::Completed,
             ..summary()
         };
-        let bytes = encode(&s, true).unwrap();
+        let bytes = encode(&s, true, Seq(5)).unwrap();
         assert_eq!(bytes.len(), FIXED_LEN + "refund".len());
         assert_eq!(decode(s.id, &bytes).unwrap(), s);
         let json = serde_json::to_vec(&s).unwrap();
@@ -242,21 +277,49 @@ mod tests {
             wake_at: Some(wake),
             ..summary()
         };
-        assert_eq!(decode(s.id, &encode(&s, true).unwrap()).unwrap(), s);
-        let without = decode(s.id, &encode(&s, false).unwrap()).unwrap();
+        assert_eq!(decode(s.id, &encode(&s, true, s.next_seq).unwrap()).unwrap(), s);
+        let without = decode(s.id, &encode(&s, false, s.next_seq).unwrap()).unwrap();
         assert_eq!(without, RunSummary { wake_at: None, ..s });
     }
 
     #[test]
     fn summaries_stored_as_json_still_read() {
         let s = summary();
-        assert_eq!(decode(s.id, &serde_json::to_vec(&s).unwrap()).unwrap(), s);
+        let stored = decode_stored(s.id, &serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(
+            stored,
+            Stored {
+                summary: s,
+                commit_from: None
+            }
+        );
+    }
+
+    #[test]
+    fn the_commit_start_round_trips_and_format_1_still_reads() {
+        let s = summary();
+        let bytes = encode(&s, false, Seq(5)).unwrap();
+        let stored = decode_stored(s.id, &bytes).unwrap();
+        assert_eq!(stored.commit_from, Some(Seq(5)));
+        assert_eq!(stored.summary, s);
+        // Format 1: the same bytes without the commit start.
+        let mut v1 = bytes[..78].to_vec();
+        v1[0] = 1;
+        v1.extend_from_slice(&bytes[86..]);
+        let stored = decode_stored(s.id, &v1).unwrap();
+        assert_eq!(
+            stored,
+            Stored {
+                summary: s,
+                commit_from: None
+            }
+        );
     }
 
     #[test]
     fn damaged_summaries_are_typed_errors() {
         let s = summary();
-        let bytes = encode(&s, true).unwrap();
+        let bytes = encode(&s, true, Seq(6)).unwrap();
         for cut in 0..FIXED_LEN + "refund".len() {
             let err = decode(s.id, &bytes[..cut]).unwrap_err();
             assert!(
@@ -293,6 +356,7 @@ mod tests {
             stuck in proptest::option::of("\\PC{0,20}"),
             bytes: u64,
             wake: bool,
+            from: u64,
         ) {
             let at = DateTime::from_timestamp(secs, nanos).unwrap_or_default();
             let s = RunSummary {
@@ -312,7 +376,8 @@ mod tests {
                 deadlines: gates.iter().map(|g| (GateId(*g), at)).collect(),
                 bytes,
             };
-            prop_assert_eq!(decode(s.id, &encode(&s, true).unwrap()).unwrap(), s);
+            let stored = decode_stored(s.id, &encode(&s, true, Seq(from)).unwrap()).unwrap();
+            prop_assert_eq!(stored, Stored { summary: s, commit_from: Some(Seq(from)) });
         }
     }
 }

@@ -285,5 +285,48 @@ async fn live_bytes_counts_keys_and_values_per_tree() {
     assert_eq!(tree("runs").entries, 2);
     assert_eq!(tree("by_status").entries, 2);
     assert_eq!(tree("intents").entries, 0, "no commit left unfinished");
-    assert_eq!(trees.len(), 11, "every tree is counted");
+    assert_eq!(
+        tree("dirty").entries,
+        2,
+        "both runs were written and no activation of theirs ended"
+    );
+    assert_eq!(trees.len(), 12, "every tree is counted");
+}
+
+/// Dirty marks (the runs recovery checks) come with a run's first commit, stay across
+/// its commits, and go when its activation ends, when it ends, and on close.
+#[tokio::test]
+async fn dirty_marks_last_from_a_commit_to_the_end_of_the_activation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let marks = |store: &SledStore| {
+        let trees = store.live_bytes().unwrap();
+        trees.into_iter().find(|t| t.tree == "dirty").unwrap().entries
+    };
+    let a = store.create_run(new_run("w")).await.unwrap().run();
+    let b = store.create_run(new_run("w")).await.unwrap().run();
+    assert_eq!(marks(&store), 2, "created runs are marked");
+    let leases = store
+        .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 2);
+    let lease_a = leases.iter().find(|l| l.run == a).unwrap();
+    let mut first = append(a, 1, vec![step(0)]);
+    first.lease = Some(lease_a.token);
+    store.append(first).await.unwrap().unwrap();
+    let mut second = append(a, 2, vec![gate(1)]);
+    second.lease = Some(lease_a.token);
+    store.append(second).await.unwrap().unwrap();
+    assert_eq!(marks(&store), 2, "one mark per run, whatever its commits");
+    store.release(lease_a, None).await.unwrap();
+    assert_eq!(marks(&store), 1, "a's activation ended");
+    assert!(append_now(&store, a, approve(1)).await);
+    assert_eq!(marks(&store), 2, "a decision marks the run again");
+    assert!(append_now(&store, b, EventKind::RunCompleted { output: json!(1) }).await);
+    assert_eq!(marks(&store), 1, "b ended");
+    store.close().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(marks(&store), 0, "close left no run to check");
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
 }
