@@ -13,7 +13,7 @@
 //! | `starts`    | idempotency key              | run (16) ++ request hash  |
 //! | `deadlines` | due ms (8) ++ run (16) ++ gate (4) | empty               |
 //! | `rule_decisions` | rule ++ 0 ++ ms (8) ++ run (16) ++ gate (4) | `RuleDecision` JSON |
-//!
+//! | `outbox`    | endpoint ++ 0 ++ id (8)      | `Notification` JSON       |
 //! | `intents`   | run (16)                     | commit intent (see below) |
 //! | `dirty`     | run (16)                     | empty                     |
 //!
