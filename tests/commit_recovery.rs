@@ -2,7 +2,8 @@
 //! its index changes, reopening finishes it; before its summary, or between its events,
 //! reopening undoes it (see `sled_store`'s module docs). The crashes are real: a child
 //! process aborts at a failpoint, after a flush, so the half-done commit is what the
-//! next open finds.
+//! next open finds. The store queues webhook notifications, which a commit writes before
+//! its summary: an undone commit's are dropped, a finished commit's are not queued twice.
 #![cfg(feature = "failpoints")]
 
 use chrono::Utc;
@@ -20,7 +21,7 @@ const CHILD: &str = "HOLDPOINT_COMMIT_CHILD";
 /// The child: one run, a gate with a deadline, its decision, then two gates in one
 /// commit. The failpoint fires at the `n`-th commit that passes it.
 async fn write_until_crash(dir: &Path) {
-    let store = SledStore::open(dir).unwrap();
+    let store = open(dir);
     let run = RunId::new();
     store
         .create_run(NewRun {
@@ -53,6 +54,29 @@ async fn write_until_crash(dir: &Path) {
             .unwrap();
     }
     println!("no crash");
+}
+
+/// The store, queueing notifications for one endpoint.
+fn open(dir: &Path) -> SledStore {
+    SledStore::open_with(
+        dir,
+        SledOptions {
+            outbox_endpoints: vec!["ops".into()],
+            ..SledOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// The notifications queued, as `type@seq`.
+async fn queued(store: &SledStore) -> Vec<String> {
+    store
+        .outbox("ops", 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| format!("{}@{}", o.notification.kind.as_str(), o.notification.seq.0))
+        .collect()
 }
 
 /// Runs the test `test` as a child writing into `dir` until `point` aborts it at its
@@ -100,10 +124,14 @@ async fn a_commit_cut_before_its_summary_is_undone_on_open() {
     // The gate's commit: its event on disk, the summary still the created run's.
     let dir = tempfile::tempdir().unwrap();
     crash_at(dir.path(), TEST, "commit-before-summary", 1);
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = open(dir.path());
     let (run, events) = the_run(&store).await;
     assert_eq!(events, 1, "the gate's event is gone");
     assert!(store.pending(None, 10).await.unwrap().is_empty());
+    assert!(
+        queued(&store).await.is_empty(),
+        "the undone gate's notification is dropped with it"
+    );
     assert_eq!(store.summary(run).await.unwrap().unwrap().next_seq, Seq(1));
     // The run goes on from where the acknowledged commits left it.
     let appended = store
@@ -118,6 +146,7 @@ async fn a_commit_cut_before_its_summary_is_undone_on_open() {
         .unwrap();
     assert!(appended.is_ok());
     assert_eq!(store.pending(None, 10).await.unwrap().len(), 1);
+    assert_eq!(queued(&store).await, ["gate.opened@1"]);
     store.close().unwrap();
 }
 
@@ -131,12 +160,17 @@ async fn a_commit_cut_between_its_events_is_undone_on_open() {
     // The two gates' commit: the first gate's event on disk, the second's not.
     let dir = tempfile::tempdir().unwrap();
     crash_at(dir.path(), TEST, "commit-between-events", 1);
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = open(dir.path());
     let (run, events) = the_run(&store).await;
     assert_eq!(events, 3, "neither gate of the cut commit is there");
     assert!(store.pending(None, 10).await.unwrap().is_empty());
     let summary = store.summary(run).await.unwrap().unwrap();
     assert_eq!((summary.next_seq, summary.open_gates.len()), (Seq(3), 0));
+    assert_eq!(
+        queued(&store).await,
+        ["gate.opened@1", "gate.decided@2"],
+        "the acknowledged commits' notifications, once each"
+    );
     store.close().unwrap();
 }
 
@@ -152,7 +186,7 @@ async fn a_commit_cut_before_its_indexes_is_finished_on_open() {
     // deadline entry yet).
     let dir = tempfile::tempdir().unwrap();
     crash_at(dir.path(), TEST, "commit-before-indexes", 1);
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = open(dir.path());
     the_run(&store).await;
     let pending = store.pending(None, 10).await.unwrap();
     assert_eq!(pending.len(), 1, "the gate the cut commit opened is pending");
@@ -161,6 +195,11 @@ async fn a_commit_cut_before_its_indexes_is_finished_on_open() {
     let summary = store.summary(run).await.unwrap().unwrap();
     assert_eq!(summary.status, RunStatus::Waiting);
     assert!(store.next_deadline().await.unwrap().is_some());
+    assert_eq!(
+        queued(&store).await,
+        ["gate.opened@1"],
+        "queued before the summary, so not again"
+    );
     store.close().unwrap();
 
     // Pass 2: the decision's commit (the gate is decided in the journal and the
@@ -168,7 +207,7 @@ async fn a_commit_cut_before_its_indexes_is_finished_on_open() {
     // wake-up not yet).
     let dir = tempfile::tempdir().unwrap();
     crash_at(dir.path(), TEST, "commit-before-indexes", 2);
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = open(dir.path());
     the_run(&store).await;
     assert!(
         store.pending(None, 10).await.unwrap().is_empty(),
@@ -196,13 +235,14 @@ async fn a_commit_cut_before_its_indexes_is_finished_on_open() {
         .unwrap();
     assert_eq!(leases.len(), 1);
     assert_eq!(leases[0].run, run);
+    assert_eq!(queued(&store).await, ["gate.opened@1", "gate.decided@2"]);
     store.close().unwrap();
 
     // Pass 3: the two gates' commit (both events and the summary on disk, neither gate
     // pending yet).
     let dir = tempfile::tempdir().unwrap();
     crash_at(dir.path(), TEST, "commit-before-indexes", 3);
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = open(dir.path());
     let (run, events) = the_run(&store).await;
     assert_eq!(events, 5);
     let pending = store.pending(None, 10).await.unwrap();
@@ -211,6 +251,15 @@ async fn a_commit_cut_before_its_indexes_is_finished_on_open() {
         gates,
         vec![(run, GateId(1)), (run, GateId(2))],
         "both gates are pending"
+    );
+    assert_eq!(
+        queued(&store).await,
+        [
+            "gate.opened@1",
+            "gate.decided@2",
+            "gate.opened@3",
+            "gate.opened@4"
+        ]
     );
     store.close().unwrap();
 }

@@ -25,9 +25,10 @@
 //! the lock, then under it checks the expected seq and the lease, and writes
 //! 1. a *dirty mark* for the run, unless it has one already,
 //! 2. the events,
-//! 3. the new summary (and its status key), which names the seq the commit began at,
-//! 4. the index changes [`RunSummary::apply`] derived (pending gates, ready queue,
-//!    deadlines, idempotency keys, rule history, outbox).
+//! 3. the webhook notifications the events raise, in each endpoint's outbox,
+//! 4. the new summary (and its status key), which names the seq the commit began at,
+//! 5. the other index changes [`RunSummary::apply`] derived (pending gates, ready
+//!    queue, deadlines, idempotency keys, rule history).
 //!
 //! The mark stays across the run's commits and is removed when the run's activation
 //! ends (`release`), when the run ends, and on `close`: a run makes about six commits
@@ -51,8 +52,13 @@
 //! - otherwise the commit that wrote the summary may be cut in its index changes: the
 //!   summary before it is the fold of the journal up to the commit's first seq (what
 //!   `check_indexes` derives for every run), and from it and the commit's events the
-//!   summary and every index change are derived again and written (each write is
-//!   idempotent; a webhook notification may be queued twice, with the same id).
+//!   summary and every index change but the notifications are derived again and
+//!   written (each write is idempotent). The notifications were queued before the
+//!   summary, so they are not queued again: a mark that outlives its run's last commit
+//!   (a release not yet flushed when the process died) costs no duplicate delivery;
+//!
+//! and the notifications of every undone commit are removed from the outbox (one pass
+//! over it, only when a crash cut a commit).
 //!
 //! Either way a commit recovery undoes was never acknowledged. `mark_stuck`, which
 //! writes no events, still writes a per-commit *intent* (the seq before and after, the
@@ -69,7 +75,7 @@ use crate::event::{Event, EventKind};
 use crate::ids::{GateId, LeaseToken, RunId, Seq, WorkerId};
 use crate::store::{
     check_append_limits, Append, AppendConflict, Appended, Created, DueDeadline, IndexChange, Lease, NewRun,
-    Outgoing, PendingGate, RuleDecision, RunStatus, RunSummary, Store,
+    Notification, Outgoing, PendingGate, RuleDecision, RunStatus, RunSummary, Store,
 };
 use crate::stored_summary::decode as decode_summary;
 use chrono::{DateTime, TimeZone, Utc};
@@ -217,6 +223,14 @@ enum Finished {
     Undone,
     /// Its summary and index changes were written again.
     Done,
+}
+
+/// Whether recovery queues a finished commit's notifications.
+enum Requeue {
+    /// Its notifications may be missing (an intent: queued after the summary).
+    Yes,
+    /// They were queued before its summary was written.
+    No,
 }
 
 /// What an intent knows of the run before its commit.
@@ -616,7 +630,9 @@ impl SledStore {
             tracing::warn!(commits = pending.len(), "finishing commits a crash interrupted");
         }
         for (run, intent) in pending {
-            match self.finish_intent(run, intent)? {
+            // Earlier versions queued a commit's notifications after its summary: an
+            // intent's commit may not have queued them yet.
+            match self.finish_intent(run, intent, Requeue::Yes)? {
                 Finished::Undone => {
                     tracing::warn!(%run, "undid a commit a crash cut short (it was never acknowledged)")
                 }
@@ -638,7 +654,8 @@ impl SledStore {
             .keys()
             .map(|k| run_from_key(&k?).ok_or_else(|| Error::Storage("malformed dirty mark key".into())))
             .collect::<Result<_>>()?;
-        let mut undone = 0usize;
+        // Runs whose last commit was undone, from the first seq undone.
+        let mut cut = HashMap::new();
         for &run in &marked {
             let stored = match trees.runs.get(run.as_bytes())? {
                 Some(bytes) => Some(crate::stored_summary::decode_stored(run, &bytes)?),
@@ -655,7 +672,7 @@ impl SledStore {
                 for key in past {
                     trees.events.remove(key)?;
                 }
-                undone += 1;
+                cut.insert(run, next);
                 tracing::warn!(%run, "undid a commit a crash cut short (it was never acknowledged)");
             } else if let Some(stored) = stored {
                 let from = stored.commit_from.unwrap_or(next);
@@ -669,19 +686,47 @@ impl SledStore {
                             Before::Journal(from)
                         },
                     };
-                    if let Finished::Undone = self.finish_intent(run, intent)? {
-                        undone += 1;
+                    // Its notifications were queued before its summary: not again.
+                    if let Finished::Undone = self.finish_intent(run, intent, Requeue::No)? {
+                        cut.insert(run, from);
                     }
                 }
             }
             trees.dirty.remove(run.as_bytes())?;
         }
+        self.drop_notifications(&cut)?;
         if !marked.is_empty() {
             tracing::info!(
                 runs = marked.len(),
-                undone,
+                undone = cut.len(),
                 "checked the last commit of runs written when the store last stopped"
             );
+        }
+        Ok(())
+    }
+
+    /// Removes the queued notifications of events recovery undid: those of `cut`'s runs
+    /// from the seq given. A commit queues them before its summary, so a commit cut
+    /// after them and before the summary leaves them queued. One pass over the outbox,
+    /// only when a crash cut a commit.
+    fn drop_notifications(&self, cut: &HashMap<RunId, Seq>) -> Result<()> {
+        if cut.is_empty() {
+            return Ok(());
+        }
+        let outbox = &self.inner.trees.outbox;
+        let mut dropped = 0usize;
+        for item in outbox.iter() {
+            let (key, value) = item?;
+            let Ok(n) = serde_json::from_slice::<Notification>(&value) else {
+                continue;
+            };
+            if cut.get(&n.run).is_some_and(|from| n.seq >= *from) {
+                outbox.remove(key)?;
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            tracing::warn!(dropped, "dropped notifications of commits a crash cut short");
         }
         Ok(())
     }
@@ -758,7 +803,7 @@ impl SledStore {
 
     /// Finishes or undoes the commit `intent` describes (the caller removes the intent
     /// or mark that named it).
-    fn finish_intent(&self, run: RunId, intent: Intent) -> Result<Finished> {
+    fn finish_intent(&self, run: RunId, intent: Intent, requeue: Requeue) -> Result<Finished> {
         let trees = &self.inner.trees;
         let old = match &intent.old {
             Before::Created => None,
@@ -817,9 +862,12 @@ impl SledStore {
                 trees.starts.insert(key.as_bytes(), v)?;
             }
         }
-        let Some((mut summary, changes)) = fold_records(old, &events, &records)? else {
+        let Some((mut summary, mut changes)) = fold_records(old, &events, &records)? else {
             return Ok(Finished::Done);
         };
+        if let Requeue::No = requeue {
+            changes.retain(|c| !matches!(c, IndexChange::Notify(_)));
+        }
         if let Some(reason) = &intent.stuck {
             park(&mut summary, reason);
         }
@@ -1087,31 +1135,67 @@ impl<'a> Writer<'a> {
         set_wake(&mut lock(self.state), self.trees, run, None)
     }
 
+    /// Queues the notifications among a commit's `changes` in every endpoint's outbox and
+    /// takes them out of `changes`. A commit calls this after its events and before its
+    /// summary, so that (sled recovering a prefix of its log) a stored summary means its
+    /// commit's notifications are queued, and recovery never queues them a second time;
+    /// those of a commit cut before its summary are dropped with its events
+    /// ([`SledStore::drop_notifications`]).
+    fn queue_notifications(&self, run: RunId, changes: &mut Vec<IndexChange>) -> Result<()> {
+        if !changes.iter().any(|c| matches!(c, IndexChange::Notify(_))) {
+            return Ok(());
+        }
+        let all = std::mem::take(changes);
+        for change in all {
+            match change {
+                IndexChange::Notify(n) => self.queue(run, n, changes)?,
+                other => changes.push(other),
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues one notification; `earlier` are the commit's changes before it, whose
+    /// opened gates are not in `pending` yet.
+    fn queue(&self, run: RunId, mut n: Box<Notification>, earlier: &[IndexChange]) -> Result<()> {
+        if self.endpoints.is_empty() {
+            return Ok(());
+        }
+        if n.action.is_none() {
+            // Decided or escalated: the gate is open, in `pending` or opened by this commit.
+            n.action = earlier.iter().rev().find_map(|c| match c {
+                IndexChange::GateOpened(g) if g.gate == n.gate => Some(g.action.clone()),
+                _ => None,
+            });
+            if n.action.is_none() {
+                if let Some(bytes) = self.trees.pending.get(gate_key(run, n.gate))? {
+                    n.action = serde_json::from_slice::<PendingGate>(&bytes)
+                        .ok()
+                        .map(|g| g.action);
+                }
+            }
+        }
+        let value = serde_json::to_vec(&n)?;
+        for endpoint in self.endpoints {
+            // Ids only grow, so each queue keeps a run's notifications in the order its
+            // events were written.
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            self.trees
+                .outbox
+                .insert(outbox_key(endpoint, id), value.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Writes a commit's index changes. Notifications still among them (recovery of an
+    /// intent written by an earlier version, which queued them after the summary) are
+    /// queued here.
     fn apply_changes(&self, summary: &RunSummary, changes: Vec<IndexChange>) -> Result<()> {
         let t = self.trees;
         let run = summary.id;
         for change in changes {
             match change {
-                IndexChange::Notify(mut n) => {
-                    if self.endpoints.is_empty() {
-                        continue;
-                    }
-                    if n.action.is_none() {
-                        // Decided or escalated: the gate's entry is still open here.
-                        if let Some(bytes) = t.pending.get(gate_key(run, n.gate))? {
-                            n.action = serde_json::from_slice::<PendingGate>(&bytes)
-                                .ok()
-                                .map(|g| g.action);
-                        }
-                    }
-                    let value = serde_json::to_vec(&n)?;
-                    for endpoint in self.endpoints {
-                        // Ids only grow, so each queue keeps a run's notifications in the
-                        // order its events were written.
-                        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                        t.outbox.insert(outbox_key(endpoint, id), value.clone())?;
-                    }
-                }
+                IndexChange::Notify(n) => self.queue(run, n, &[])?,
                 IndexChange::GateOpened(gate) => {
                     t.pending
                         .insert(gate_key(gate.run, gate.gate), serde_json::to_vec(&*gate)?)?;
@@ -1319,12 +1403,13 @@ impl Store for SledStore {
                     }
                     let mut summary = RunSummary::start(&run);
                     summary.bytes = record.len() as u64;
-                    let changes = summary.apply(&event, head);
+                    let mut changes = summary.apply(&event, head);
                     self.mark_dirty(run.id)?;
                     trees
                         .events
                         .insert(codec::record_key(run.id, Seq::ZERO), record)?;
                     let w = Writer::new(self);
+                    w.queue_notifications(run.id, &mut changes)?;
                     // No status key to clear: the run did not exist (an undone creation
                     // removed its status keys with its summary).
                     w.put_summary(&summary, Prior::Nothing, Seq::ZERO)?;
@@ -1409,10 +1494,11 @@ impl Store for SledStore {
                 trees.events.insert(codec::record_key(run, event.seq), record)?;
                 changes.extend(summary.apply(event, *hash));
             }
+            let w = Writer::new(self);
+            w.queue_notifications(run, &mut changes)?;
             crate::failpoint::hit_after("commit-before-summary", || {
                 let _ = self.inner.db.flush();
             });
-            let w = Writer::new(self);
             w.put_summary(&summary, Prior::Was(old_status), commit_from)?;
             crate::failpoint::hit_after("commit-before-indexes", || {
                 let _ = self.inner.db.flush();

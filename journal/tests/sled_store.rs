@@ -330,3 +330,26 @@ async fn dirty_marks_last_from_a_commit_to_the_end_of_the_activation() {
     assert_eq!(marks(&store), 0, "close left no run to check");
     assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
 }
+
+/// A run whose mark outlives its last commit (its release was never written, as when a
+/// crash comes between the commit's flush and the next) is checked on open, and its
+/// last commit's notification, queued before that commit's summary, is not queued again.
+#[tokio::test]
+async fn a_run_checked_after_a_lost_release_queues_no_notification_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || SledOptions {
+        outbox_endpoints: vec!["ops".into()],
+        ..SledOptions::default()
+    };
+    let store = SledStore::open_with(dir.path(), options()).unwrap();
+    let run = store.create_run(new_run("w")).await.unwrap().run();
+    assert!(append_now(&store, run, gate(1)).await);
+    assert_eq!(store.outbox("ops", 10).await.unwrap().len(), 1);
+    // Dropped, not closed: the run keeps its mark.
+    drop(store);
+    let store = SledStore::open_with(dir.path(), options()).unwrap();
+    let queued = store.outbox("ops", 10).await.unwrap();
+    let kinds: Vec<_> = queued.iter().map(|o| o.notification.kind).collect();
+    assert_eq!(kinds, [NotificationKind::GateOpened]);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+}
