@@ -58,7 +58,9 @@
 //!   (a release not yet flushed when the process died) costs no duplicate delivery;
 //!
 //! and the notifications of every undone commit are removed from the outbox (one pass
-//! over it, only when a crash cut a commit).
+//! over it, only when a crash cut a commit). Readers of the outbox never see them
+//! anyway: a commit's queue ids are hidden until its group commit's fsync, and every
+//! later id waits for them (`OutboxIds`), so a webhook only reports durable events.
 //!
 //! Either way a commit recovery undoes was never acknowledged. `mark_stuck`, which
 //! writes no events, still writes a per-commit *intent* (the seq before and after, the
@@ -153,7 +155,8 @@ struct Inner {
     flusher: GroupCommit,
     changes: watch::Sender<u64>,
     options: SledOptions,
-    outbox_next: AtomicU64,
+    /// Queue ids of the outbox, and those not yet deliverable.
+    outbox_ids: Mutex<OutboxIds>,
     /// Leases and the ready queue's mirror: held briefly, never across an await.
     state: Mutex<State>,
     /// Commits to one run are serialized by the stripe its id falls in (creations with
@@ -164,6 +167,24 @@ struct Inner {
 }
 
 const STRIPES: usize = 64;
+
+/// The outbox's queue ids: the next one, and those queued by commits not yet durable.
+/// [`Store::outbox`] shows only ids below the smallest of both, so a webhook never
+/// reports an event a crash could still undo, and each queue is read in id order.
+#[derive(Default)]
+struct OutboxIds {
+    next: u64,
+    unsynced: BTreeSet<u64>,
+}
+
+impl OutboxIds {
+    /// Every id below this was queued by a commit that is durable (or by recovery).
+    fn deliverable_below(&self) -> u64 {
+        self.unsynced
+            .first()
+            .map_or(self.next, |&first| first.min(self.next))
+    }
+}
 
 #[derive(Clone)]
 struct Trees {
@@ -343,7 +364,7 @@ impl SledStore {
                 flusher,
                 changes,
                 options,
-                outbox_next: AtomicU64::new(0),
+                outbox_ids: Mutex::new(OutboxIds::default()),
                 state: Mutex::new(state),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 dirty: Mutex::new(HashSet::new()),
@@ -731,6 +752,17 @@ impl SledStore {
         Ok(())
     }
 
+    /// Lets readers of the outbox see the notifications of a commit now durable.
+    fn deliverable(&self, hidden: &[u64]) {
+        if hidden.is_empty() {
+            return;
+        }
+        let mut ids = lock(&self.inner.outbox_ids);
+        for id in hidden {
+            ids.unsynced.remove(id);
+        }
+    }
+
     /// Marks `run` dirty before a commit's first write, unless it is already. Under the
     /// run's commit lock (or, for a creation, before anyone knows the run).
     fn mark_dirty(&self, run: RunId) -> Result<()> {
@@ -896,7 +928,7 @@ impl SledStore {
                 next = next.max(id.saturating_add(1));
             }
         }
-        self.inner.outbox_next.store(next, Ordering::Relaxed);
+        lock(&self.inner.outbox_ids).next = next;
         if dropped > 0 {
             tracing::warn!(
                 dropped,
@@ -1073,7 +1105,7 @@ struct Writer<'a> {
     trees: &'a Trees,
     state: &'a Mutex<State>,
     endpoints: &'a [String],
-    next_id: &'a AtomicU64,
+    outbox_ids: &'a Mutex<OutboxIds>,
 }
 
 impl<'a> Writer<'a> {
@@ -1082,7 +1114,7 @@ impl<'a> Writer<'a> {
             trees: &store.inner.trees,
             state: &store.inner.state,
             endpoints: &store.inner.options.outbox_endpoints,
-            next_id: &store.inner.outbox_next,
+            outbox_ids: &store.inner.outbox_ids,
         }
     }
 
@@ -1140,24 +1172,35 @@ impl<'a> Writer<'a> {
     /// summary, so that (sled recovering a prefix of its log) a stored summary means its
     /// commit's notifications are queued, and recovery never queues them a second time;
     /// those of a commit cut before its summary are dropped with its events
-    /// ([`SledStore::drop_notifications`]).
-    fn queue_notifications(&self, run: RunId, changes: &mut Vec<IndexChange>) -> Result<()> {
+    /// ([`SledStore::drop_notifications`]). Returns their queue ids, hidden from
+    /// [`Store::outbox`] until the commit is durable and the caller passes them to
+    /// [`SledStore::deliverable`].
+    fn queue_notifications(&self, run: RunId, changes: &mut Vec<IndexChange>) -> Result<Vec<u64>> {
+        let mut hidden = Vec::new();
         if !changes.iter().any(|c| matches!(c, IndexChange::Notify(_))) {
-            return Ok(());
+            return Ok(hidden);
         }
         let all = std::mem::take(changes);
         for change in all {
             match change {
-                IndexChange::Notify(n) => self.queue(run, n, changes)?,
+                IndexChange::Notify(n) => self.queue(run, n, changes, Some(&mut hidden))?,
                 other => changes.push(other),
             }
         }
-        Ok(())
+        Ok(hidden)
     }
 
     /// Queues one notification; `earlier` are the commit's changes before it, whose
-    /// opened gates are not in `pending` yet.
-    fn queue(&self, run: RunId, mut n: Box<Notification>, earlier: &[IndexChange]) -> Result<()> {
+    /// opened gates are not in `pending` yet. With `hidden`, its ids are kept from
+    /// readers (and pushed there) until released; recovery queues without, as the
+    /// events it reports are already on disk.
+    fn queue(
+        &self,
+        run: RunId,
+        mut n: Box<Notification>,
+        earlier: &[IndexChange],
+        mut hidden: Option<&mut Vec<u64>>,
+    ) -> Result<()> {
         if self.endpoints.is_empty() {
             return Ok(());
         }
@@ -1178,8 +1221,20 @@ impl<'a> Writer<'a> {
         let value = serde_json::to_vec(&n)?;
         for endpoint in self.endpoints {
             // Ids only grow, so each queue keeps a run's notifications in the order its
-            // events were written.
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            // events were written. Hidden in the same step as taken, before the entry
+            // is written, so no reader sees it early.
+            let id = {
+                let mut ids = lock(self.outbox_ids);
+                let id = ids.next;
+                ids.next += 1;
+                if hidden.is_some() {
+                    ids.unsynced.insert(id);
+                }
+                id
+            };
+            if let Some(hidden) = hidden.as_deref_mut() {
+                hidden.push(id);
+            }
             self.trees
                 .outbox
                 .insert(outbox_key(endpoint, id), value.clone())?;
@@ -1195,7 +1250,7 @@ impl<'a> Writer<'a> {
         let run = summary.id;
         for change in changes {
             match change {
-                IndexChange::Notify(n) => self.queue(run, n, &[])?,
+                IndexChange::Notify(n) => self.queue(run, n, &[], None)?,
                 IndexChange::GateOpened(gate) => {
                     t.pending
                         .insert(gate_key(gate.run, gate.gate), serde_json::to_vec(&*gate)?)?;
@@ -1409,6 +1464,7 @@ impl Store for SledStore {
                         .events
                         .insert(codec::record_key(run.id, Seq::ZERO), record)?;
                     let w = Writer::new(self);
+                    // run-started raises no notification: nothing to release later.
                     w.queue_notifications(run.id, &mut changes)?;
                     // No status key to clear: the run did not exist (an undone creation
                     // removed its status keys with its summary).
@@ -1446,6 +1502,7 @@ impl Store for SledStore {
             Err(conflict) => return Ok(Err(conflict)),
         };
         let trees = &self.inner.trees;
+        let hidden;
         let outcome = {
             let _run = self.run_lock(run);
             let Some(old_bytes) = trees.runs.get(run.as_bytes())? else {
@@ -1495,7 +1552,7 @@ impl Store for SledStore {
                 changes.extend(summary.apply(event, *hash));
             }
             let w = Writer::new(self);
-            w.queue_notifications(run, &mut changes)?;
+            hidden = w.queue_notifications(run, &mut changes)?;
             crate::failpoint::hit_after("commit-before-summary", || {
                 let _ = self.inner.db.flush();
             });
@@ -1514,7 +1571,10 @@ impl Store for SledStore {
             }
         };
         crate::failpoint::hit("append-before-flush");
+        // A failed flush leaves the commit's notifications hidden: recovery decides on
+        // the next open whether the commit happened.
         self.inner.flusher.wait().await?;
+        self.deliverable(&hidden);
         self.bump();
         Ok(Ok(outcome))
     }
@@ -1828,6 +1888,8 @@ impl Store for SledStore {
     async fn outbox(&self, endpoint: &str, limit: usize) -> Result<Vec<Outgoing>> {
         let mut prefix = endpoint.as_bytes().to_vec();
         prefix.push(0);
+        // Read before the scan: an entry written since has a larger id.
+        let below = lock(&self.inner.outbox_ids).deliverable_below();
         let mut out = Vec::new();
         for item in self.inner.trees.outbox.scan_prefix(&prefix).take(limit) {
             let (k, v) = item?;
@@ -1836,6 +1898,10 @@ impl Store for SledStore {
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map(u64::from_be_bytes)
                 .ok_or_else(|| Error::Storage("malformed key in the outbox".into()))?;
+            if key >= below {
+                // This one and every later one wait for their commits' flush.
+                break;
+            }
             let notification = serde_json::from_slice(&v)
                 .map_err(|e| Error::Storage(format!("outbox entry {key} does not decode: {e}")))?;
             out.push(Outgoing { key, notification });
@@ -1945,6 +2011,78 @@ impl Drop for GroupCommit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::NotificationKind;
+
+    /// A commit's notifications stay out of `outbox` until the commit is durable, and a
+    /// later commit's wait for every earlier one's, so each queue is read in order.
+    #[tokio::test]
+    async fn the_outbox_shows_notifications_of_durable_commits_only_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SledOptions {
+            outbox_endpoints: vec!["ops".into()],
+            ..SledOptions::default()
+        };
+        let store = SledStore::open_with(dir.path(), options).unwrap();
+        let run = RunId::new();
+        let notify = |seq: u64| {
+            IndexChange::Notify(Box::new(Notification {
+                id: format!("{run}:{seq}"),
+                kind: NotificationKind::GateOpened,
+                run,
+                gate: GateId(0),
+                seq: Seq(seq),
+                at: Utc::now(),
+                workflow: "w".into(),
+                action: Some("send_money".into()),
+                reason: None,
+                decision: None,
+                by: None,
+                level: None,
+                deadline: None,
+            }))
+        };
+        let shown = |store: &SledStore| {
+            let store = store.clone();
+            async move {
+                let queued = store.outbox("ops", 10).await.unwrap();
+                queued.iter().map(|o| o.notification.seq.0).collect::<Vec<_>>()
+            }
+        };
+        let w = Writer::new(&store);
+        let mut first = vec![notify(1)];
+        let first_ids = w.queue_notifications(run, &mut first).unwrap();
+        assert!(first.is_empty(), "taken out of the changes");
+        let mut second = vec![notify(2)];
+        let second_ids = w.queue_notifications(run, &mut second).unwrap();
+        assert_eq!(
+            shown(&store).await,
+            Vec::<u64>::new(),
+            "neither commit is durable"
+        );
+        store.deliverable(&second_ids);
+        assert_eq!(
+            shown(&store).await,
+            Vec::<u64>::new(),
+            "the second waits for the first"
+        );
+        store.deliverable(&first_ids);
+        assert_eq!(shown(&store).await, [1, 2]);
+        // Recovery's (events already on disk) are shown at once.
+        w.apply_changes(
+            &RunSummary::start(&NewRun {
+                id: run,
+                started_by: None,
+                workflow: "w".into(),
+                version: 1,
+                input: serde_json::Value::Null,
+                idempotency_key: None,
+                at: Utc::now(),
+            }),
+            vec![notify(3)],
+        )
+        .unwrap();
+        assert_eq!(shown(&store).await, [1, 2, 3]);
+    }
 
     #[test]
     fn intents_round_trip_and_the_earlier_layout_still_reads() {
