@@ -39,8 +39,8 @@
 //! lock, so it never returns a summary whose index changes are still being written.
 //! Then the caller joins the next group commit: one flusher thread runs `Db::flush`
 //! (which writes sled's buffers with `sync_file_range`) and then `fdatasync` on sled's
-//! data file through our own handle, and wakes every append that was waiting when the flush began. So an acknowledged
-//! append survives a process crash, a kernel crash and a power loss (given a disk that
+//! data file through our own handle, and wakes every append that was waiting when the
+//! flush began. So an acknowledged append survives a process crash, a kernel crash and a power loss (given a disk that
 //! honours flushes), and concurrent appends share one sync.
 //!
 //! **Recovery.** sled recovers a prefix of its log, and a run's commits are written one
@@ -55,9 +55,9 @@
 //!   summary and every index change but the notifications are derived again and
 //!   written (each write is idempotent). The notifications were queued before the
 //!   summary, so they are not queued again: a mark that outlives its run's last commit
-//!   (a release not yet flushed when the process died) costs no duplicate delivery;
+//!   (a release not yet flushed when the process died) costs no duplicate delivery.
 //!
-//! and the notifications of every undone commit are removed from the outbox (one pass
+//! The notifications of every undone commit are removed from the outbox (one pass
 //! over it, only when a crash cut a commit). Readers of the outbox never see them
 //! anyway: a commit's queue ids are hidden until its group commit's fsync, and every
 //! later id waits for them (`OutboxIds`), so a webhook only reports durable events.
@@ -518,12 +518,7 @@ impl SledStore {
             return Err(Error::UnknownRun(run));
         };
         self.read_to(run, Seq::ZERO, &summary)?;
-        let past = self
-            .inner
-            .trees
-            .events
-            .range(codec::record_key(run, summary.next_seq)..=codec::record_key(run, Seq(u64::MAX)))
-            .next();
+        let past = self.events_from(run, summary.next_seq).next();
         if past.is_some() {
             return Err(codec::past_summary(run, summary.next_seq));
         }
@@ -683,9 +678,8 @@ impl SledStore {
                 None => None,
             };
             let next = stored.as_ref().map_or(Seq::ZERO, |s| s.summary.next_seq);
-            let past: Vec<sled::IVec> = trees
-                .events
-                .range(codec::record_key(run, next)..=codec::record_key(run, Seq(u64::MAX)))
+            let past: Vec<sled::IVec> = self
+                .events_from(run, next)
                 .keys()
                 .collect::<std::result::Result<_, _>>()?;
             if !past.is_empty() {
@@ -750,6 +744,14 @@ impl SledStore {
             tracing::warn!(dropped, "dropped notifications of commits a crash cut short");
         }
         Ok(())
+    }
+
+    /// A run's stored records from `from` to its end, by key.
+    fn events_from(&self, run: RunId, from: Seq) -> sled::Iter {
+        self.inner
+            .trees
+            .events
+            .range(codec::record_key(run, from)..=codec::record_key(run, Seq(u64::MAX)))
     }
 
     /// Lets readers of the outbox see the notifications of a commit now durable.
@@ -1227,14 +1229,12 @@ impl<'a> Writer<'a> {
                 let mut ids = lock(self.outbox_ids);
                 let id = ids.next;
                 ids.next += 1;
-                if hidden.is_some() {
+                if let Some(hidden) = hidden.as_deref_mut() {
                     ids.unsynced.insert(id);
+                    hidden.push(id);
                 }
                 id
             };
-            if let Some(hidden) = hidden.as_deref_mut() {
-                hidden.push(id);
-            }
             self.trees
                 .outbox
                 .insert(outbox_key(endpoint, id), value.clone())?;
@@ -1431,6 +1431,7 @@ impl Store for SledStore {
         let (record, head) = codec::encode(&event, &ChainHash::GENESIS, self.inner.options.max_event_bytes)?;
         let hash = run.request_hash()?;
         let trees = &self.inner.trees;
+        let mut hidden = Vec::new();
         let created = {
             let _key = run.idempotency_key.as_deref().map(|k| self.key_lock(k));
             let existing = match &run.idempotency_key {
@@ -1464,8 +1465,7 @@ impl Store for SledStore {
                         .events
                         .insert(codec::record_key(run.id, Seq::ZERO), record)?;
                     let w = Writer::new(self);
-                    // run-started raises no notification: nothing to release later.
-                    w.queue_notifications(run.id, &mut changes)?;
+                    hidden = w.queue_notifications(run.id, &mut changes)?;
                     // No status key to clear: the run did not exist (an undone creation
                     // removed its status keys with its summary).
                     w.put_summary(&summary, Prior::Nothing, Seq::ZERO)?;
@@ -1482,6 +1482,7 @@ impl Store for SledStore {
         // Even an existing run is synced before answering: its start may have been
         // acknowledged to nobody yet (a crash right after the first attempt's write).
         self.inner.flusher.wait().await?;
+        self.deliverable(&hidden);
         self.bump();
         Ok(created)
     }
