@@ -62,4 +62,9 @@ async fn waiting_runs_survive_a_restart_and_page_from_the_index() {
     let r = holdpoint::bench::restart(dir.path()).await.unwrap();
     assert_eq!(r.waiting_runs, 150);
     assert!(r.startup_ms > 0.0 && r.pending_first_ms > 0.0 && r.peak_rss_mib > 0.0);
+    // Read from /proc: the peak is never below what is resident now.
+    assert!(
+        r.serving_rss_mib > 0.0 && r.serving_rss_mib <= r.peak_rss_mib,
+        "{r:?}"
+    );
 }

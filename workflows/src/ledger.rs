@@ -7,10 +7,18 @@
 //! fails if the key was paid already). The first to link it has paid; it then appends a
 //! line to `<path>` (JSON lines), the human-readable log. Each payment is synced to disk
 //! before it is acknowledged, like a real payment API's response.
+//!
+//! A process that dies between the link and the log line leaves a payment the log does not
+//! show yet. Its step was started and not completed, so the engine runs it again with the
+//! same key, and the repeat, finding the payment, writes the missing line: every append
+//! checks the log for the key first, under an exclusive lock on the log file (processes
+//! take turns; the lock dies with its process). Once every started step has finished, the
+//! log and the payment files agree.
 
+use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -47,7 +55,8 @@ impl Ledger {
     }
 
     /// Every payment made, in the order they were made (the payment files are the
-    /// record; the log may lag a payment whose process died right after it).
+    /// record; the log lacks a payment whose process died right after it until its step
+    /// runs again).
     pub fn entries(&self) -> std::io::Result<Vec<LedgerEntry>> {
         let dir = match std::fs::read_dir(self.keys()) {
             Ok(d) => d,
@@ -91,7 +100,9 @@ impl Ledger {
             serde_json::from_slice(&std::fs::read(target)?).map_err(std::io::Error::other)
         };
         if target.exists() {
-            return existing(&target);
+            let paid = existing(&target)?;
+            self.log_once(&paid)?;
+            return Ok(paid);
         }
         let body = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
         let tmp = keys.join(format!(
@@ -108,16 +119,117 @@ impl Ledger {
         let _ = std::fs::remove_file(&tmp);
         match linked {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return existing(&target),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let paid = existing(&target)?;
+                self.log_once(&paid)?;
+                return Ok(paid);
+            }
             Err(e) => return Err(e),
         }
         File::open(&keys)?.sync_all()?;
-        // The log: one write of one line, appended.
-        let mut log = OpenOptions::new().create(true).append(true).open(&self.path)?;
-        let mut line = body;
-        line.push(b'\n');
-        log.write_all(&line)?;
-        log.sync_data()?;
+        self.log_once(&entry)?;
         Ok(entry)
+    }
+
+    /// Appends `entry`'s line to the log (one write, synced) unless a line with its key
+    /// is there already, holding an exclusive lock on the log file meanwhile.
+    fn log_once(&self, entry: &LedgerEntry) -> std::io::Result<()> {
+        let mut log = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&self.path)?;
+        log.lock_exclusive()?;
+        let mut text = Vec::new();
+        log.read_to_end(&mut text)?;
+        let logged = text.split(|&b| b == b'\n').any(|line| {
+            serde_json::from_slice::<LedgerEntry>(line)
+                .is_ok_and(|e| e.idempotency_key == entry.idempotency_key)
+        });
+        if !logged {
+            let mut line = Vec::with_capacity(128);
+            // A line a dying process left unfinished has no newline: end it, so this
+            // one stands on its own line.
+            if text.last().is_some_and(|&b| b != b'\n') {
+                line.push(b'\n');
+            }
+            serde_json::to_writer(&mut line, entry).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            log.write_all(&line)?;
+            log.sync_data()?;
+        }
+        // Closing the file releases the lock.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str) -> LedgerEntry {
+        LedgerEntry {
+            idempotency_key: key.into(),
+            to: "K-1".into(),
+            amount_cents: 30_000,
+            memo: "refund".into(),
+        }
+    }
+
+    fn log_lines(ledger: &Ledger) -> Vec<String> {
+        std::fs::read_to_string(ledger.path())
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_payment_whose_log_line_was_lost_gets_it_when_the_step_runs_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::new(dir.path().join("ledger.jsonl"));
+        ledger.pay(entry("run-a/3")).unwrap();
+        ledger.pay(entry("run-b/3")).unwrap();
+        // The process died after linking run-b's payment, before its log line.
+        std::fs::write(
+            ledger.path(),
+            serde_json::to_string(&entry("run-a/3")).unwrap() + "\n",
+        )
+        .unwrap();
+        assert_eq!(log_lines(&ledger).len(), 1);
+        assert_eq!(ledger.entries().unwrap().len(), 2);
+
+        // The step runs again with the same key: no second payment, the line is back.
+        let again = entry("run-b/3");
+        assert_eq!(
+            ledger
+                .pay(LedgerEntry {
+                    amount_cents: 1,
+                    ..again
+                })
+                .unwrap(),
+            entry("run-b/3")
+        );
+        let lines = log_lines(&ledger);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[1].contains("run-b/3"), "{lines:?}");
+        assert_eq!(ledger.entries().unwrap().len(), 2);
+
+        // Repeats of a logged payment add nothing.
+        ledger.pay(entry("run-a/3")).unwrap();
+        ledger.pay(entry("run-b/3")).unwrap();
+        assert_eq!(log_lines(&ledger).len(), 2);
+    }
+
+    #[test]
+    fn a_line_left_unfinished_is_ended_before_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::new(dir.path().join("ledger.jsonl"));
+        std::fs::write(ledger.path(), "{\"idempotency_key\":\"run-a/3\",\"to").unwrap();
+        ledger.pay(entry("run-c/1")).unwrap();
+        let lines = log_lines(&ledger);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        let last: LedgerEntry = serde_json::from_str(&lines[1]).unwrap();
+        assert_eq!(last, entry("run-c/1"));
     }
 }
