@@ -603,7 +603,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
                 return Ok(());
             }
             if let Some(dir) = restart {
-                let report = runtime()?.block_on(crate::bench::restart(&dir)).map_err(CliError)?;
+                let report = runtime()?.block_on(crate::bench::restart(&dir, crate::bench::RESTART_SERVE_FOR)).map_err(CliError)?;
                 if json {
                     say!("{}", serde_json::to_string(&report).map_err(|e| CliError(e.to_string()))?);
                 } else {

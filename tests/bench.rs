@@ -59,7 +59,9 @@ async fn waiting_runs_survive_a_restart_and_page_from_the_index() {
     // A second fill adds to the first.
     let filled = holdpoint::bench::fill_waiting(dir.path(), 30, 32).await.unwrap();
     assert_eq!(filled, 150);
-    let r = holdpoint::bench::restart(dir.path()).await.unwrap();
+    let r = holdpoint::bench::restart(dir.path(), std::time::Duration::ZERO)
+        .await
+        .unwrap();
     assert_eq!(r.waiting_runs, 150);
     assert!(r.startup_ms > 0.0 && r.pending_first_ms > 0.0 && r.peak_rss_mib > 0.0);
     // Read from /proc: the peak is never below what is resident now.
