@@ -1016,7 +1016,7 @@ async fn check_heads(store: &SledStore, path: &Path) -> Result<usize> {
 pub(crate) fn generate_token() -> Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| CliError(format!("no randomness for a token: {e}")))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::journal::hex(&bytes))
 }
 
 fn load_tokens(args: &ServeArgs) -> Result<(Tokens, Option<String>)> {

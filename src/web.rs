@@ -115,7 +115,7 @@ fn csrf_for(token: &str) -> String {
     let mut h = Sha256::new();
     h.update(b"holdpoint-csrf\0");
     h.update(token.as_bytes());
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::journal::hex(&h.finalize())
 }
 
 fn cookie_token(headers: &HeaderMap) -> Option<String> {

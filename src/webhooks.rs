@@ -27,7 +27,7 @@
 //! events = ["gate.opened", "gate.escalated"]   # default: every kind
 //! ```
 
-use crate::journal::{Notification, NotificationKind, Store};
+use crate::journal::{hex, Notification, NotificationKind, Store};
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::Value;
@@ -147,10 +147,6 @@ fn mac(secret: &str, unix: i64, body: &[u8]) -> Vec<u8> {
     m.update(b".");
     m.update(body);
     m.finalize().into_bytes().to_vec()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Checks a `Holdpoint-Signature` header: the HMAC matches (in constant time) and the

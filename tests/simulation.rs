@@ -250,10 +250,7 @@ async fn simulate(seed: u64) -> Result<(String, String), String> {
     for (key, attempt, args) in effects.lock().unwrap().iter() {
         hasher.update(format!("{key} {attempt} {args}").as_bytes());
     }
-    let hash: String = hasher.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = holdpoint::journal::hex(&hasher.finalize()[..8]);
     let summary = format!(
         "{n} runs, {} ticks, {decisions} decisions, {crashes} crashes, {handovers} handovers",
         trace.len()

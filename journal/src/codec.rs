@@ -106,16 +106,14 @@ impl ChainHash {
     pub const GENESIS: ChainHash = ChainHash([0; 32]);
 
     pub fn to_hex(&self) -> String {
-        self.hex_digits().iter().map(|&d| char::from(d)).collect()
+        hex(&self.0)
     }
 
     /// The hash as 64 lowercase hex digits (ASCII), without allocating.
     fn hex_digits(&self) -> [u8; 64] {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut hex = [0u8; 64];
         for (i, b) in self.0.iter().enumerate() {
-            hex[2 * i] = DIGITS[usize::from(b >> 4)];
-            hex[2 * i + 1] = DIGITS[usize::from(b & 15)];
+            [hex[2 * i], hex[2 * i + 1]] = hex_pair(*b);
         }
         hex
     }
@@ -131,6 +129,23 @@ impl fmt::Display for ChainHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex())
     }
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_pair(b: u8) -> [u8; 2] {
+    [HEX_DIGITS[usize::from(b >> 4)], HEX_DIGITS[usize::from(b & 15)]]
+}
+
+/// `bytes` as lowercase hex, two digits per byte (hashes, tokens, signatures).
+pub fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(2 * bytes.len());
+    for &b in bytes {
+        let [hi, lo] = hex_pair(b);
+        out.push(char::from(hi));
+        out.push(char::from(lo));
+    }
+    out
 }
 
 /// A record's key, which its checksum and chain hash cover: the run id's bytes, then the
@@ -494,6 +509,15 @@ mod tests {
                 output: serde_json::json!({"ok": seq}),
             },
         }
+    }
+
+    #[test]
+    fn hex_is_two_lowercase_digits_per_byte() {
+        assert_eq!(hex(&[]), "");
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff, 0x5c]), "000fa0ff5c");
+        let hash = ChainHash(std::array::from_fn(|i| (i * 37) as u8));
+        assert_eq!(hash.to_hex(), hex(&hash.0));
+        assert_eq!(hash.to_hex().as_bytes(), &hash.hex_digits()[..]);
     }
 
     #[test]

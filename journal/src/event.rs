@@ -426,5 +426,5 @@ pub fn request_hash(action: &str, args: &Value) -> String {
     h.update(action.as_bytes());
     h.update([0]);
     h.update(args.to_string().as_bytes());
-    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    crate::codec::hex(&h.finalize()[..16])
 }

@@ -13,7 +13,7 @@ pub mod sled_store;
 pub mod store;
 pub mod stored_summary;
 
-pub use codec::ChainHash;
+pub use codec::{hex, ChainHash};
 pub use error::{Error, Result};
 pub use event::{
     request_hash, ApproverLevel, Decision, DecisionKind, Event, EventKind, GateKind, GateSpec,
