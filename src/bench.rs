@@ -9,7 +9,7 @@
 use crate::journal::{GateId, Principal, RunId, RunStatus, SledOptions, SledStore, Store};
 use crate::pg::{PgOptions, PgStore};
 use crate::{DecisionRequest, Engine, EngineConfig, Failure, Gated, Registry};
-use futures::future::join_all;
+use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -209,28 +209,30 @@ impl<St: Store> Driver<St> {
     }
 }
 
+/// Starts a run per order, `in_flight` at a time: as one start is acknowledged the next
+/// is sent (a sliding window, not batches that wait for their slowest member). Returns
+/// the runs in order.
 async fn start_many<St: Store>(
     driver: &Driver<St>,
     orders: std::ops::Range<u64>,
-    chunk: usize,
+    in_flight: usize,
 ) -> Result<Vec<RunId>, String> {
-    let mut runs = Vec::new();
-    let all: Vec<u64> = orders.collect();
-    for c in all.chunks(chunk.max(1)) {
-        for r in join_all(c.iter().map(|&o| driver.start(o))).await {
-            runs.push(r?);
-        }
-    }
-    Ok(runs)
+    stream::iter(orders.map(|o| driver.start(o)))
+        .buffered(in_flight.max(1))
+        .try_collect()
+        .await
 }
 
-async fn approve_many<St: Store>(driver: &Driver<St>, runs: &[RunId], chunk: usize) -> Result<(), String> {
-    for c in runs.chunks(chunk.max(1)) {
-        for d in join_all(c.iter().map(|&run| driver.approve(run))).await {
-            d?;
-        }
-    }
-    Ok(())
+/// Approves each run's gate, `in_flight` at a time (a sliding window, as `start_many`).
+async fn approve_many<St: Store>(
+    driver: &Driver<St>,
+    runs: &[RunId],
+    in_flight: usize,
+) -> Result<(), String> {
+    stream::iter(runs.iter().map(|&run| driver.approve(run)))
+        .buffer_unordered(in_flight.max(1))
+        .try_collect::<()>()
+        .await
 }
 
 /// Serves the HTTP API on an ephemeral loopback port with one admin token.
