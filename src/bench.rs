@@ -10,6 +10,10 @@ use crate::journal::{GateId, Principal, RunId, RunStatus, SledOptions, SledStore
 use crate::pg::{PgOptions, PgStore};
 use crate::{DecisionRequest, Engine, EngineConfig, Failure, Gated, Registry};
 use futures::stream::{self, StreamExt, TryStreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -117,18 +121,72 @@ async fn settle_all<St: Store>(engine: &Engine<St>, runs: &[RunId], want: RunSta
 /// Where the workload's starts and decisions go.
 enum Driver<St: Store> {
     Engine(Engine<St>),
-    /// Real requests to the HTTP API on loopback, each on a blocking thread (the CLI's
-    /// client, with connection reuse).
+    /// Real requests to the HTTP API on loopback: HTTP/1.1 on keep-alive connections, one
+    /// per request in flight, driven on the runtime (hyper's client).
     Http(Arc<Http>),
 }
 
 struct Http {
     base: String,
     token: String,
+    /// For single requests (`restart`'s pages).
     agent: ureq::Agent,
+    /// For the load: idle keep-alive connections, taken by a request and put back after.
+    addr: std::net::SocketAddr,
+    idle: std::sync::Mutex<Vec<SendRequest<Full<Bytes>>>>,
 }
 
 impl Http {
+    /// POSTs `body` as JSON on a keep-alive connection (a new one when none is idle),
+    /// reads the whole answer and returns it as JSON.
+    async fn post_async(&self, path: &str, body: &Value) -> Result<Value, String> {
+        let fail = |e: &dyn std::fmt::Display| format!("POST {path}: {e}");
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => self.connect().await.map_err(|e| fail(&e))?,
+        };
+        conn.ready().await.map_err(|e| fail(&e))?;
+        let request = hyper::Request::post(path)
+            .header(hyper::header::HOST, self.addr.to_string())
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(
+                serde_json::to_vec(body).map_err(|e| fail(&e))?,
+            )))
+            .map_err(|e| fail(&e))?;
+        let response = conn.send_request(request).await.map_err(|e| fail(&e))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| fail(&e))?
+            .to_bytes();
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+        let body: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| fail(&format!("unreadable response ({status}): {e}")))?;
+        if !status.is_success() {
+            return Err(fail(&format!("{status}: {body}")));
+        }
+        Ok(body)
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+        let stream = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            // Ends when the sender is dropped or the server closes the connection.
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+
     fn get(&self, path: &str) -> Result<Value, String> {
         let mut resp = self
             .agent
@@ -146,24 +204,6 @@ impl Http {
         }
         Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
-
-    fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
-        let mut resp = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .send_json(body)
-            .map_err(|e| format!("POST {path}: {e}"))?;
-        let status = resp.status();
-        let body: Value = resp
-            .body_mut()
-            .read_json()
-            .map_err(|e| format!("POST {path}: unreadable response ({status}): {e}"))?;
-        if !status.is_success() {
-            return Err(format!("POST {path}: {status}: {body}"));
-        }
-        Ok(body)
-    }
 }
 
 impl<St: Store> Driver<St> {
@@ -174,12 +214,9 @@ impl<St: Store> Driver<St> {
                 .await
                 .map_err(|e| e.to_string()),
             Driver::Http(http) => {
-                let http = http.clone();
-                let out = tokio::task::spawn_blocking(move || {
-                    http.post("/v1/runs", &json!({"workflow": WORKFLOW, "input": order}))
-                })
-                .await
-                .map_err(|e| e.to_string())??;
+                let out = http
+                    .post_async("/v1/runs", &json!({"workflow": WORKFLOW, "input": order}))
+                    .await?;
                 serde_json::from_value(out["run"].clone()).map_err(|e| format!("run id in {out}: {e}"))
             }
         }
@@ -194,15 +231,11 @@ impl<St: Store> Driver<St> {
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
             Driver::Http(http) => {
-                let http = http.clone();
-                tokio::task::spawn_blocking(move || {
-                    http.post(
-                        &format!("/v1/runs/{run}/gates/{gate}/decision"),
-                        &json!({"decision": {"kind": "approve"}}),
-                    )
-                })
-                .await
-                .map_err(|e| e.to_string())??;
+                http.post_async(
+                    &format!("/v1/runs/{run}/gates/{gate}/decision"),
+                    &json!({"decision": {"kind": "approve"}}),
+                )
+                .await?;
                 Ok(())
             }
         }
@@ -262,6 +295,8 @@ async fn serve_loopback<St: Store>(engine: &Engine<St>, concurrency: usize) -> R
         base: format!("http://{addr}"),
         token,
         agent,
+        addr,
+        idle: std::sync::Mutex::new(Vec::with_capacity(concurrency)),
     })
 }
 
