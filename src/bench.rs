@@ -172,6 +172,16 @@ impl Http {
         Ok(body)
     }
 
+    /// Opens `n` connections at once and keeps them idle for the load.
+    async fn connect_idle(&self, n: usize) -> Result<(), String> {
+        let opened: Vec<_> = stream::iter((0..n).map(|_| self.connect()))
+            .buffer_unordered(n.max(1))
+            .try_collect()
+            .await?;
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).extend(opened);
+        Ok(())
+    }
+
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
@@ -379,8 +389,11 @@ async fn run_on<St: Measured>(
         .map_err(|e| e.to_string())?;
     let workers = procs.is_none().then(|| engine.spawn_workers());
     let driver = if opts.http {
-        // Blocking threads carry the client's requests; let as many run as are in flight.
-        Driver::Http(Arc::new(serve_loopback(&engine, opts.concurrency).await?))
+        let http = serve_loopback(&engine, opts.concurrency).await?;
+        // Connected before the clock starts, as a load generator does: the phases time
+        // requests, not TCP handshakes.
+        http.connect_idle(opts.concurrency).await?;
+        Driver::Http(Arc::new(http))
     } else {
         Driver::Engine(engine.clone())
     };
