@@ -141,12 +141,21 @@ impl Http {
     /// reads the whole answer and returns it as JSON.
     async fn post_async(&self, path: &str, body: &Value) -> Result<Value, String> {
         let fail = |e: &dyn std::fmt::Display| format!("POST {path}: {e}");
+        // An idle connection the server has closed meanwhile is dropped for a new one;
+        // nothing was sent on it, so nothing is sent twice.
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut conn = match idle {
-            Some(conn) => conn,
-            None => self.connect().await.map_err(|e| fail(&e))?,
+        let reused = match idle {
+            Some(mut conn) => conn.ready().await.is_ok().then_some(conn),
+            None => None,
         };
-        conn.ready().await.map_err(|e| fail(&e))?;
+        let mut conn = match reused {
+            Some(conn) => conn,
+            None => {
+                let mut conn = self.connect().await.map_err(|e| fail(&e))?;
+                conn.ready().await.map_err(|e| fail(&e))?;
+                conn
+            }
+        };
         let request = hyper::Request::post(path)
             .header(hyper::header::HOST, self.addr.to_string())
             .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token))
@@ -792,5 +801,42 @@ impl std::fmt::Display for BenchReport {
             ),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_on_an_idle_connection_the_server_closed_goes_out_on_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let engine = Engine::builder(store, registry()).build().unwrap();
+        let http = serve_loopback(&engine, 1).await.unwrap();
+        // An idle connection whose server end is gone: a listener that accepts, then
+        // closes.
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        let closer = tokio::spawn(async move { drop(dead.accept().await) });
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(
+            tokio::net::TcpStream::connect(dead_addr).await.unwrap(),
+        ))
+        .await
+        .unwrap();
+        let connection = tokio::spawn(connection);
+        closer.await.unwrap();
+        // The connection task sees the close and ends; the sender is then closed.
+        let _ = connection.await;
+        http.idle.lock().unwrap().push(sender);
+
+        let out = http
+            .post_async("/v1/runs", &json!({"workflow": WORKFLOW, "input": 7}))
+            .await
+            .expect("sent again on a new connection");
+        assert!(out["run"].is_string(), "{out}");
+        let idle = http.idle.lock().unwrap();
+        assert_eq!(idle.len(), 1, "the new connection is kept for the next request");
+        assert!(!idle[0].is_closed());
     }
 }
