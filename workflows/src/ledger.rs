@@ -11,11 +11,12 @@
 //! A process that dies between the link and the log line leaves a payment the log does not
 //! show yet. Its step was started and not completed, so the engine runs it again with the
 //! same key, and the repeat, finding the payment, writes the missing line: every append
-//! checks the log for the key first, under an exclusive lock on the log file (processes
-//! take turns; the lock dies with its process). Once every started step has finished, the
-//! log and the payment files agree.
+//! reads the log first and writes the line only if no line has the key. Once every started
+//! step has finished, the log and the payment files agree. There is no lock (a stopped
+//! worker must not stall the others), so two processes paying the same key at the same
+//! instant, a worker that lost its lease while paused and one that took its run over,
+//! could both write the line: the log is for reading, the payment files are the record.
 
-use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -132,14 +133,13 @@ impl Ledger {
     }
 
     /// Appends `entry`'s line to the log (one write, synced) unless a line with its key
-    /// is there already, holding an exclusive lock on the log file meanwhile.
+    /// is there already.
     fn log_once(&self, entry: &LedgerEntry) -> std::io::Result<()> {
         let mut log = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(&self.path)?;
-        log.lock_exclusive()?;
         let mut text = Vec::new();
         log.read_to_end(&mut text)?;
         let logged = text.split(|&b| b == b'\n').any(|line| {
@@ -158,7 +158,6 @@ impl Ledger {
             log.write_all(&line)?;
             log.sync_data()?;
         }
-        // Closing the file releases the lock.
         Ok(())
     }
 }
@@ -219,6 +218,29 @@ mod tests {
         ledger.pay(entry("run-a/3")).unwrap();
         ledger.pay(entry("run-b/3")).unwrap();
         assert_eq!(log_lines(&ledger).len(), 2);
+    }
+
+    #[test]
+    fn a_lock_on_the_log_held_by_a_stopped_process_does_not_stall_payments() {
+        use fs2::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::new(dir.path().join("ledger.jsonl"));
+        ledger.pay(entry("run-a/3")).unwrap();
+        // Another process's lock on the log (flock: per open file), never released
+        // while the payment below runs, as by a worker stopped while it held one.
+        let held = File::open(ledger.path()).unwrap();
+        held.lock_exclusive().unwrap();
+        let (done, paid) = std::sync::mpsc::channel();
+        let payer = std::thread::spawn(move || {
+            let _ = done.send(ledger.pay(entry("run-b/3")).map(|_| log_lines(&ledger)));
+        });
+        let lines = paid
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the payment finished while another process held a lock on the log")
+            .unwrap();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        payer.join().unwrap();
+        drop(held);
     }
 
     #[test]
