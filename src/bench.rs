@@ -16,7 +16,6 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::{json, Value};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What to run.
@@ -123,62 +122,91 @@ enum Driver<St: Store> {
     Engine(Engine<St>),
     /// Real requests to the HTTP API on loopback: HTTP/1.1 on keep-alive connections, one
     /// per request in flight, driven on the runtime (hyper's client).
-    Http(Arc<Http>),
+    Http(Http),
 }
 
 struct Http {
-    base: String,
-    token: String,
-    /// For single requests (`restart`'s pages).
-    agent: ureq::Agent,
-    /// For the load: idle keep-alive connections, taken by a request and put back after.
     addr: std::net::SocketAddr,
+    token: String,
+    /// Idle keep-alive connections, taken by a request and put back after.
     idle: std::sync::Mutex<Vec<SendRequest<Full<Bytes>>>>,
 }
 
+/// How long one request may take before the benchmark gives up on the server.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Http {
-    /// POSTs `body` as JSON on a keep-alive connection (a new one when none is idle),
-    /// reads the whole answer and returns it as JSON.
+    /// POSTs `body` as JSON and returns the JSON answer; any status but success is an
+    /// error.
     async fn post_async(&self, path: &str, body: &Value) -> Result<Value, String> {
-        let fail = |e: &dyn std::fmt::Display| format!("POST {path}: {e}");
-        // An idle connection the server has closed meanwhile is dropped for a new one;
-        // nothing was sent on it, so nothing is sent twice.
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let reused = match idle {
-            Some(mut conn) => conn.ready().await.is_ok().then_some(conn),
-            None => None,
-        };
-        let mut conn = match reused {
-            Some(conn) => conn,
-            None => {
-                let mut conn = self.connect().await.map_err(|e| fail(&e))?;
-                conn.ready().await.map_err(|e| fail(&e))?;
-                conn
-            }
-        };
-        let request = hyper::Request::post(path)
-            .header(hyper::header::HOST, self.addr.to_string())
-            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token))
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(
-                serde_json::to_vec(body).map_err(|e| fail(&e))?,
-            )))
-            .map_err(|e| fail(&e))?;
-        let response = conn.send_request(request).await.map_err(|e| fail(&e))?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| fail(&e))?
-            .to_bytes();
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+        let body = serde_json::to_vec(body).map_err(|e| format!("POST {path}: {e}"))?;
+        let (status, bytes) = self.request(hyper::Method::POST, path, body).await?;
         let body: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| fail(&format!("unreadable response ({status}): {e}")))?;
+            .map_err(|e| format!("POST {path}: unreadable response ({status}): {e}"))?;
         if !status.is_success() {
-            return Err(fail(&format!("{status}: {body}")));
+            return Err(format!("POST {path}: {status}: {body}"));
         }
         Ok(body)
+    }
+
+    /// GETs `path`: its JSON answer, or its text when it is not JSON (`/healthz`).
+    async fn get(&self, path: &str) -> Result<Value, String> {
+        let (status, bytes) = self.request(hyper::Method::GET, path, Vec::new()).await?;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        if !status.is_success() {
+            return Err(format!("GET {path}: {status}: {text}"));
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Sends one request on a keep-alive connection (a new one when none is idle) and
+    /// reads the whole answer, within [`REQUEST_TIMEOUT`].
+    async fn request(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(hyper::StatusCode, Bytes), String> {
+        let fail = |e: &dyn std::fmt::Display| format!("{method} {path}: {e}");
+        let exchange = async {
+            // An idle connection the server has closed meanwhile is dropped for a new
+            // one; nothing was sent on it, so nothing is sent twice.
+            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let reused = match idle {
+                Some(mut conn) => conn.ready().await.is_ok().then_some(conn),
+                None => None,
+            };
+            let mut conn = match reused {
+                Some(conn) => conn,
+                None => {
+                    let mut conn = self.connect().await.map_err(|e| fail(&e))?;
+                    conn.ready().await.map_err(|e| fail(&e))?;
+                    conn
+                }
+            };
+            let mut request = hyper::Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .header(hyper::header::HOST, self.addr.to_string())
+                .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token));
+            if !body.is_empty() {
+                request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+            }
+            let request = request.body(Full::new(Bytes::from(body))).map_err(|e| fail(&e))?;
+            let response = conn.send_request(request).await.map_err(|e| fail(&e))?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| fail(&e))?
+                .to_bytes();
+            self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            Ok((status, bytes))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| fail(&format!("no answer in {} s", REQUEST_TIMEOUT.as_secs())))?
     }
 
     /// Opens `n` connections at once and keeps them idle for the load.
@@ -204,24 +232,6 @@ impl Http {
             let _ = connection.await;
         });
         Ok(sender)
-    }
-
-    fn get(&self, path: &str) -> Result<Value, String> {
-        let mut resp = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .call()
-            .map_err(|e| format!("GET {path}: {e}"))?;
-        let status = resp.status();
-        let text = resp
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| format!("GET {path}: unreadable response ({status}): {e}"))?;
-        if !status.is_success() {
-            return Err(format!("GET {path}: {status}: {text}"));
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 }
 
@@ -303,18 +313,9 @@ async fn serve_loopback<St: Store>(engine: &Engine<St>, concurrency: usize) -> R
             tracing::error!("bench server failed: {e}");
         }
     });
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .max_idle_connections(concurrency.max(1))
-        .max_idle_connections_per_host(concurrency.max(1))
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into();
     Ok(Http {
-        base: format!("http://{addr}"),
-        token,
-        agent,
         addr,
+        token,
         idle: std::sync::Mutex::new(Vec::with_capacity(concurrency)),
     })
 }
@@ -402,7 +403,7 @@ async fn run_on<St: Measured>(
         // Connected before the clock starts, as a load generator does: the phases time
         // requests, not TCP handshakes.
         http.connect_idle(opts.concurrency).await?;
-        Driver::Http(Arc::new(http))
+        Driver::Http(http)
     } else {
         Driver::Engine(engine.clone())
     };
@@ -549,15 +550,9 @@ pub async fn restart(dir: &std::path::Path, serve_for: Duration) -> Result<Resta
         .build()
         .map_err(|e| e.to_string())?;
     let workers = engine.spawn_workers();
-    let http = Arc::new(serve_loopback(&engine, 4).await?);
-    let get = |path: &'static str| {
-        let http = http.clone();
-        async move {
-            tokio::task::spawn_blocking(move || http.get(path))
-                .await
-                .map_err(|e| e.to_string())?
-        }
-    };
+    // One request at a time: one connection.
+    let http = serve_loopback(&engine, 1).await?;
+    let get = |path: &'static str| http.get(path);
     get("/healthz").await?;
     let startup = began.elapsed();
     let t = Instant::now();
@@ -572,7 +567,7 @@ pub async fn restart(dir: &std::path::Path, serve_for: Duration) -> Result<Resta
     }
     times.sort();
     let serving = Instant::now();
-    let mut served = 21;
+    let mut served = 1 + times.len();
     while serving.elapsed() < serve_for {
         get("/v1/pending?limit=50").await?;
         served += 1;
