@@ -97,13 +97,15 @@ impl Ledger {
             })
             .collect();
         let target = keys.join(format!("{name}.json"));
-        let existing = |target: &Path| -> std::io::Result<LedgerEntry> {
-            serde_json::from_slice(&std::fs::read(target)?).map_err(std::io::Error::other)
+        // Paid before, by this key: that payment, its log line written if it is not yet.
+        let paid_before = |target: &Path| -> std::io::Result<LedgerEntry> {
+            let paid: LedgerEntry =
+                serde_json::from_slice(&std::fs::read(target)?).map_err(std::io::Error::other)?;
+            self.log_once(&paid)?;
+            Ok(paid)
         };
         if target.exists() {
-            let paid = existing(&target)?;
-            self.log_once(&paid)?;
-            return Ok(paid);
+            return paid_before(&target);
         }
         let body = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
         let tmp = keys.join(format!(
@@ -120,11 +122,7 @@ impl Ledger {
         let _ = std::fs::remove_file(&tmp);
         match linked {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let paid = existing(&target)?;
-                self.log_once(&paid)?;
-                return Ok(paid);
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return paid_before(&target),
             Err(e) => return Err(e),
         }
         File::open(&keys)?.sync_all()?;
