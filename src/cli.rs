@@ -175,7 +175,8 @@ pub enum Command {
         #[arg(long, value_name = "DIR", conflicts_with_all = ["restart", "http", "repeat"])]
         fill_waiting: Option<PathBuf>,
         /// Instead of the workload: open DIR as `serve` would and measure start-up to
-        /// serving, the first page of pending gates, and peak RSS.
+        /// serving, the first page of pending gates, and RSS (the peak, and after two
+        /// seconds of serving pending pages).
         #[arg(long, value_name = "DIR", conflicts_with_all = ["http", "repeat"])]
         restart: Option<PathBuf>,
         /// Period of sled's background thread, which reclaims disk space (the store's
