@@ -13,6 +13,13 @@ pub struct Node {
     pub(crate) data: Data,
 }
 
+// Holdpoint: a leaf splits above 64 keys (sled 0.34.7: 16) and merges below 16 (sled: 4,
+// the same ratio). sled keeps about 200 bytes of bookkeeping in memory for every page of the
+// database, cached or not, so the number of leaves sets a restarted server's memory; see
+// HOLDPOINT.md. Indexes keep sled's own thresholds.
+const LEAF_SPLIT_KEYS: usize = 64;
+const LEAF_MERGE_KEYS: usize = 16;
+
 impl Node {
     pub(crate) fn new_hoisted_root(
         left: PageId,
@@ -602,7 +609,7 @@ impl Node {
         } else if self.data.is_index() {
             256
         } else {
-            16
+            LEAF_SPLIT_KEYS
         };
 
         let size_checks = self.data.len() > threshold;
@@ -617,7 +624,7 @@ impl Node {
         } else if self.data.is_index() {
             64
         } else {
-            4
+            LEAF_MERGE_KEYS
         };
 
         let size_checks = self.data.len() < threshold;
