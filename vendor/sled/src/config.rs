@@ -354,6 +354,17 @@ impl Config {
         Db::start_inner(config)
     }
 
+    /// Holdpoint: checks, without opening the database, that the newest snapshot
+    /// in the directory equals the page table that replaying its whole log builds.
+    /// Takes the directory's lock like `open`. For tests.
+    #[doc(hidden)]
+    pub fn verify_snapshot_against_log(&self) -> Result<()> {
+        self.validate()?;
+        let file = self.open_file()?;
+        let config = RunningConfig { inner: self.clone(), file: Arc::new(file) };
+        crate::pagecache::verify_snapshot_against_log(&config)
+    }
+
     #[doc(hidden)]
     #[deprecated(
         since = "0.31.0",
