@@ -138,7 +138,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 impl Http {
     /// POSTs `body` as JSON and returns the JSON answer; any status but success is an
     /// error.
-    async fn post_async(&self, path: &str, body: &Value) -> Result<Value, String> {
+    async fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
         let body = serde_json::to_vec(body).map_err(|e| format!("POST {path}: {e}"))?;
         let (status, bytes) = self.request(hyper::Method::POST, path, body).await?;
         let body: Value = serde_json::from_slice(&bytes)
@@ -244,7 +244,7 @@ impl<St: Store> Driver<St> {
                 .map_err(|e| e.to_string()),
             Driver::Http(http) => {
                 let out = http
-                    .post_async("/v1/runs", &json!({"workflow": WORKFLOW, "input": order}))
+                    .post("/v1/runs", &json!({"workflow": WORKFLOW, "input": order}))
                     .await?;
                 serde_json::from_value(out["run"].clone()).map_err(|e| format!("run id in {out}: {e}"))
             }
@@ -260,7 +260,7 @@ impl<St: Store> Driver<St> {
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
             Driver::Http(http) => {
-                http.post_async(
+                http.post(
                     &format!("/v1/runs/{run}/gates/{gate}/decision"),
                     &json!({"decision": {"kind": "approve"}}),
                 )
@@ -552,24 +552,23 @@ pub async fn restart(dir: &std::path::Path, serve_for: Duration) -> Result<Resta
     let workers = engine.spawn_workers();
     // One request at a time: one connection.
     let http = serve_loopback(&engine, 1).await?;
-    let get = |path: &'static str| http.get(path);
-    get("/healthz").await?;
+    http.get("/healthz").await?;
     let startup = began.elapsed();
     let t = Instant::now();
-    let page = get("/v1/pending?limit=50").await?;
+    let page = http.get("/v1/pending?limit=50").await?;
     let first = t.elapsed();
     let shown = page.as_array().map_or(0, |a| a.len());
     let mut times = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
-        get("/v1/pending?limit=50").await?;
+        http.get("/v1/pending?limit=50").await?;
         times.push(t.elapsed());
     }
     times.sort();
     let serving = Instant::now();
     let mut served = 1 + times.len();
     while serving.elapsed() < serve_for {
-        get("/v1/pending?limit=50").await?;
+        http.get("/v1/pending?limit=50").await?;
         served += 1;
     }
     let rss = peak_rss_mib();
@@ -826,7 +825,7 @@ mod tests {
         http.idle.lock().unwrap().push(sender);
 
         let out = http
-            .post_async("/v1/runs", &json!({"workflow": WORKFLOW, "input": 7}))
+            .post("/v1/runs", &json!({"workflow": WORKFLOW, "input": 7}))
             .await
             .expect("sent again on a new connection");
         assert!(out["run"].is_string(), "{out}");
