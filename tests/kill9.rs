@@ -404,6 +404,11 @@ fn parent() -> Result<(), String> {
                 if s.status == RunStatus::Stuck {
                     return Err(format!("run {run} is stuck: {:?}", s.stuck));
                 }
+                if s.status == RunStatus::Running && s.wake_at.is_none() {
+                    return Err(format!(
+                        "run {run} is running with no worker on it and no wake-up: nothing will drive it"
+                    ));
+                }
                 for g in e
                     .pending(None, 1000)
                     .await

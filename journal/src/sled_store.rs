@@ -67,9 +67,17 @@
 //! reason), and intents left by earlier versions are still finished the same way.
 //!
 //! **Leases** live in memory (sled allows one process per directory, so a lease dies
-//! with its process anyway). A claimed run keeps its `ready` entry until its release,
-//! so a run whose activation a crash interrupted is driven again after the restart; the
-//! ready queue's keys are mirrored in memory for claims.
+//! with its process anyway). A claimed run keeps its wake-up until its release, so a
+//! run whose activation a crash interrupted is driven again after the restart.
+//!
+//! **Wake-ups** are mirrored in memory for claims, and only some are in the `ready`
+//! tree. Those a commit sets (a run started, a gate decided) stay in memory: the commit
+//! marked the run dirty before its first write, and the open makes every run still
+//! marked ready, due at once (an activation with nothing to do suspends again). So a
+//! standard run writes no `ready` entry at all, where it wrote and removed two. The
+//! wake-up goes to the tree before anything removes the mark: a release stores the one
+//! it leaves (a timer, a retry), a close stores every one left, and the open stores one
+//! for each marked run it checks. Recovery's own wake-ups are stored too.
 
 use crate::codec::{self, ChainHash};
 use crate::error::{Error, Result};
@@ -211,11 +219,33 @@ struct Trees {
 #[derive(Default)]
 struct State {
     leases: HashMap<RunId, Lease>,
-    /// Every entry of the `ready` tree: run -> due (ms). A run has at most one.
-    wake: HashMap<RunId, u64>,
+    /// Every run's wake-up: run -> due (ms) and whether the `ready` tree holds it. A run
+    /// has at most one.
+    wake: HashMap<RunId, Wake>,
     /// The entries of runs no worker holds, by due time: what `claim` takes.
     ready: BTreeSet<(u64, RunId)>,
     next_token: u64,
+}
+
+/// A run's wake-up in the ready queue's mirror.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Wake {
+    /// Due, in ms since the Unix epoch.
+    ms: u64,
+    /// Whether the `ready` tree holds it. One that does not is covered by the run's dirty
+    /// mark instead (see [`Durability::Covered`]).
+    stored: bool,
+}
+
+/// How a wake-up survives a crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Durability {
+    /// Written to the `ready` tree.
+    Stored,
+    /// Kept in memory only: set by a commit, so the run has a dirty mark, and every run
+    /// still marked at open is made ready (`finish_dirty`). Whatever removes the mark
+    /// first stores the wake-up (`release`, `close`) or ends the run.
+    Covered,
 }
 
 impl State {
@@ -389,6 +419,14 @@ impl SledStore {
         let inner = Arc::try_unwrap(self.inner).map_err(|_| {
             Error::Storage("cannot close the store: other handles to it are still alive".into())
         })?;
+        // The marks are about to go: store the wake-ups they covered first.
+        {
+            let mut st = lock(&inner.state);
+            for (run, wake) in st.wake.iter_mut().filter(|(_, w)| !w.stored) {
+                inner.trees.ready.insert(ready_key(wake.ms, *run), &[])?;
+                wake.stored = true;
+            }
+        }
         // Every commit is whole (no other handle is alive): no run needs checking.
         for key in inner.trees.dirty.iter().keys() {
             inner.trees.dirty.remove(key?)?;
@@ -608,16 +646,17 @@ impl SledStore {
             ) else {
                 return Err(Error::Storage("malformed key in the ready queue".into()));
             };
-            match st.wake.get(&run) {
-                Some(&first) if first <= ms => extra.push(key),
-                Some(&later) => {
+            let stored = Wake { ms, stored: true };
+            match st.wake.get(&run).map(|w| w.ms) {
+                Some(first) if first <= ms => extra.push(key),
+                Some(later) => {
                     extra.push(ready_key(later, run).to_vec().into());
                     st.ready.remove(&(later, run));
-                    st.wake.insert(run, ms);
+                    st.wake.insert(run, stored);
                     st.ready.insert((ms, run));
                 }
                 None => {
-                    st.wake.insert(run, ms);
+                    st.wake.insert(run, stored);
                     st.ready.insert((ms, run));
                 }
             }
@@ -661,7 +700,8 @@ impl SledStore {
 
     /// Checks the last commit of every run marked dirty (see the module docs): undoes
     /// one cut before its summary, writes the index changes of the one that wrote the
-    /// summary again, and removes the marks.
+    /// summary again, makes the run ready (its commits' wake-ups were covered by the
+    /// mark, not stored) and removes the marks.
     fn finish_dirty(&self) -> Result<()> {
         let trees = &self.inner.trees;
         let marked: Vec<RunId> = trees
@@ -705,6 +745,14 @@ impl SledStore {
                     if let Finished::Undone = self.finish_intent(run, intent, Requeue::No)? {
                         cut.insert(run, from);
                     }
+                }
+            }
+            // The mark covered the wake-ups of the run's commits since its last release:
+            // store one, due at once whatever clock the engine runs on, before the mark
+            // goes. An activation with nothing to do just suspends again.
+            if let Some(summary) = self.summary_now(run)? {
+                if !summary.status.is_terminal() && summary.stuck.is_none() {
+                    Writer::new(self).schedule(run, DateTime::<Utc>::UNIX_EPOCH)?;
                 }
             }
             trees.dirty.remove(run.as_bytes())?;
@@ -976,7 +1024,7 @@ impl SledStore {
             s.wake_at = st
                 .wake
                 .get(&s.id)
-                .and_then(|ms| Utc.timestamp_millis_opt(*ms as i64).single());
+                .and_then(|w| Utc.timestamp_millis_opt(w.ms as i64).single());
         }
         summaries
     }
@@ -1108,15 +1156,28 @@ struct Writer<'a> {
     state: &'a Mutex<State>,
     endpoints: &'a [String],
     outbox_ids: &'a Mutex<OutboxIds>,
+    /// How the wake-ups it sets survive a crash.
+    wakes: Durability,
 }
 
 impl<'a> Writer<'a> {
+    /// For recovery and tests: wake-ups go to the `ready` tree.
     fn new(store: &'a SledStore) -> Writer<'a> {
         Writer {
             trees: &store.inner.trees,
             state: &store.inner.state,
             endpoints: &store.inner.options.outbox_endpoints,
             outbox_ids: &store.inner.outbox_ids,
+            wakes: Durability::Stored,
+        }
+    }
+
+    /// For a commit, whose run is marked dirty before its first write: wake-ups stay in
+    /// memory, covered by the mark.
+    fn commit(store: &'a SledStore) -> Writer<'a> {
+        Writer {
+            wakes: Durability::Covered,
+            ..Writer::new(store)
         }
     }
 
@@ -1161,12 +1222,12 @@ impl<'a> Writer<'a> {
             lease.rewake_at = Some(lease.rewake_at.map_or(at, |r| r.min(at)));
             return Ok(());
         }
-        set_wake(&mut st, self.trees, run, Some(ms(at)))
+        set_wake(&mut st, self.trees, run, Some(ms(at)), self.wakes)
     }
 
     /// Takes the run off the ready queue, whoever holds it.
     fn unschedule(&self, run: RunId) -> Result<()> {
-        set_wake(&mut lock(self.state), self.trees, run, None)
+        set_wake(&mut lock(self.state), self.trees, run, None, self.wakes)
     }
 
     /// Queues the notifications among a commit's `changes` in every endpoint's outbox and
@@ -1323,31 +1384,41 @@ impl<'a> Writer<'a> {
     }
 }
 
-/// Sets the run's one ready entry (earlier or later than before), or removes it.
-/// The new entry is written before the old one is removed, so a crash between the
-/// two leaves both (`load_ready` keeps the earlier), never neither.
-fn set_wake(st: &mut State, trees: &Trees, run: RunId, at: Option<u64>) -> Result<()> {
+/// Sets the run's one wake-up (earlier or later than before), or removes it. With
+/// [`Durability::Stored`] the `ready` tree gets it; with `Covered` it stays in memory,
+/// and a stored one it replaces is removed from the tree. A new entry is written before
+/// the old one is removed, so a crash between the two leaves both (`load_ready` keeps
+/// the earlier), never neither.
+fn set_wake(
+    st: &mut State,
+    trees: &Trees,
+    run: RunId,
+    at: Option<u64>,
+    durability: Durability,
+) -> Result<()> {
     let old = st.wake.get(&run).copied();
-    if old == at {
-        if let Some(ms) = at {
-            if !st.leases.contains_key(&run) {
-                st.ready.insert((ms, run));
+    let new = at.map(|ms| Wake {
+        ms,
+        stored: durability == Durability::Stored || old.is_some_and(|o| o.ms == ms && o.stored),
+    });
+    if let Some(new) = new {
+        if old != Some(new) {
+            if new.stored && !old.is_some_and(|o| o.ms == new.ms && o.stored) {
+                trees.ready.insert(ready_key(new.ms, run), &[])?;
             }
+            st.wake.insert(run, new);
         }
-        return Ok(());
-    }
-    if let Some(ms) = at {
-        trees.ready.insert(ready_key(ms, run), &[])?;
-        st.wake.insert(run, ms);
         if !st.leases.contains_key(&run) {
-            st.ready.insert((ms, run));
+            st.ready.insert((new.ms, run));
         }
     } else {
         st.wake.remove(&run);
     }
-    if let Some(ms) = old {
-        trees.ready.remove(ready_key(ms, run))?;
-        st.ready.remove(&(ms, run));
+    if let Some(old) = old.filter(|o| Some(o.ms) != at) {
+        if old.stored {
+            trees.ready.remove(ready_key(old.ms, run))?;
+        }
+        st.ready.remove(&(old.ms, run));
     }
     Ok(())
 }
@@ -1464,7 +1535,7 @@ impl Store for SledStore {
                     trees
                         .events
                         .insert(codec::record_key(run.id, Seq::ZERO), record)?;
-                    let w = Writer::new(self);
+                    let w = Writer::commit(self);
                     hidden = w.queue_notifications(run.id, &mut changes)?;
                     // No status key to clear: the run did not exist (an undone creation
                     // removed its status keys with its summary).
@@ -1552,7 +1623,7 @@ impl Store for SledStore {
                 trees.events.insert(codec::record_key(run, event.seq), record)?;
                 changes.extend(summary.apply(event, *hash));
             }
-            let w = Writer::new(self);
+            let w = Writer::commit(self);
             hidden = w.queue_notifications(run, &mut changes)?;
             crate::failpoint::hit_after("commit-before-summary", || {
                 let _ = self.inner.db.flush();
@@ -1752,7 +1823,8 @@ impl Store for SledStore {
                 },
                 None => None,
             };
-            set_wake(&mut self.state(), &self.inner.trees, run, at)?;
+            // Stored before the mark that covered the activation's wake-ups goes.
+            set_wake(&mut self.state(), &self.inner.trees, run, at, Durability::Stored)?;
             // The activation's commits are all whole.
             self.clear_dirty(run)?;
         }

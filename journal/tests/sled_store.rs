@@ -354,6 +354,88 @@ async fn a_run_checked_after_a_lost_release_queues_no_notification_twice() {
     assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
 }
 
+/// A commit's wake-up (a run started, a gate decided) is kept in memory, covered by the
+/// run's dirty mark, not written to the `ready` tree. A crash loses the memory, so the
+/// open makes every marked run ready; a close stores the wake-ups before it removes the
+/// marks; a release stores the wake-up it leaves.
+#[tokio::test]
+async fn wake_ups_kept_in_memory_survive_a_crash_and_a_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = |store: &SledStore| {
+        let trees = store.live_bytes().unwrap();
+        trees.into_iter().find(|t| t.tree == "ready").unwrap().entries
+    };
+    let claim_all = |store: SledStore| async move {
+        let mut runs: Vec<RunId> = store
+            .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.run)
+            .collect();
+        runs.sort();
+        (store, runs)
+    };
+    let store = SledStore::open(dir.path()).unwrap();
+    let started = store.create_run(new_run("w")).await.unwrap().run();
+    // `decided` waits at a gate with a timer due in an hour (stored), then is decided.
+    let decided = store.create_run(new_run("w")).await.unwrap().run();
+    let (store, claimed) = claim_all(store).await;
+    assert_eq!(claimed.len(), 2);
+    let lease = store
+        .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    assert!(lease.is_empty(), "both are held");
+    assert_eq!(stored(&store), 0, "starting a run stores no wake-up");
+    store.close().unwrap();
+
+    // The close stored both wake-ups (the leases died with the process).
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(stored(&store), 2);
+    let leases = store
+        .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    let lease = leases.iter().find(|l| l.run == decided).unwrap();
+    let mut opened = append(decided, 1, vec![gate(1)]);
+    opened.lease = Some(lease.token);
+    store.append(opened).await.unwrap().unwrap();
+    let in_an_hour = Utc::now() + chrono::Duration::hours(1);
+    store.release(lease, Some(in_an_hour)).await.unwrap();
+    let held = leases.iter().find(|l| l.run == started).unwrap();
+    store.release(held, None).await.unwrap();
+    assert_eq!(
+        stored(&store),
+        1,
+        "the timer's wake-up is stored; `started` has none"
+    );
+    assert!(append_now(&store, decided, approve(1)).await);
+    assert_eq!(
+        stored(&store),
+        0,
+        "the decision's wake-up replaced the stored one"
+    );
+    // Its activation commits once more (a commit that wakes nothing: recovery's redo of
+    // the last commit does not make it ready), then the process dies.
+    let leases = store
+        .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    assert_eq!(leases.iter().map(|l| l.run).collect::<Vec<_>>(), vec![decided]);
+    let lease = &leases[0];
+    let mut next = append(decided, 3, vec![step(2)]);
+    next.lease = Some(lease.token);
+    store.append(next).await.unwrap().unwrap();
+    // A crash: dropped, not closed, so the marks stay and the memory is gone.
+    drop(store);
+
+    let store = SledStore::open(dir.path()).unwrap();
+    let (store, ready) = claim_all(store).await;
+    assert_eq!(ready, vec![decided], "the decided run is ready after the crash");
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+}
+
 fn snapshot_files(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
