@@ -512,6 +512,57 @@ async fn a_clean_close_leaves_a_snapshot_equal_to_replaying_the_log() {
     }
 }
 
+/// A close with nothing written since the open (`holdpoint verify`, a server that only
+/// served reads) leaves the snapshot the open found as it was: the shutdown snapshot is
+/// the size of the page table (4 MB and an fsync for 1,000,000 runs), and it would be
+/// the same one again.
+#[tokio::test]
+async fn a_close_with_nothing_written_since_the_open_writes_no_snapshot() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    // Each file by name and inode: writing a snapshot creates a new file and renames it.
+    let snapshots = |dir: &std::path::Path| {
+        snapshot_files(dir)
+            .into_iter()
+            .map(|name| {
+                let inode = std::fs::metadata(dir.join(&name)).unwrap().ino();
+                (name, inode)
+            })
+            .collect::<Vec<_>>()
+    };
+    let store = SledStore::open(dir.path()).unwrap();
+    let runs = churn(&store, 80).await;
+    store.close().unwrap();
+    let written = snapshots(dir.path());
+    assert_eq!(written.len(), 1, "{written:?}");
+
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    for run in &runs {
+        store.verify_run(*run).unwrap();
+    }
+    store.close().unwrap();
+    assert_eq!(
+        snapshots(dir.path()),
+        written,
+        "a read-only session wrote a snapshot"
+    );
+
+    let store = SledStore::open(dir.path()).unwrap();
+    store.create_run(new_run("w")).await.unwrap();
+    store.close().unwrap();
+    let after_a_write = snapshots(dir.path());
+    assert_eq!(after_a_write.len(), 1, "{after_a_write:?}");
+    assert_ne!(
+        after_a_write, written,
+        "a session that wrote left the old snapshot"
+    );
+    sled::Config::new()
+        .path(dir.path())
+        .verify_snapshot_against_log()
+        .unwrap();
+}
+
 /// A snapshot whose writer died before renaming it into place is ignored, not read (sled
 /// 0.34.7 read it, failed its checksum and would not open the directory), and the next
 /// snapshot written removes it.

@@ -520,6 +520,10 @@ pub struct PageCache {
     idgen_persists: Arc<AtomicU64>,
     idgen_persist_mu: Arc<Mutex<()>>,
     was_recovered: bool,
+    /// Holdpoint: the log's stable offset once an existing database was opened (the open
+    /// wrote a snapshot up to it, or found one there), so that a shutdown with nothing
+    /// written since writes none. `None` for a new database.
+    stable_at_open: Option<Lsn>,
 }
 
 unsafe impl Send for PageCache {}
@@ -672,6 +676,7 @@ impl PageCache {
             idgen: Arc::new(AtomicU64::new(0)),
             idgen_persists: Arc::new(AtomicU64::new(0)),
             was_recovered: false,
+            stable_at_open: None,
         };
 
         // now we read it back in
@@ -753,6 +758,9 @@ impl PageCache {
         }
 
         pc.was_recovered = was_recovered;
+        if was_recovered {
+            pc.stable_at_open = Some(pc.log.stable_offset());
+        }
 
         #[cfg(feature = "event_log")]
         {
@@ -2172,6 +2180,8 @@ impl PageCache {
     /// runs (which leaves pages already up to date unchanged, and finds the tip), and
     /// the result is written. If anything is unexpected (an I/O error, a page with no
     /// location) no snapshot is written and the next open replays the log as before.
+    /// Nor is one written when nothing was written since the open of an existing
+    /// database: the snapshot the open found or wrote is still up to date.
     fn write_shutdown_snapshot(&self) -> Result<()> {
         if self.config.temporary || self.config.global_error().is_err() {
             return Ok(());
@@ -2179,6 +2189,10 @@ impl PageCache {
         while self.log.flush()? > 0 {}
 
         let stable = self.log.stable_offset();
+        if Some(stable) == self.stable_at_open {
+            // Nothing written since the open: the newest snapshot is up to date.
+            return Ok(());
+        }
         let segment_size = self.config.segment_size as Lsn;
         if stable < segment_size {
             return Ok(());
