@@ -620,15 +620,21 @@ impl SledStore {
             .filter_map(|k| run_from_key(&k).map(|r| (k, r)))
             .collect();
         for (key, run) in runs {
-            if let Some(summary) = self.summary_now(run)? {
-                if !summary.status.is_terminal() && summary.stuck.is_none() {
-                    // Due at once, whatever clock the engine runs on.
-                    Writer::new(self).schedule(run, DateTime::<Utc>::UNIX_EPOCH)?;
-                }
-            }
+            self.make_ready_at_once(run)?;
             trees.leases.remove(key)?;
         }
         Ok(())
+    }
+
+    /// Makes `run` ready, due at once whatever clock the engine runs on, with its wake-up
+    /// stored, unless it ended, is parked or does not exist. For the open's recovery.
+    fn make_ready_at_once(&self, run: RunId) -> Result<()> {
+        match self.summary_now(run)? {
+            Some(s) if !s.status.is_terminal() && s.stuck.is_none() => {
+                Writer::new(self).schedule(run, DateTime::<Utc>::UNIX_EPOCH)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Mirrors the ready queue in memory, keeping the earliest entry of each run (a crash
@@ -748,13 +754,9 @@ impl SledStore {
                 }
             }
             // The mark covered the wake-ups of the run's commits since its last release:
-            // store one, due at once whatever clock the engine runs on, before the mark
-            // goes. An activation with nothing to do just suspends again.
-            if let Some(summary) = self.summary_now(run)? {
-                if !summary.status.is_terminal() && summary.stuck.is_none() {
-                    Writer::new(self).schedule(run, DateTime::<Utc>::UNIX_EPOCH)?;
-                }
-            }
+            // store one before the mark goes. An activation with nothing to do just
+            // suspends again.
+            self.make_ready_at_once(run)?;
             trees.dirty.remove(run.as_bytes())?;
         }
         self.drop_notifications(&cut)?;
@@ -1397,19 +1399,16 @@ fn set_wake(
     durability: Durability,
 ) -> Result<()> {
     let old = st.wake.get(&run).copied();
-    let new = at.map(|ms| Wake {
-        ms,
-        stored: durability == Durability::Stored || old.is_some_and(|o| o.ms == ms && o.stored),
-    });
-    if let Some(new) = new {
-        if old != Some(new) {
-            if new.stored && !old.is_some_and(|o| o.ms == new.ms && o.stored) {
-                trees.ready.insert(ready_key(new.ms, run), &[])?;
-            }
-            st.wake.insert(run, new);
+    if let Some(ms) = at {
+        // An entry already stored at the same due time stays as it is.
+        let already_stored = old.is_some_and(|o| o.ms == ms && o.stored);
+        let stored = already_stored || durability == Durability::Stored;
+        if stored && !already_stored {
+            trees.ready.insert(ready_key(ms, run), &[])?;
         }
+        st.wake.insert(run, Wake { ms, stored });
         if !st.leases.contains_key(&run) {
-            st.ready.insert((new.ms, run));
+            st.ready.insert((ms, run));
         }
     } else {
         st.wake.remove(&run);
