@@ -68,7 +68,12 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        self.cv.notify_all();
+        // Holdpoint: one job wakes one waiting thread (sled 0.34.7 woke all of them,
+        // about seven, every one of which but the first found the queue empty and slept
+        // again). Waiters check the queue under the lock before sleeping, and a thread
+        // that finishes a job drains the queue before it waits, so no job is left
+        // without a thread.
+        self.cv.notify_one();
 
         len
     }
