@@ -196,3 +196,71 @@ fn decoding_arbitrary_bytes_never_panics() {
         let _ = serde_json::from_slice::<Event>(&bytes);
     });
 }
+
+/// Short journals are read with point reads, long ones with a range scan (the sled
+/// store's `read_to`); both must report a gap, a lost tail, a duplicate and a garbled
+/// record the same way, at the same seq.
+#[tokio::test]
+async fn short_and_long_journals_report_the_same_corruption() {
+    for events in [8u64, 40] {
+        let tmp = tempfile::tempdir().unwrap();
+        let pristine = tmp.path().join("pristine");
+        let (run, other) = common::store_with_long_run(&pristine, events).await;
+        let records = raw_records(&pristine, run);
+        let reason = |e: Error| match e {
+            Error::Corrupt { seq, reason, .. } => (seq, reason),
+            e => panic!("{events} events: {e}"),
+        };
+
+        let dir = tmp.path().join("gap");
+        common::copy_dir(&pristine, &dir);
+        edit(&dir, |t| {
+            t.remove(common::event_key(run, 3)).unwrap();
+        });
+        let (seq, why) = reason(read_error(&dir, run, other).await);
+        assert_eq!(seq, Seq(3), "{events} events");
+        assert!(
+            why.contains("the next stored event is seq 4"),
+            "{events} events: {why}"
+        );
+
+        let dir = tmp.path().join("tail");
+        common::copy_dir(&pristine, &dir);
+        edit(&dir, |t| {
+            for seq in events - 2..events {
+                t.remove(common::event_key(run, seq)).unwrap();
+            }
+        });
+        let (seq, why) = reason(read_error(&dir, run, other).await);
+        assert_eq!(seq, Seq(events - 2), "{events} events");
+        assert!(
+            why.contains("events are missing at the end"),
+            "{events} events: {why}"
+        );
+
+        let dir = tmp.path().join("duplicate");
+        common::copy_dir(&pristine, &dir);
+        edit(&dir, |t| {
+            t.insert(common::event_key(run, 5), records[4].clone()).unwrap();
+        });
+        assert_eq!(
+            reason(read_error(&dir, run, other).await).0,
+            Seq(5),
+            "{events} events"
+        );
+
+        let dir = tmp.path().join("flipped");
+        common::copy_dir(&pristine, &dir);
+        let mut flipped = records[6].clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x01;
+        edit(&dir, |t| {
+            t.insert(common::event_key(run, 6), flipped).unwrap();
+        });
+        assert_eq!(
+            reason(read_error(&dir, run, other).await).0,
+            Seq(6),
+            "{events} events"
+        );
+    }
+}
