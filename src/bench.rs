@@ -37,6 +37,8 @@ pub struct BenchOptions {
     pub worker_processes: usize,
     /// sled's background period ([`SledOptions::flush_every_ms`]).
     pub sled_flush_every_ms: u64,
+    /// zstd level of sled's log, `None` for none ([`SledOptions::compression`]).
+    pub sled_compression: Option<i32>,
 }
 
 impl Default for BenchOptions {
@@ -49,6 +51,7 @@ impl Default for BenchOptions {
             pg: None,
             worker_processes: 0,
             sled_flush_every_ms: SledOptions::default().flush_every_ms,
+            sled_compression: SledOptions::default().compression,
         }
     }
 }
@@ -357,6 +360,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
             let options = SledOptions {
                 flush_every_ms: opts.sled_flush_every_ms,
+                compression: opts.sled_compression,
                 ..SledOptions::default()
             };
             let store = SledStore::open_with(dir.path(), options).map_err(|e| e.to_string())?;

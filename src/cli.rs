@@ -183,6 +183,10 @@ pub enum Command {
         /// default; for comparing settings).
         #[arg(long, value_name = "MS", default_value_t = crate::journal::SledOptions::default().flush_every_ms)]
         sled_flush_every_ms: u64,
+        /// zstd level of sled's log (the store's default; `off` for none; fast levels
+        /// are negative), for comparing settings
+        #[arg(long, value_name = "LEVEL|off", default_value = "-3", allow_hyphen_values = true, value_parser = parse_compression)]
+        sled_compression: Compression,
         #[arg(long)]
         json: bool,
     },
@@ -594,6 +598,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             fill_waiting,
             restart,
             sled_flush_every_ms,
+            sled_compression,
             json,
         } => {
             if let Some(dir) = fill_waiting {
@@ -619,6 +624,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
                 pg,
                 worker_processes,
                 sled_flush_every_ms,
+                sled_compression: sled_compression.0,
                 ..Default::default()
             };
             let report = runtime()?
@@ -674,6 +680,20 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
                 Replay::Broken(why) => Err(CliError(format!("run {run} cannot be replayed: {why}"))),
             }
         }),
+    }
+}
+
+/// `bench --sled-compression`: a zstd level, or `off`.
+#[derive(Clone, Copy, Debug)]
+pub struct Compression(Option<i32>);
+
+fn parse_compression(text: &str) -> std::result::Result<Compression, String> {
+    if text == "off" {
+        return Ok(Compression(None));
+    }
+    match text.parse::<i32>() {
+        Ok(level) if (-22..=22).contains(&level) => Ok(Compression(Some(level))),
+        _ => Err(format!("`{text}` is not a zstd level (-22 to 22) or `off`")),
     }
 }
 

@@ -395,7 +395,9 @@ fn exit_codes_and_offline_commands() {
 
     // Corrupt one byte of the journal: verify names the run and seq, exit 1.
     {
-        let db = sled::open(data.join("journal")).unwrap();
+        let db = holdpoint::journal::sled_raw_config(data.join("journal"))
+            .open()
+            .unwrap();
         let events = db.open_tree("events").unwrap();
         let run_id: uuid::Uuid = run.parse().unwrap();
         let mut key = run_id.as_bytes().to_vec();

@@ -24,7 +24,7 @@ fn sample(seed: u64, i: u64, n: u64) -> u64 {
 }
 
 fn raw_records(dir: &Path, run: RunId) -> Vec<Vec<u8>> {
-    let db = sled::open(dir).unwrap();
+    let db = holdpoint::journal::sled_raw_config(dir).open().unwrap();
     let events = db.open_tree("events").unwrap();
     let out = events
         .scan_prefix(run.as_bytes())
@@ -36,7 +36,7 @@ fn raw_records(dir: &Path, run: RunId) -> Vec<Vec<u8>> {
 }
 
 fn edit(dir: &Path, f: impl FnOnce(&sled::Tree)) {
-    let db = sled::open(dir).unwrap();
+    let db = holdpoint::journal::sled_raw_config(dir).open().unwrap();
     let events = db.open_tree("events").unwrap();
     f(&events);
     drop(events);

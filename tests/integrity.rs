@@ -118,7 +118,7 @@ async fn an_approval_is_bound_to_the_args_the_reviewer_saw() {
 
 /// Flips one byte of one stored event, with the store closed, through sled directly.
 fn flip_byte(dir: &Path, run: RunId, seq: u64, offset_from_end: usize) {
-    let db = sled::open(dir).unwrap();
+    let db = holdpoint::journal::sled_raw_config(dir).open().unwrap();
     let events = db.open_tree("events").unwrap();
     let mut key = run.as_bytes().to_vec();
     key.extend_from_slice(&seq.to_be_bytes());
@@ -193,7 +193,7 @@ async fn an_edited_and_rechecksummed_event_breaks_the_chain() {
     let run = paused_run(dir.path()).await;
     {
         // Rewrite step output 1 -> 9 and fix up the CRC, as a careful tamperer would.
-        let db = sled::open(dir.path()).unwrap();
+        let db = holdpoint::journal::sled_raw_config(dir.path()).open().unwrap();
         let events = db.open_tree("events").unwrap();
         let mut key = run.as_bytes().to_vec();
         key.extend_from_slice(&2u64.to_be_bytes());
@@ -228,7 +228,7 @@ async fn a_truncated_journal_is_detected() {
     let dir = tempfile::tempdir().unwrap();
     let run = paused_run(dir.path()).await;
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = holdpoint::journal::sled_raw_config(dir.path()).open().unwrap();
         let events = db.open_tree("events").unwrap();
         let mut key = run.as_bytes().to_vec();
         key.extend_from_slice(&4u64.to_be_bytes());

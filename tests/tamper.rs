@@ -12,7 +12,7 @@ const EVENTS: u64 = 10_000;
 
 /// Edits the raw trees with plain sled, then lets go of the directory.
 fn tamper(dir: &Path, f: impl FnOnce(&sled::Tree, &sled::Tree)) {
-    let db = sled::open(dir).unwrap();
+    let db = holdpoint::journal::sled_raw_config(dir).open().unwrap();
     let events = db.open_tree("events").unwrap();
     let runs = db.open_tree("runs").unwrap();
     f(&events, &runs);

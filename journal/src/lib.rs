@@ -20,7 +20,10 @@ pub use event::{
     TimeoutOutcome, ValueSource, Verdict, FORMAT_VERSION,
 };
 pub use ids::{GateId, LeaseToken, Position, Principal, RunId, Seq, WorkerId};
-pub use sled_store::{SledOptions, SledStore, TreeBytes, DEFAULT_MAX_EVENT_BYTES};
+pub use sled_store::{
+    raw_config as sled_raw_config, SledOptions, SledStore, TreeBytes, DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_MAX_EVENT_BYTES,
+};
 pub use store::{
     check_append_limits, check_run_limits, closes, Append, AppendConflict, Appended, Created, DueDeadline,
     GateChange, IndexChange, Lease, NewRun, Notification, NotificationKind, Outgoing, PendingGate,

@@ -236,7 +236,7 @@ async fn summaries_stored_as_json_read_and_are_rewritten_by_the_next_commit() {
     store.close().unwrap();
     {
         // The earlier layout: the summary as JSON (without its wake-up, as then).
-        let db = sled::open(dir.path()).unwrap();
+        let db = holdpoint_journal::sled_raw_config(dir.path()).open().unwrap();
         let runs = db.open_tree("runs").unwrap();
         let stored = runs.get(run.as_bytes()).unwrap().unwrap();
         assert_eq!(stored[0], stored_summary::SUMMARY_FORMAT);
@@ -250,7 +250,7 @@ async fn summaries_stored_as_json_read_and_are_rewritten_by_the_next_commit() {
     assert!(append_now(&store, run, approve(0)).await);
     assert_eq!(store.read(run, Seq::ZERO).await.unwrap().len(), 3);
     store.close().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = holdpoint_journal::sled_raw_config(dir.path()).open().unwrap();
     let stored = db
         .open_tree("runs")
         .unwrap()
@@ -498,8 +498,7 @@ async fn a_clean_close_leaves_a_snapshot_equal_to_replaying_the_log() {
             "session {session}: {snapshots:?} after {previous:?}"
         );
         previous = snapshots;
-        sled::Config::new()
-            .path(dir.path())
+        holdpoint_journal::sled_raw_config(dir.path())
             .verify_snapshot_against_log()
             .unwrap_or_else(|e| panic!("session {session}: {e}"));
     }
@@ -531,7 +530,7 @@ async fn a_close_with_nothing_written_since_the_open_writes_no_snapshot() {
             .collect::<Vec<_>>()
     };
     let store = SledStore::open(dir.path()).unwrap();
-    let runs = churn(&store, 80).await;
+    let runs = churn(&store, 400).await;
     store.close().unwrap();
     let written = snapshots(dir.path());
     assert_eq!(written.len(), 1, "{written:?}");
@@ -557,8 +556,7 @@ async fn a_close_with_nothing_written_since_the_open_writes_no_snapshot() {
         after_a_write, written,
         "a session that wrote left the old snapshot"
     );
-    sled::Config::new()
-        .path(dir.path())
+    holdpoint_journal::sled_raw_config(dir.path())
         .verify_snapshot_against_log()
         .unwrap();
 }
@@ -634,5 +632,49 @@ fn a_snapshot_written_at_shutdown_keeps_fragments_older_than_the_last_segment() 
             expected,
             "key {i}"
         );
+    }
+}
+
+/// sled records in a directory whether its log is compressed and refuses to open it the
+/// other way; the store opens a directory the way it was created, whatever its options
+/// ask for (they choose only for a new directory), and `sled_raw_config` matches it.
+#[tokio::test]
+async fn a_directory_keeps_the_compression_it_was_created_with() {
+    // sled's conf: text lines, then a CRC.
+    let conf = |dir: &std::path::Path| {
+        String::from_utf8_lossy(&std::fs::read(dir.join("conf")).unwrap()).into_owned()
+    };
+    for (created, reopened) in [(None, Some(-3)), (Some(-3), None), (Some(1), Some(-5))] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = |compression| SledOptions {
+            compression,
+            ..SledOptions::default()
+        };
+        let store = SledStore::open_with(dir.path(), options(created)).unwrap();
+        let run = store.create_run(new_run("w")).await.unwrap().run();
+        assert!(append_now(&store, run, gate(0)).await);
+        store.close().unwrap();
+        let compressed = created.is_some();
+        assert!(
+            conf(dir.path()).contains(&format!("use_compression: {compressed}")),
+            "{created:?}: {}",
+            conf(dir.path())
+        );
+
+        let store = SledStore::open_with(dir.path(), options(reopened)).unwrap();
+        assert_eq!(store.read(run, Seq::ZERO).await.unwrap().len(), 2);
+        assert!(append_now(&store, run, approve(0)).await);
+        store.close().unwrap();
+        assert!(conf(dir.path()).contains(&format!("use_compression: {compressed}")));
+
+        // The other setting is refused by sled; the matching one opens and reads.
+        let other = sled::Config::new()
+            .path(dir.path())
+            .use_compression(!compressed)
+            .open();
+        assert!(other.is_err(), "{created:?}");
+        let db = holdpoint_journal::sled_raw_config(dir.path()).open().unwrap();
+        assert_eq!(db.open_tree("events").unwrap().len(), 3);
+        drop(db);
     }
 }

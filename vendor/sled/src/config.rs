@@ -550,8 +550,9 @@ impl Config {
             );
         }
         supported!(
-            self.compression_factor >= 1,
-            "compression_factor must be >= 1"
+            // Holdpoint: zstd's fast levels (below 1) too.
+            self.compression_factor >= -22,
+            "compression_factor must be >= -22"
         );
         supported!(
             self.compression_factor <= 22,

@@ -127,14 +127,18 @@ impl Log {
         #[cfg(feature = "compression")]
         {
             if self.config.use_compression && pid != BATCH_MANIFEST_PID {
-                use zstd::block::compress;
-
                 let buf = item.serialize();
 
                 let _measure = Measure::new(&M.compress);
 
-                let compressed_buf =
-                    compress(&buf, self.config.compression_factor).unwrap();
+                // Holdpoint: one compression context per thread, reused.
+                // `zstd::block::compress` set up a new one (its tables, hundreds of
+                // KiB) for every log message, which cost more than compressing.
+                let compressed_buf = if buf.len() < COMPRESS_FROM_BYTES {
+                    raw_zstd_frame(&buf)
+                } else {
+                    compress_page(&buf, self.config.compression_factor)?
+                };
 
                 return self.reserve_inner(
                     log_kind,
@@ -847,5 +851,83 @@ pub(crate) fn read_message<R: ReadAt>(
             "corrupted should have been handled \
              before reading message length above"
         ),
+    }
+}
+
+/// Holdpoint: compresses one log message with this thread's zstd context, reused from
+/// message to message. `zstd::block::compress` set up a new context (hundreds of KiB of
+/// tables) for every message. The match table is kept small (`HASH_LOG`): zstd clears it
+/// for every message, and sized for zstd's defaults that clearing cost more than the
+/// compression of a page of a few KiB.
+#[cfg(feature = "compression")]
+fn compress_page(data: &[u8], level: i32) -> Result<Vec<u8>> {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    const HASH_LOG: u32 = 12;
+    thread_local! {
+        static CONTEXT: std::cell::RefCell<Option<(i32, CCtx<'static>)>> =
+            std::cell::RefCell::new(None);
+    }
+    let failed = |code: usize| {
+        Error::ReportableBug(format!(
+            "zstd: {}",
+            zstd::zstd_safe::get_error_name(code)
+        ))
+    };
+    CONTEXT.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map_or(true, |(l, _)| *l != level) {
+            let mut cctx = CCtx::create();
+            cctx.set_parameter(CParameter::CompressionLevel(level))
+                .map_err(failed)?;
+            cctx.set_parameter(CParameter::HashLog(HASH_LOG)).map_err(failed)?;
+            *slot = Some((level, cctx));
+        }
+        let (_, cctx) = slot.as_mut().expect("set above");
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+        cctx.compress2(&mut out, data).map_err(failed)?;
+        Ok(out)
+    })
+}
+
+/// Holdpoint: log messages shorter than this are stored in zstd frames holding one raw
+/// (uncompressed) block. Most messages are small fragments (an insert or a remove of
+/// one key), which compress little, while setting up zstd's entropy tables for each cost
+/// more than the rest of the write; whole pages, which are most of the bytes, are
+/// compressed. A raw frame is standard zstd: the reader decompresses it like any other.
+#[cfg(feature = "compression")]
+const COMPRESS_FROM_BYTES: usize = 1024;
+
+/// Holdpoint: `data` as a zstd frame (RFC 8878) of one raw block: the magic number, a
+/// frame header with the single-segment flag and the content size, a block header (last
+/// block, raw, its size), then the bytes. No checksum (sled checksums every message).
+#[cfg(feature = "compression")]
+pub(crate) fn raw_zstd_frame(data: &[u8]) -> Vec<u8> {
+    // A raw block holds at most 128 KiB; callers pass less than COMPRESS_FROM_BYTES.
+    assert!(data.len() < 128 * 1024);
+    let mut out = Vec::with_capacity(data.len() + 11);
+    out.extend_from_slice(&0xFD2F_B528_u32.to_le_bytes());
+    let len = data.len();
+    if len < 256 {
+        out.push(0b0010_0000);
+        out.push(len as u8);
+    } else {
+        out.push(0b0110_0000);
+        out.extend_from_slice(&((len - 256) as u16).to_le_bytes());
+    }
+    let block_header = ((len as u32) << 3) | 1;
+    out.extend_from_slice(&block_header.to_le_bytes()[..3]);
+    out.extend_from_slice(data);
+    out
+}
+
+// Holdpoint: a raw frame decompresses, as sled reads every compressed message, to the
+// bytes it holds, at both content-size widths and their edges.
+#[cfg(all(test, feature = "compression"))]
+#[test]
+fn raw_zstd_frames_decompress_to_their_bytes() {
+    for len in [0, 1, 2, 255, 256, 257, 1000, 1023, 5000, 65_791] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let frame = raw_zstd_frame(&data);
+        assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), data, "{}", len);
     }
 }

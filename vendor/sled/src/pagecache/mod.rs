@@ -268,18 +268,18 @@ pub(crate) fn maybe_decompress(in_buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
     {
         use zstd::stream::decode_all;
 
+        // Holdpoint: data that does not decompress is an error for the caller, not a
+        // panic (sled 0.34.7 panicked on both). A message's CRC is checked before this,
+        // so only a message written wrong could get here.
         let scootable_in_buf = &mut &*in_buf;
-        let _ivec_varint = u64::deserialize(scootable_in_buf)
-            .expect("this had to be serialized with an extra length frame");
+        let _ivec_varint = u64::deserialize(scootable_in_buf).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "compressed message without its length frame",
+            )
+        })?;
         let _measure = Measure::new(&M.decompress);
-        let out_buf = decode_all(scootable_in_buf).expect(
-            "failed to decompress data. \
-             This is not expected, please open an issue on \
-             https://github.com/spacejam/sled so we can \
-             fix this critical issue ASAP. Thank you :)",
-        );
-
-        Ok(out_buf)
+        decode_all(scootable_in_buf)
     }
 
     #[cfg(not(feature = "compression"))]
