@@ -129,8 +129,8 @@ pub struct SledOptions {
     /// zstd level for sled's log in a directory this open creates (default `Some(-3)`,
     /// one of zstd's fast levels; `None`: not compressed). sled compresses every message
     /// it writes, whole pages above all, which are most of what it writes: a standard
-    /// run leaves about 1,150 bytes on disk against 2,700–2,800 uncompressed, for about
-    /// a fifth of the throughput (README, Performance). sled records the choice in the
+    /// run leaves about 1,200 bytes on disk against 2,700–2,800 uncompressed, for about
+    /// 30% more CPU per run (README, Performance). sled records the choice in the
     /// directory, and an existing directory is opened the way it was created, whatever
     /// this says (`Some` only sets the level of what is written).
     pub compression: Option<i32>,
