@@ -572,16 +572,18 @@ impl SledStore {
         // A short journal is read record by record: a sled range scan copies the whole
         // leaf it starts in (up to 64 entries, a reference taken on each value) to hand
         // out a few. Longer ones, and any journal with a record missing (whose error the
-        // scan words, naming the next stored seq), go through the scan.
-        if summary.next_seq.0.saturating_sub(from.0) <= POINT_READS_UP_TO {
-            let mut records = Vec::with_capacity((summary.next_seq.0 - from.0) as usize);
+        // scan words, naming the next stored seq), go through the scan, as does a read
+        // from past the end.
+        let wanted = summary.next_seq.0.checked_sub(from.0);
+        if let Some(wanted) = wanted.filter(|&n| n <= POINT_READS_UP_TO) {
+            let mut records = Vec::with_capacity(wanted as usize);
             for seq in from.0..summary.next_seq.0 {
                 match events_tree.get(codec::record_key(run, Seq(seq)))? {
                     Some(record) => records.push(Ok((Seq(seq), record))),
                     None => break,
                 }
             }
-            if records.len() as u64 == summary.next_seq.0 - from.0 {
+            if records.len() as u64 == wanted {
                 return codec::verify_records(run, from, before, records, summary.next_seq, &summary.head);
             }
         }
