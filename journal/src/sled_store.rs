@@ -143,12 +143,17 @@ pub const DEFAULT_COMPRESSION_LEVEL: i32 = -3;
 /// for tools and tests that open a store's directory with sled directly. sled refuses to
 /// open a directory with the other setting.
 pub fn raw_config(dir: impl AsRef<Path>) -> sled::Config {
-    let dir = dir.as_ref();
-    let compressed = created_compressed(dir).unwrap_or(false);
+    sled_config(dir.as_ref(), None)
+}
+
+/// sled's configuration for `dir`: compressed as the directory was created, or, for a new
+/// one, as `compression` says (at its level, or the default one).
+fn sled_config(dir: &Path, compression: Option<i32>) -> sled::Config {
+    let compressed = created_compressed(dir).unwrap_or(compression.is_some());
     sled::Config::new()
         .path(dir)
         .use_compression(compressed)
-        .compression_factor(DEFAULT_COMPRESSION_LEVEL)
+        .compression_factor(compression.unwrap_or(DEFAULT_COMPRESSION_LEVEL))
 }
 
 /// Whether sled created `dir` compressed: `None` when it holds no sled configuration yet
@@ -387,13 +392,9 @@ impl SledStore {
 
     pub fn open_with(dir: impl AsRef<Path>, options: SledOptions) -> Result<SledStore> {
         let dir = dir.as_ref().to_path_buf();
-        let compressed = created_compressed(&dir).unwrap_or(options.compression.is_some());
-        let db = sled::Config::new()
-            .path(&dir)
+        let db = sled_config(&dir, options.compression)
             .cache_capacity(options.cache_bytes)
             .flush_every_ms(Some(options.flush_every_ms.max(1)))
-            .use_compression(compressed)
-            .compression_factor(options.compression.unwrap_or(DEFAULT_COMPRESSION_LEVEL))
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => Error::Locked {
