@@ -95,39 +95,22 @@ impl Node {
                     assert!(**key < self.hi[self.prefix_len as usize..]);
                 }
                 match leaf.keys.binary_search_by(|k| fastcmp(k, key)) {
-                    Ok(idx) => {
-                        let mut values = Vec::with_capacity(leaf.values.len());
-                        values.extend_from_slice(&leaf.values[..idx]);
-                        values.push(val.clone());
-                        values.extend_from_slice(&leaf.values[idx + 1..]);
-                        Leaf { keys: leaf.keys.clone(), values }
-                    }
-                    Err(idx) => {
-                        let n = leaf.keys.len() + 1;
-                        let mut keys = Vec::with_capacity(n);
-                        keys.extend_from_slice(&leaf.keys[..idx]);
-                        keys.push(key.clone());
-                        keys.extend_from_slice(&leaf.keys[idx..]);
-                        let mut values = Vec::with_capacity(n);
-                        values.extend_from_slice(&leaf.values[..idx]);
-                        values.push(val.clone());
-                        values.extend_from_slice(&leaf.values[idx..]);
-                        Leaf { keys, values }
-                    }
+                    Ok(idx) => Leaf {
+                        keys: leaf.keys.clone(),
+                        values: spliced(&leaf.values, idx, 1, Some(val)),
+                    },
+                    Err(idx) => Leaf {
+                        keys: spliced(&leaf.keys, idx, 0, Some(key)),
+                        values: spliced(&leaf.values, idx, 0, Some(val)),
+                    },
                 }
             }
             Link::Del(key) => {
                 match leaf.keys.binary_search_by(|k| fastcmp(k, key)) {
-                    Ok(idx) => {
-                        let n = leaf.keys.len() - 1;
-                        let mut keys = Vec::with_capacity(n);
-                        keys.extend_from_slice(&leaf.keys[..idx]);
-                        keys.extend_from_slice(&leaf.keys[idx + 1..]);
-                        let mut values = Vec::with_capacity(n);
-                        values.extend_from_slice(&leaf.values[..idx]);
-                        values.extend_from_slice(&leaf.values[idx + 1..]);
-                        Leaf { keys, values }
-                    }
+                    Ok(idx) => Leaf {
+                        keys: spliced(&leaf.keys, idx, 1, None),
+                        values: spliced(&leaf.values, idx, 1, None),
+                    },
                     Err(_) => leaf.clone(),
                 }
             }
@@ -724,6 +707,22 @@ impl Node {
 
         (pos, index.pointers[pos])
     }
+}
+
+/// Holdpoint: `list` with `removed` entries at `at` replaced by `inserted`, built at its
+/// final size in one pass (`Node::applied`).
+fn spliced(
+    list: &[IVec],
+    at: usize,
+    removed: usize,
+    inserted: Option<&IVec>,
+) -> Vec<IVec> {
+    let mut out =
+        Vec::with_capacity(list.len() - removed + inserted.map_or(0, |_| 1));
+    out.extend_from_slice(&list[..at]);
+    out.extend(inserted.cloned());
+    out.extend_from_slice(&list[at + removed..]);
+    out
 }
 
 #[derive(Clone, Debug, PartialEq)]
