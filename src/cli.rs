@@ -185,7 +185,7 @@ pub enum Command {
         sled_flush_every_ms: u64,
         /// zstd level of sled's log (the store's default; `off` for none; fast levels
         /// are negative), for comparing settings
-        #[arg(long, value_name = "LEVEL|off", default_value = "-3", allow_hyphen_values = true, value_parser = parse_compression)]
+        #[arg(long, value_name = "LEVEL|off", default_value_t = Compression(crate::journal::SledOptions::default().compression), allow_hyphen_values = true, value_parser = parse_compression)]
         sled_compression: Compression,
         #[arg(long)]
         json: bool,
@@ -686,6 +686,15 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
 /// `bench --sled-compression`: a zstd level, or `off`.
 #[derive(Clone, Copy, Debug)]
 pub struct Compression(Option<i32>);
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(level) => write!(f, "{level}"),
+            None => f.write_str("off"),
+        }
+    }
+}
 
 fn parse_compression(text: &str) -> std::result::Result<Compression, String> {
     if text == "off" {

@@ -131,9 +131,8 @@ impl Log {
 
                 let _measure = Measure::new(&M.compress);
 
-                // Holdpoint: one compression context per thread, reused.
-                // `zstd::block::compress` set up a new one (its tables, hundreds of
-                // KiB) for every log message, which cost more than compressing.
+                // Holdpoint: small messages as raw zstd frames, larger ones with this
+                // thread's reused context (`raw_zstd_frame`, `compress_page`).
                 let compressed_buf = if buf.len() < COMPRESS_FROM_BYTES {
                     raw_zstd_frame(&buf)
                 } else {
