@@ -55,6 +55,21 @@ async fn read_error(dir: &Path, run: RunId, other: RunId) -> Error {
     err.expect("corruption must be reported")
 }
 
+/// The error a read of `run` gives in a copy of `pristine` (at `tmp/name`) whose events
+/// tree `f` edited.
+async fn error_after(
+    tmp: &Path,
+    pristine: &Path,
+    name: &str,
+    (run, other): (RunId, RunId),
+    f: impl FnOnce(&sled::Tree),
+) -> Error {
+    let dir = tmp.join(name);
+    common::copy_dir(pristine, &dir);
+    edit(&dir, f);
+    read_error(&dir, run, other).await
+}
+
 #[tokio::test]
 async fn sampled_bit_flips_are_all_caught_at_their_seq() {
     let tmp = tempfile::tempdir().unwrap();
@@ -127,21 +142,18 @@ async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
     let (run, other) = common::store_with_long_run(&pristine, EVENTS).await;
     let records = raw_records(&pristine, run);
 
+    let runs = (run, other);
+
     // The last 10 events lost (a torn tail without the summary knowing).
-    let dir = tmp.path().join("truncated");
-    common::copy_dir(&pristine, &dir);
-    edit(&dir, |events| {
+    let err = error_after(tmp.path(), &pristine, "truncated", runs, |events| {
         for seq in EVENTS - 10..EVENTS {
             events.remove(common::event_key(run, seq)).unwrap();
         }
-    });
-    assert!(
-        matches!(read_error(&dir, run, other).await, Error::Corrupt { seq, .. } if seq == Seq(EVENTS - 10))
-    );
+    })
+    .await;
+    assert!(matches!(err, Error::Corrupt { seq, .. } if seq == Seq(EVENTS - 10)));
 
     // An event from a newer format, properly checksummed and chained.
-    let dir = tmp.path().join("version");
-    common::copy_dir(&pristine, &dir);
     let mut prev = ChainHash::GENESIS;
     for (i, r) in records.iter().enumerate().take(500) {
         prev = codec::decode(run, Seq(i as u64), r, &prev).unwrap().1;
@@ -149,43 +161,41 @@ async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
     let (mut newer, _) = codec::decode(run, Seq(500), &records[500], &prev).unwrap();
     newer.v = 99;
     let (bytes, _) = codec::encode(&newer, &prev, 65536).unwrap();
-    edit(&dir, |events| {
+    let err = error_after(tmp.path(), &pristine, "version", runs, |events| {
         events.insert(common::event_key(run, 500), bytes).unwrap();
-    });
-    match read_error(&dir, run, other).await {
+    })
+    .await;
+    match err {
         Error::UnknownFormat { seq, version, .. } => assert_eq!((seq, version), (Seq(500), 99)),
         e => panic!("{e}"),
     }
 
     // A duplicated seq: event 300 stored again where 301 was.
-    let dir = tmp.path().join("duplicated");
-    common::copy_dir(&pristine, &dir);
-    edit(&dir, |events| {
+    let err = error_after(tmp.path(), &pristine, "duplicated", runs, |events| {
         events
             .insert(common::event_key(run, 301), records[300].clone())
             .unwrap();
-    });
-    assert!(matches!(read_error(&dir, run, other).await, Error::Corrupt { seq, .. } if seq == Seq(301)));
+    })
+    .await;
+    assert!(matches!(err, Error::Corrupt { seq, .. } if seq == Seq(301)));
 
     // A missing seq.
-    let dir = tmp.path().join("missing");
-    common::copy_dir(&pristine, &dir);
-    edit(&dir, |events| {
+    let err = error_after(tmp.path(), &pristine, "missing", runs, |events| {
         events.remove(common::event_key(run, 9000)).unwrap();
-    });
-    assert!(matches!(read_error(&dir, run, other).await, Error::Corrupt { seq, .. } if seq == Seq(9000)));
+    })
+    .await;
+    assert!(matches!(err, Error::Corrupt { seq, .. } if seq == Seq(9000)));
 
     // An event that is not JSON at all (bytes replaced, checksum fixed).
-    let dir = tmp.path().join("garbage");
-    common::copy_dir(&pristine, &dir);
     let mut garbage = records[42][..37].to_vec();
     garbage.extend_from_slice(b"\xff\xfe not json");
     let crc = crc32fast::hash(&garbage[5..]);
     garbage[1..5].copy_from_slice(&crc.to_be_bytes());
-    edit(&dir, |events| {
+    let err = error_after(tmp.path(), &pristine, "garbage", runs, |events| {
         events.insert(common::event_key(run, 42), garbage).unwrap();
-    });
-    assert!(matches!(read_error(&dir, run, other).await, Error::Corrupt { seq, .. } if seq == Seq(42)));
+    })
+    .await;
+    assert!(matches!(err, Error::Corrupt { seq, .. } if seq == Seq(42)));
 }
 
 #[test]
@@ -206,61 +216,50 @@ async fn short_and_long_journals_report_the_same_corruption() {
         let tmp = tempfile::tempdir().unwrap();
         let pristine = tmp.path().join("pristine");
         let (run, other) = common::store_with_long_run(&pristine, events).await;
+        let runs = (run, other);
         let records = raw_records(&pristine, run);
         let reason = |e: Error| match e {
             Error::Corrupt { seq, reason, .. } => (seq, reason),
             e => panic!("{events} events: {e}"),
         };
 
-        let dir = tmp.path().join("gap");
-        common::copy_dir(&pristine, &dir);
-        edit(&dir, |t| {
+        let err = error_after(tmp.path(), &pristine, "gap", runs, |t| {
             t.remove(common::event_key(run, 3)).unwrap();
-        });
-        let (seq, why) = reason(read_error(&dir, run, other).await);
+        })
+        .await;
+        let (seq, why) = reason(err);
         assert_eq!(seq, Seq(3), "{events} events");
         assert!(
             why.contains("the next stored event is seq 4"),
             "{events} events: {why}"
         );
 
-        let dir = tmp.path().join("tail");
-        common::copy_dir(&pristine, &dir);
-        edit(&dir, |t| {
+        let err = error_after(tmp.path(), &pristine, "tail", runs, |t| {
             for seq in events - 2..events {
                 t.remove(common::event_key(run, seq)).unwrap();
             }
-        });
-        let (seq, why) = reason(read_error(&dir, run, other).await);
+        })
+        .await;
+        let (seq, why) = reason(err);
         assert_eq!(seq, Seq(events - 2), "{events} events");
         assert!(
             why.contains("events are missing at the end"),
             "{events} events: {why}"
         );
 
-        let dir = tmp.path().join("duplicate");
-        common::copy_dir(&pristine, &dir);
-        edit(&dir, |t| {
+        let err = error_after(tmp.path(), &pristine, "duplicate", runs, |t| {
             t.insert(common::event_key(run, 5), records[4].clone()).unwrap();
-        });
-        assert_eq!(
-            reason(read_error(&dir, run, other).await).0,
-            Seq(5),
-            "{events} events"
-        );
+        })
+        .await;
+        assert_eq!(reason(err).0, Seq(5), "{events} events");
 
-        let dir = tmp.path().join("flipped");
-        common::copy_dir(&pristine, &dir);
         let mut flipped = records[6].clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x01;
-        edit(&dir, |t| {
+        let err = error_after(tmp.path(), &pristine, "flipped", runs, |t| {
             t.insert(common::event_key(run, 6), flipped).unwrap();
-        });
-        assert_eq!(
-            reason(read_error(&dir, run, other).await).0,
-            Seq(6),
-            "{events} events"
-        );
+        })
+        .await;
+        assert_eq!(reason(err).0, Seq(6), "{events} events");
     }
 }
