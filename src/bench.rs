@@ -39,6 +39,9 @@ pub struct BenchOptions {
     pub sled_flush_every_ms: u64,
     /// zstd level of sled's log, `None` for none ([`SledOptions::compression`]).
     pub sled_compression: Option<i32>,
+    /// Declare the workflow's two steps [`crate::Step::idempotent`]: each step's start
+    /// is journaled with its result, two commits fewer per run.
+    pub idempotent_steps: bool,
 }
 
 impl Default for BenchOptions {
@@ -52,6 +55,7 @@ impl Default for BenchOptions {
             worker_processes: 0,
             sled_flush_every_ms: SledOptions::default().flush_every_ms,
             sled_compression: SledOptions::default().compression,
+            idempotent_steps: false,
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct BenchReport {
     pub store: &'static str,
     /// Worker processes (0: workers in the benchmark's own process).
     pub worker_processes: usize,
+    /// Whether the steps were declared idempotent (`--idempotent-steps`).
+    pub idempotent_steps: bool,
     /// Workloads run (each on a fresh directory); every figure is their median.
     pub repeats: usize,
     pub phase1_runs_per_s: f64,
@@ -89,20 +95,32 @@ pub struct BenchReport {
     pub latency_samples_ms: Vec<f64>,
 }
 
-async fn standard(ctx: crate::Ctx, order: u64) -> Result<String, Failure> {
-    let plan = ctx
-        .step("plan", || async move {
+async fn standard(ctx: crate::Ctx, order: u64, idempotent: bool) -> Result<String, Failure> {
+    fn declared<T, F>(step: crate::Step<'_, T, F>, idempotent: bool) -> crate::Step<'_, T, F> {
+        if idempotent {
+            step.idempotent()
+        } else {
+            step
+        }
+    }
+    let plan = declared(
+        ctx.step("plan", || async move {
             Ok(json!({"order": order, "amount_cents": 25_000}))
-        })
-        .await?;
+        }),
+        idempotent,
+    )
+    .await?;
     let paid = match ctx.gate("send_money", plan, json!({"order": order})).await? {
         Gated::Approved { args, .. } | Gated::Edited { args, .. } => args,
         Gated::Rejected { reason, .. } => return Ok(reason),
     };
-    ctx.step("notify", || {
-        let paid = paid.clone();
-        async move { Ok(paid["order"].clone()) }
-    })
+    declared(
+        ctx.step("notify", || {
+            let paid = paid.clone();
+            async move { Ok(paid["order"].clone()) }
+        }),
+        idempotent,
+    )
     .await?;
     Ok("done".into())
 }
@@ -239,15 +257,15 @@ impl Http {
 }
 
 impl<St: Store> Driver<St> {
-    async fn start(&self, order: u64) -> Result<RunId, String> {
+    async fn start(&self, workflow: &str, order: u64) -> Result<RunId, String> {
         match self {
             Driver::Engine(engine) => engine
-                .start(WORKFLOW, &order, None)
+                .start(workflow, &order, None)
                 .await
                 .map_err(|e| e.to_string()),
             Driver::Http(http) => {
                 let out = http
-                    .post("/v1/runs", &json!({"workflow": WORKFLOW, "input": order}))
+                    .post("/v1/runs", &json!({"workflow": workflow, "input": order}))
                     .await?;
                 serde_json::from_value(out["run"].clone()).map_err(|e| format!("run id in {out}: {e}"))
             }
@@ -279,10 +297,11 @@ impl<St: Store> Driver<St> {
 /// the runs in order.
 async fn start_many<St: Store>(
     driver: &Driver<St>,
+    workflow: &str,
     orders: std::ops::Range<u64>,
     in_flight: usize,
 ) -> Result<Vec<RunId>, String> {
-    stream::iter(orders.map(|o| driver.start(o)))
+    stream::iter(orders.map(|o| driver.start(workflow, o)))
         .buffered(in_flight.max(1))
         .try_collect()
         .await
@@ -414,7 +433,12 @@ async fn run_on<St: Measured>(
     let syncs_before = engine.store().syncs();
 
     let t = Instant::now();
-    let runs = start_many(&driver, 0..opts.runs as u64, opts.concurrency).await?;
+    let workflow = if opts.idempotent_steps {
+        WORKFLOW_IDEMPOTENT
+    } else {
+        WORKFLOW
+    };
+    let runs = start_many(&driver, workflow, 0..opts.runs as u64, opts.concurrency).await?;
     settle_all(&engine, &runs, RunStatus::Waiting).await?;
     let phase1 = t.elapsed();
 
@@ -440,6 +464,7 @@ async fn run_on<St: Measured>(
     let base = opts.runs as u64;
     let samples = start_many(
         &driver,
+        workflow,
         base..base + opts.latency_samples as u64,
         opts.concurrency,
     )
@@ -468,6 +493,7 @@ async fn run_on<St: Measured>(
         api: if opts.http { "http" } else { "engine" },
         store: if opts.pg.is_some() { "postgres" } else { "sled" },
         worker_processes: opts.worker_processes,
+        idempotent_steps: opts.idempotent_steps,
         repeats: 1,
         phase1_runs_per_s: n / phase1.as_secs_f64(),
         phase2_runs_per_s: n / phase2.as_secs_f64(),
@@ -505,7 +531,7 @@ pub async fn fill_waiting(dir: &std::path::Path, runs: usize, concurrency: usize
     let end = already + runs as u64;
     while next < end {
         let to = (next + slice).min(end);
-        let started = start_many(&driver, next..to, concurrency).await?;
+        let started = start_many(&driver, WORKFLOW, next..to, concurrency).await?;
         settle_all(&engine, &started, RunStatus::Waiting).await?;
         next = to;
     }
@@ -620,9 +646,14 @@ impl std::fmt::Display for RestartReport {
 /// worker processes can drive benchmark runs).
 pub const WORKFLOW: &str = "holdpoint-bench";
 
-/// Adds the standard workload's workflow.
+/// The same workflow with its steps declared idempotent (`--idempotent-steps`).
+pub const WORKFLOW_IDEMPOTENT: &str = "holdpoint-bench-idempotent";
+
+/// Adds the standard workload's workflows.
 pub fn register(registry: Registry) -> Registry {
-    registry.workflow(WORKFLOW, 1, standard)
+    registry
+        .workflow(WORKFLOW, 1, |ctx, order| standard(ctx, order, false))
+        .workflow(WORKFLOW_IDEMPOTENT, 1, |ctx, order| standard(ctx, order, true))
 }
 
 fn registry() -> Registry {
@@ -739,7 +770,7 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "standard workload: {} runs, concurrency {}, {} API, {} store{}, durable acknowledgements{}",
+            "standard workload: {} runs, concurrency {}, {} API, {} store{}{}, durable acknowledgements{}",
             self.runs,
             self.concurrency,
             self.api,
@@ -747,6 +778,11 @@ impl std::fmt::Display for BenchReport {
             match self.worker_processes {
                 0 => String::new(),
                 n => format!(", {n} worker processes"),
+            },
+            if self.idempotent_steps {
+                ", idempotent steps"
+            } else {
+                ""
             },
             if self.repeats > 1 {
                 format!(" (median of {})", self.repeats)

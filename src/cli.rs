@@ -187,6 +187,10 @@ pub enum Command {
         /// are negative), for comparing settings
         #[arg(long, value_name = "LEVEL|off", default_value_t = Compression(crate::journal::SledOptions::default().compression), allow_hyphen_values = true, value_parser = parse_compression)]
         sled_compression: Compression,
+        /// Declare the workflow's two steps idempotent: each step's start is journaled
+        /// with its result instead of durably before its body (two commits fewer per run)
+        #[arg(long, conflicts_with_all = ["fill_waiting", "restart"])]
+        idempotent_steps: bool,
         #[arg(long)]
         json: bool,
     },
@@ -599,6 +603,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             restart,
             sled_flush_every_ms,
             sled_compression,
+            idempotent_steps,
             json,
         } => {
             if let Some(dir) = fill_waiting {
@@ -625,6 +630,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
                 worker_processes,
                 sled_flush_every_ms,
                 sled_compression: sled_compression.0,
+                idempotent_steps,
                 ..Default::default()
             };
             let report = runtime()?

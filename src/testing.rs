@@ -647,10 +647,11 @@ fn check_invariants(clean: &Execution, faulty: &Execution) -> Result<(), String>
             journal_diff(&a, &b)
         ));
     }
-    // No (position, attempt) ran twice, and nothing completed before the crash ran after.
+    // No (position, attempt) ran twice (an idempotent step's may: its start is journaled
+    // with its result), and nothing completed before the crash ran after.
     let mut seen = BTreeSet::new();
     for e in &faulty.executions {
-        if !seen.insert((e.position, e.attempt)) {
+        if !seen.insert((e.position, e.attempt)) && !e.idempotent {
             return Err(format!(
                 "step at position {} attempt {} ran twice",
                 e.position, e.attempt

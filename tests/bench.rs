@@ -32,6 +32,25 @@ async fn the_standard_workload_runs_and_reports() {
     );
 }
 
+/// `--idempotent-steps` runs the same workflow with its steps' starts journaled with
+/// their results: the same events, and the report says which variant ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotent_steps_variant_journals_the_same_events() {
+    let opts = holdpoint::bench::BenchOptions {
+        runs: 40,
+        concurrency: 8,
+        latency_samples: 3,
+        idempotent_steps: true,
+        ..Default::default()
+    };
+    let r = holdpoint::bench::run(&opts)
+        .await
+        .expect("every run waits at its gate, then completes");
+    assert!(r.idempotent_steps);
+    assert_eq!(r.events, 40 * 8);
+    assert!(r.to_string().contains("idempotent steps"), "{r}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_variant_decides_through_real_requests() {
     let opts = holdpoint::bench::BenchOptions {

@@ -455,6 +455,9 @@ pub struct StepInfo {
     /// `"{run}/{position}"`: the same for every attempt of this step, so an external
     /// system given it can deduplicate retries.
     pub idempotency_key: String,
+    /// The step was declared [`Step::idempotent`]: a crash during its body can run this
+    /// same attempt again.
+    pub idempotent: bool,
 }
 
 impl StepInfo {
@@ -523,8 +526,21 @@ pub struct Step<'a, T, F> {
     name: String,
     f: Option<F>,
     retry: RetryPolicy,
-    at_most_once: bool,
+    rerun: Rerun,
     running: Option<BoxFuture<'a, Result<T, Failure>>>,
+}
+
+/// What may become of a step whose body a crash interrupted, which decides when its
+/// `step-started` must be durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rerun {
+    /// Run again as the next attempt, counted against the retry budget: the start is
+    /// durable before the body runs (the default).
+    Counted,
+    /// Run again, maybe as the same attempt: the start is journaled with the result.
+    Free,
+    /// Never run again without a person's word: the start is durable before the body.
+    Never,
 }
 
 // Sound: `f` is moved out before anything is polled and never pinned in place; the
@@ -540,9 +556,22 @@ impl<T, F> Step<'_, T, F> {
     /// The step's effect must never happen twice, and the external system cannot
     /// deduplicate it. If the process stops while it runs, it is not run again on
     /// recovery: the run waits for a person to say whether it happened (a question
-    /// with action `outcome-unknown`).
+    /// with action `outcome-unknown`). Replaces [`Step::idempotent`] if both are given.
     pub fn at_most_once(mut self) -> Self {
-        self.at_most_once = true;
+        self.rerun = Rerun::Never;
+        self
+    }
+
+    /// Running the body again is harmless: it only reads or computes, or the system it
+    /// calls deduplicates by [`StepInfo::idempotency_key`]. Its `step-started` is then
+    /// journaled together with its result instead of durably before the body, which
+    /// saves the body a wait for the disk (one group commit per step). The price: after
+    /// a crash during the body, before anything else made the start durable, the body
+    /// runs again as the same attempt, not counted against the retry budget (so a body
+    /// that kills the process every time is not stopped by it). Replaces
+    /// [`Step::at_most_once`] if both are given.
+    pub fn idempotent(mut self) -> Self {
+        self.rerun = Rerun::Free;
         self
     }
 }
@@ -570,7 +599,7 @@ where
                 f,
                 std::mem::take(&mut this.retry),
                 None,
-                this.at_most_once,
+                this.rerun,
             )));
         }
         match this.running.as_mut() {
@@ -761,7 +790,7 @@ where
                 },
                 self.retry,
                 Some(hash),
-                false,
+                Rerun::Counted,
             )
             .await?;
         Ok(Acted::Done {
@@ -834,7 +863,7 @@ impl Ctx {
             name: name.to_string(),
             f: Some(f),
             retry: RetryPolicy::default(),
-            at_most_once: false,
+            rerun: Rerun::Counted,
             running: None,
         }
     }
@@ -1016,7 +1045,7 @@ impl Ctx {
         mut f: F,
         retry: RetryPolicy,
         args_hash: Option<String>,
-        at_most_once: bool,
+        rerun: Rerun,
     ) -> Result<T, Failure>
     where
         F: FnMut() -> Fut,
@@ -1056,7 +1085,7 @@ impl Ctx {
                 Some(StepOutcome::Failed(error)) => return Err(Failure::terminal(error)),
                 None => {
                     attempt = attempts;
-                    if attempts > failures && at_most_once {
+                    if attempts > failures && rerun == Rerun::Never {
                         // Its effect may have happened and must not happen twice: a
                         // person says what became of it.
                         match unknown {
@@ -1160,8 +1189,9 @@ impl Ctx {
                 args_hash: args_hash.clone(),
             });
             // The body may have effects: its start must be durable first, so a crash
-            // during it is seen (and counted) on recovery.
-            if self.flush().await.is_err() {
+            // during it is seen (and counted) on recovery. An idempotent step's start
+            // goes with its result (or whatever is made durable next).
+            if rerun != Rerun::Free && self.flush().await.is_err() {
                 return self.park().await;
             }
             let info = StepInfo {
@@ -1169,6 +1199,7 @@ impl Ctx {
                 position,
                 attempt,
                 idempotency_key: format!("{}/{}", self.inner.run, position),
+                idempotent: rerun == Rerun::Free,
             };
             if let Some(observe) = &self.inner.observer {
                 observe(&info);

@@ -56,8 +56,11 @@ pub fn lookup_order(order_id: &str) -> Result<Order, Failure> {
 /// The workflow. Registered by [`register`].
 pub async fn refund(ctx: Ctx, req: RefundRequest, ledger: Arc<Ledger>) -> Result<RefundOutcome, Failure> {
     let order_id = req.order_id.clone();
+    // A read: running it again after a crash is harmless, so its start need not be
+    // durable before it runs.
     let order = ctx
         .step("lookup_order", || async { lookup_order(&order_id) })
+        .idempotent()
         .await?;
     let mut amount = req.amount_cents.min(order.total_cents);
     let mut last_reason = String::new();
