@@ -111,6 +111,7 @@ macro_rules! suite {
             suite!(@case $open, $close, idempotent_starts_return_the_first_run_and_refuse_a_different_request, Opts::default());
             suite!(@case $open, $close, a_run_at_its_limit_refuses_growth_but_can_still_end, Opts { max_run_events: Some(5), ..Opts::default() });
             suite!(@case $open, $close, corruption_is_detected_and_names_the_event, Opts::default());
+            suite!(@case $open, $close, a_read_from_past_the_end_gives_no_events, Opts::default());
             suite!(@case $open, $close, deadlines_and_rule_history_are_indexes, Opts::default());
             suite!(@case $open, $close, the_outbox_queues_notifications_per_endpoint_in_order, Opts { outbox: vec!["a".into(), "b".into()], ..Opts::default() });
             suite!(@case $open, $close, stuck_runs_are_parked_and_never_claimed, Opts::default());
@@ -528,6 +529,24 @@ async fn corruption_is_detected_and_names_the_event<S: Subject>(store: S) {
     }
     // Reading past the bad record still checks the link to it.
     assert!(store.read(run, Seq(3)).await.is_err());
+}
+
+async fn a_read_from_past_the_end_gives_no_events<S: Subject>(store: S) {
+    let run = store.create_run(new_run("w")).await.unwrap().run();
+    store
+        .append(append(run, 1, vec![step(0), step(1)]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.read(run, Seq(1)).await.unwrap().len(), 2);
+    assert!(store.read(run, Seq(3)).await.unwrap().is_empty(), "from the end");
+    for past in [4, 10, u64::MAX] {
+        let read = store.read(run, Seq(past)).await;
+        assert!(
+            matches!(&read, Ok(events) if events.is_empty()),
+            "from {past}, past the end of 3 events: {read:?}"
+        );
+    }
 }
 
 async fn deadlines_and_rule_history_are_indexes<S: Subject>(store: S) {
