@@ -710,6 +710,27 @@ pub(crate) fn read_message<R: ReadAt>(
     expected_segment_number: SegmentNumber,
     config: &Config,
 ) -> Result<LogRead> {
+    read_message_as(file, lid, expected_segment_number, config, Contents::Decompressed)
+}
+
+/// Holdpoint: what [`read_message_as`] does with an inline message's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Contents {
+    /// As the page cache reads them: decompressed when the log is compressed.
+    Decompressed,
+    /// As stored (still compressed), for a reader that looks only at the header and
+    /// discards the bytes: the log iterator that rebuilds the page table on open. Its
+    /// CRC was checked on the stored bytes all the same.
+    AsStored,
+}
+
+pub(crate) fn read_message_as<R: ReadAt>(
+    file: &R,
+    lid: LogOffset,
+    expected_segment_number: SegmentNumber,
+    config: &Config,
+    contents: Contents,
+) -> Result<LogRead> {
     let _measure = Measure::new(&M.read);
     let segment_len = config.segment_size;
     let seg_start = lid / segment_len as LogOffset * segment_len as LogOffset;
@@ -833,7 +854,9 @@ pub(crate) fn read_message<R: ReadAt>(
         | MessageKind::Free
         | MessageKind::Counter => {
             trace!("read a successful inline message");
-            let buf = if config.use_compression {
+            let buf = if config.use_compression
+                && contents == Contents::Decompressed
+            {
                 maybe_decompress(buf)?
             } else {
                 buf
@@ -859,7 +882,7 @@ pub(crate) fn read_message<R: ReadAt>(
 /// for every message, and sized for zstd's defaults that clearing cost more than the
 /// compression of a page of a few KiB.
 #[cfg(feature = "compression")]
-fn compress_page(data: &[u8], level: i32) -> Result<Vec<u8>> {
+pub(crate) fn compress_page(data: &[u8], level: i32) -> Result<Vec<u8>> {
     use zstd::zstd_safe::{CCtx, CParameter};
     const HASH_LOG: u32 = 12;
     thread_local! {
