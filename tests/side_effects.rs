@@ -79,8 +79,14 @@ fn registry(tool: Arc<Tool>) -> Registry {
 /// Starts `workflow` on a store that crashes right after the step's start is durable
 /// (run-started + step-started = 2 events), i.e. after the effect, before its record.
 async fn crash_mid_step(tool: &Arc<Tool>, workflow: &str) -> (TestEnv, RunId) {
+    crash_after(tool, workflow, 2).await
+}
+
+/// Starts `workflow` on a store that crashes once `events` events are written, after the
+/// step's effect, and restarts it.
+async fn crash_after(tool: &Arc<Tool>, workflow: &str, events: u64) -> (TestEnv, RunId) {
     let mut env = TestEnv::new(registry(tool.clone()));
-    env.restart(Some(2));
+    env.restart(Some(events));
     let run = env.start(workflow, &()).await.unwrap();
     let _ = env.engine().drain().await;
     assert!(env.engine().store().crashed(), "the crash point was reached");
@@ -89,10 +95,9 @@ async fn crash_mid_step(tool: &Arc<Tool>, workflow: &str) -> (TestEnv, RunId) {
     (env, run)
 }
 
-#[tokio::test]
-async fn a_deduplicating_tool_sees_the_retry_and_the_effect_happens_once() {
-    let tool = Arc::new(Tool::default());
-    let (env, run) = crash_mid_step(&tool, "dedup").await;
+/// Drives `run` to its end after the crash: completed with the deduplicating tool's
+/// answer, after two calls with one key and one effect.
+async fn completes_with_one_effect(env: &TestEnv, run: RunId, tool: &Tool) -> holdpoint::RunView {
     env.engine().drain().await.unwrap();
     let view = env.engine().get(run).await.unwrap();
     assert_eq!(view.summary.status, RunStatus::Completed);
@@ -104,6 +109,14 @@ async fn a_deduplicating_tool_sees_the_retry_and_the_effect_happens_once() {
         "two calls, one key: {calls:?}"
     );
     assert_eq!(tool.effects(), 1);
+    view
+}
+
+#[tokio::test]
+async fn a_deduplicating_tool_sees_the_retry_and_the_effect_happens_once() {
+    let tool = Arc::new(Tool::default());
+    let (env, run) = crash_mid_step(&tool, "dedup").await;
+    let view = completes_with_one_effect(&env, run, &tool).await;
     assert_eq!(view.state.steps.values().next().unwrap().attempts, 2);
 }
 
@@ -194,29 +207,13 @@ async fn answering_it_did_not_run_runs_it_again_and_rejecting_gives_up() {
 #[tokio::test]
 async fn an_idempotent_step_cut_before_its_start_was_durable_runs_again_as_the_same_attempt() {
     let tool = Arc::new(Tool::default());
-    let mut env = TestEnv::new(registry(tool.clone()));
     // run-started is the one event written before the crash: the next write is the
     // step's start, result and the run's end, together.
-    env.restart(Some(1));
-    let run = env.start("lookup", &()).await.unwrap();
-    let _ = env.engine().drain().await;
-    assert!(env.engine().store().crashed(), "the crash point was reached");
-    assert_eq!(tool.effects(), 1, "the body ran before the crash");
-    env.restart(None);
+    let (env, run) = crash_after(&tool, "lookup", 1).await;
     let events = env.engine().events(run).await.unwrap();
     assert_eq!(events.len(), 1, "nothing of the step was durable: {events:?}");
 
-    env.engine().drain().await.unwrap();
-    let view = env.engine().get(run).await.unwrap();
-    assert_eq!(view.summary.status, RunStatus::Completed);
-    assert_eq!(view.state.output, Some(json!(42)));
-    let calls = tool.calls.lock().unwrap().clone();
-    assert_eq!(
-        calls.values().copied().collect::<Vec<_>>(),
-        vec![2],
-        "two calls, one key: {calls:?}"
-    );
-    assert_eq!(tool.effects(), 1);
+    completes_with_one_effect(&env, run, &tool).await;
     let attempts: Vec<u32> = env
         .executions()
         .iter()
