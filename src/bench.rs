@@ -432,12 +432,12 @@ async fn run_on<St: Measured>(
     };
     let syncs_before = engine.store().syncs();
 
-    let t = Instant::now();
     let workflow = if opts.idempotent_steps {
         WORKFLOW_IDEMPOTENT
     } else {
         WORKFLOW
     };
+    let t = Instant::now();
     let runs = start_many(&driver, workflow, 0..opts.runs as u64, opts.concurrency).await?;
     settle_all(&engine, &runs, RunStatus::Waiting).await?;
     let phase1 = t.elapsed();

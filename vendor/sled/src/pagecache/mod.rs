@@ -263,7 +263,6 @@ pub(crate) fn u32_to_arr(number: u32) -> [u8; 4] {
     number.to_le_bytes()
 }
 
-#[allow(clippy::needless_pass_by_value)]
 /// Holdpoint: decompresses one zstd frame that states its content size (every frame
 /// sled writes does: `compress2` and `raw_zstd_frame` both record it) with a context
 /// kept per thread, into a buffer of exactly that size. `None` for a frame without a
@@ -338,6 +337,7 @@ fn frames_decompress_with_the_threads_context_as_decode_all_does() {
     assert!(decompress_frame(&damaged).expect("sized").is_err());
 }
 
+#[allow(clippy::needless_pass_by_value)]
 pub(crate) fn maybe_decompress(in_buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
     #[cfg(feature = "compression")]
     {
