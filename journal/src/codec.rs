@@ -436,7 +436,7 @@ pub fn past_summary(run: RunId, next_seq: Seq) -> Error {
 /// last hash equal to the run's recorded `head`. The first problem is the error. Past
 /// `next_seq` there is nothing to read or check: no events, not an error (such a read
 /// once reported the record before `from` as missing, a corruption). From `next_seq`
-/// itself the last record is still checked against `head`.
+/// itself the last record is still checked: its checksum, and its hash against `head`.
 pub fn verify_records<R: AsRef<[u8]>>(
     run: RunId,
     from: Seq,
@@ -486,7 +486,8 @@ pub fn verify_records<R: AsRef<[u8]>>(
             ),
         });
     }
-    if expected > from && prev != *head {
+    // `prev` is the last record's hash, read here or (from `next_seq`) the one before.
+    if expected > Seq::ZERO && prev != *head {
         return Err(Error::Corrupt {
             run,
             seq: Seq(expected.0 - 1),
