@@ -111,6 +111,55 @@ impl Log {
         )
     }
 
+    /// Holdpoint: reads the stored bytes of an inline node message (still compressed,
+    /// when the log is), CRC-checked, for [`Log::rewrite_stored`]. `None` when the
+    /// message at `ptr` is anything else (its caller then rewrites the page the usual
+    /// way).
+    pub(super) fn read_stored_node(
+        &self,
+        pid: PageId,
+        lsn: Lsn,
+        ptr: DiskPtr,
+    ) -> Result<Option<Vec<u8>>> {
+        if !ptr.is_inline() {
+            return Ok(None);
+        }
+        let expected_segment_number = SegmentNumber(
+            u64::try_from(lsn).unwrap()
+                / u64::try_from(self.config.segment_size).unwrap(),
+        );
+        iobuf::make_durable(&self.iobufs, lsn)?;
+        let f = &self.config.file;
+        match read_message_as(
+            &**f,
+            ptr.lid(),
+            expected_segment_number,
+            &self.config,
+            Contents::AsStored,
+        )? {
+            LogRead::Inline(header, buf, _)
+                if header.kind == MessageKind::InlineNode && header.pid == pid =>
+            {
+                Ok(Some(buf))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Holdpoint: reserves a replacement for a page whose node is written again as it
+    /// was stored (`stored`, from [`Log::read_stored_node`]): the segment cleaner moving
+    /// a page that has no fragments, which needs neither serializing nor compressing
+    /// it again. The message gets a new header (its lsn, segment and CRC) around the
+    /// same bytes, which read back as the same node.
+    pub(super) fn rewrite_stored(
+        &self,
+        pid: PageId,
+        stored: Vec<u8>,
+        guard: &Guard,
+    ) -> Result<Reservation<'_>> {
+        self.reserve_inner(LogKind::Replace, pid, &Stored(stored), None, guard)
+    }
+
     /// Tries to claim a reservation for writing a buffer to a
     /// particular location in stable storge, which may either be
     /// completed or aborted later. Useful for maintaining
@@ -711,6 +760,29 @@ pub(crate) fn read_message<R: ReadAt>(
     config: &Config,
 ) -> Result<LogRead> {
     read_message_as(file, lid, expected_segment_number, config, Contents::Decompressed)
+}
+
+/// Holdpoint: a message's bytes as stored, written back unchanged
+/// ([`Log::rewrite_stored`]).
+#[derive(Debug)]
+struct Stored(Vec<u8>);
+
+impl Serialize for Stored {
+    fn serialized_size(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    fn serialize_into(&self, buf: &mut &mut [u8]) {
+        let (head, tail) = std::mem::take(buf).split_at_mut(self.0.len());
+        head.copy_from_slice(&self.0);
+        *buf = tail;
+    }
+
+    fn deserialize(buf: &mut &[u8]) -> Result<Stored> {
+        let all = buf.to_vec();
+        *buf = &buf[buf.len()..];
+        Ok(Stored(all))
+    }
 }
 
 /// Holdpoint: what [`read_message_as`] does with an inline message's bytes.

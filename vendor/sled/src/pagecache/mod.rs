@@ -1354,13 +1354,31 @@ impl PageCache {
             }
 
             // if the page is just a single blob pointer, rewrite it.
-            if let Some(disk_pointer) = page_view.lone_blob() {
+            // Holdpoint: and a page that is a single inline node (no fragments) is
+            // written again as it is stored, neither serialized nor compressed again
+            // (HOLDPOINT.md, item 15).
+            let as_stored = if let Some(disk_pointer) = page_view.lone_blob() {
                 trace!("rewriting blob with pid {}", pid);
                 let blob_pointer = disk_pointer.blob().1;
 
-                let log_reservation =
-                    self.log.rewrite_blob_pointer(pid, blob_pointer, guard)?;
+                Some(self.log.rewrite_blob_pointer(pid, blob_pointer, guard)?)
+            } else if pid != META_PID
+                && pid != COUNTER_PID
+                && page_view.cache_infos.len() == 1
+            {
+                let only = page_view.cache_infos[0];
+                match self.log.read_stored_node(pid, only.lsn, only.pointer)? {
+                    Some(stored) => {
+                        trace!("rewriting pid {} as stored", pid);
+                        Some(self.log.rewrite_stored(pid, stored, guard)?)
+                    }
+                    None => None,
+                }
+            } else {
+                None
+            };
 
+            if let Some(log_reservation) = as_stored {
                 let cache_info = CacheInfo {
                     ts: page_view.ts(),
                     lsn: log_reservation.lsn,
