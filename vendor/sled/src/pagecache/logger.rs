@@ -49,6 +49,17 @@ impl Log {
 
     /// read a buffer from the disk
     pub fn read(&self, pid: PageId, lsn: Lsn, ptr: DiskPtr) -> Result<LogRead> {
+        self.read_as(pid, lsn, ptr, Contents::Decompressed)
+    }
+
+    /// Holdpoint: [`Log::read`], with an inline message's bytes as `contents` says.
+    fn read_as(
+        &self,
+        pid: PageId,
+        lsn: Lsn,
+        ptr: DiskPtr,
+        contents: Contents,
+    ) -> Result<LogRead> {
         trace!("reading log lsn {} ptr {}", lsn, ptr);
 
         let expected_segment_number = SegmentNumber(
@@ -59,7 +70,13 @@ impl Log {
         if ptr.is_inline() {
             iobuf::make_durable(&self.iobufs, lsn)?;
             let f = &self.config.file;
-            read_message(&**f, ptr.lid(), expected_segment_number, &self.config)
+            read_message_as(
+                &**f,
+                ptr.lid(),
+                expected_segment_number,
+                &self.config,
+                contents,
+            )
         } else {
             // we short-circuit the inline read
             // here because it might not still
@@ -124,19 +141,7 @@ impl Log {
         if !ptr.is_inline() {
             return Ok(None);
         }
-        let expected_segment_number = SegmentNumber(
-            u64::try_from(lsn).unwrap()
-                / u64::try_from(self.config.segment_size).unwrap(),
-        );
-        iobuf::make_durable(&self.iobufs, lsn)?;
-        let f = &self.config.file;
-        match read_message_as(
-            &**f,
-            ptr.lid(),
-            expected_segment_number,
-            &self.config,
-            Contents::AsStored,
-        )? {
+        match self.read_as(pid, lsn, ptr, Contents::AsStored)? {
             LogRead::Inline(header, buf, _)
                 if header.kind == MessageKind::InlineNode && header.pid == pid =>
             {
@@ -750,16 +755,6 @@ impl ReadAt for BasedBuf {
         dst[..len].copy_from_slice(self.buf[start..end].as_ref());
         Ok(len)
     }
-}
-
-/// read a buffer from the disk
-pub(crate) fn read_message<R: ReadAt>(
-    file: &R,
-    lid: LogOffset,
-    expected_segment_number: SegmentNumber,
-    config: &Config,
-) -> Result<LogRead> {
-    read_message_as(file, lid, expected_segment_number, config, Contents::Decompressed)
 }
 
 /// Holdpoint: a message's bytes as stored, written back unchanged

@@ -49,7 +49,7 @@ use self::{
 
 pub(crate) use self::{
     logger::{
-        read_message, read_message_as, read_segment_header, Contents, MessageHeader,
+        read_message_as, read_segment_header, Contents, MessageHeader,
         SegmentHeader,
         SegmentNumber,
     },
