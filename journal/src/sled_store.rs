@@ -26,13 +26,20 @@
 //! 1. a *dirty mark* for the run, unless it has one already,
 //! 2. the events,
 //! 3. the webhook notifications the events raise, in each endpoint's outbox,
-//! 4. the new summary (and its status key), which names the seq the commit began at,
+//! 4. the new summary, which names the seq the commit began at,
 //! 5. the other index changes [`RunSummary::apply`] derived (pending gates, ready
 //!    queue, deadlines, idempotency keys, rule history).
 //!
 //! The mark stays across the run's commits and is removed when the run's activation
 //! ends (`release`), when the run ends, and on `close`: a run makes about six commits
 //! and leaves about four marks behind, where a per-commit intent cost two writes each.
+//!
+//! The run's **status key** (`by_status`) is written when its mark goes, not by every
+//! commit: the mark's entry in memory ([`Marked`]) keeps the key stored and the status
+//! of the latest summary, `count_runs` and `list_runs` read the index through those
+//! entries, and whatever removes the mark writes the key first (`clear_dirty`, `close`,
+//! the open from the stored summary). A standard run writes three status keys where it
+//! wrote seven (a change of status is an insert and a remove).
 //!
 //! Readers never see an index entry before the summary that covers it (a gate shows in
 //! `pending` only once `read` returns its event), and `summary` takes the run's commit
@@ -46,6 +53,7 @@
 //! **Recovery.** sled recovers a prefix of its log, and a run's commits are written one
 //! after another, so after a crash only a marked run's last commit can be unfinished,
 //! and it is cut somewhere after the mark. On open, every marked run is checked:
+//! - its status key is written again from the stored summary, whatever follows;
 //! - events past the stored summary's `next_seq` are a commit cut before its summary:
 //!   they are removed (the summary is still the one before the commit; with no summary
 //!   at all, the creation is undone);
@@ -89,7 +97,7 @@ use crate::store::{
 };
 use crate::stored_summary::decode as decode_summary;
 use chrono::{DateTime, TimeZone, Utc};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -209,8 +217,32 @@ struct Inner {
     /// Commits to one run are serialized by the stripe its id falls in (creations with
     /// an idempotency key by the key's); commits to other runs go on at once.
     stripes: Box<[Mutex<()>]>,
-    /// The runs `dirty` holds (written under the run's commit lock).
-    dirty: Mutex<HashSet<RunId>>,
+    /// The runs `dirty` holds (written under the run's commit lock), with their status
+    /// keys: a marked run's key is written when its mark goes, not by every commit.
+    dirty: Mutex<HashMap<RunId, Marked>>,
+}
+
+/// A marked run's status: the key `by_status` holds for it and the status of its
+/// latest commit, which `clear_dirty` (or `close`, or recovery) writes there.
+/// [`SledStore::count_runs`] and `list_runs` read the index through these, so it is
+/// never behind for a reader. A standard run so writes three status keys where it
+/// wrote seven (insert and remove on each change of status).
+#[derive(Clone, Copy, Debug)]
+struct Marked {
+    /// The status key `by_status` holds (`None`: none, for a run created since).
+    stored: Option<RunStatus>,
+    /// The status of the run's summary.
+    status: RunStatus,
+}
+
+impl Marked {
+    /// Whether `by_status` shows the run under `status` though it is not, or does not
+    /// though it is.
+    fn stale_for(&self, status: RunStatus) -> Option<bool> {
+        let listed = self.stored == Some(status);
+        let is = self.status == status;
+        (listed != is).then_some(is)
+    }
 }
 
 /// Journals up to this many records long are read with point reads (`read_to`).
@@ -437,7 +469,7 @@ impl SledStore {
                 outbox_ids: Mutex::new(OutboxIds::default()),
                 state: Mutex::new(state),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-                dirty: Mutex::new(HashSet::new()),
+                dirty: Mutex::new(HashMap::new()),
             }),
         };
         store.open_outboxes()?;
@@ -459,13 +491,17 @@ impl SledStore {
         let inner = Arc::try_unwrap(self.inner).map_err(|_| {
             Error::Storage("cannot close the store: other handles to it are still alive".into())
         })?;
-        // The marks are about to go: store the wake-ups they covered first.
+        // The marks are about to go: store the wake-ups they covered first, and the
+        // status keys their commits left.
         {
             let mut st = lock(&inner.state);
             for (run, wake) in st.wake.iter_mut().filter(|(_, w)| !w.stored) {
                 inner.trees.ready.insert(ready_key(wake.ms, *run), &[])?;
                 wake.stored = true;
             }
+        }
+        for (run, marked) in lock(&inner.dirty).iter() {
+            write_status_key(&inner.trees.by_status, *run, *marked)?;
         }
         // Every commit is whole (no other handle is alive): no run needs checking.
         for key in inner.trees.dirty.iter().keys() {
@@ -531,14 +567,24 @@ impl SledStore {
         Ok(out)
     }
 
-    /// How many runs have this status (a scan of the status index's prefix).
+    /// How many runs have this status: a scan of the status index's prefix, corrected
+    /// for the marked runs whose keys are not written yet (see [`Marked`]). Exact when
+    /// no commit is under way; one racing it may be counted on either side.
     pub fn count_runs(&self, status: RunStatus) -> Result<usize> {
-        let mut n = 0;
+        let (mut added, mut removed) = (0usize, 0usize);
+        for marked in lock(&self.inner.dirty).values() {
+            match marked.stale_for(status) {
+                Some(true) => added += 1,
+                Some(false) => removed += 1,
+                None => {}
+            }
+        }
+        let mut n = 0usize;
         for item in self.inner.trees.by_status.scan_prefix([status.code()]).keys() {
             item?;
             n += 1;
         }
-        Ok(n)
+        Ok((n + added).saturating_sub(removed))
     }
 
     /// How many gates are open (a scan of the pending index).
@@ -811,9 +857,13 @@ impl SledStore {
                     }
                 }
             }
-            // The mark covered the wake-ups of the run's commits since its last release:
-            // store one before the mark goes. An activation with nothing to do just
-            // suspends again.
+            // The mark covered the wake-ups of the run's commits since its last release
+            // and its status key: store both before the mark goes. An activation with
+            // nothing to do just suspends again.
+            if let Some(bytes) = trees.runs.get(run.as_bytes())? {
+                let summary = decode_summary(run, &bytes)?;
+                Writer::new(self).put_status(&summary, Prior::Unknown)?;
+            }
             self.make_ready_at_once(run)?;
             trees.dirty.remove(run.as_bytes())?;
         }
@@ -873,22 +923,37 @@ impl SledStore {
         }
     }
 
-    /// Marks `run` dirty before a commit's first write, unless it is already. Under the
-    /// run's commit lock (or, for a creation, before anyone knows the run).
-    fn mark_dirty(&self, run: RunId) -> Result<()> {
-        if lock(&self.inner.dirty).contains(&run) {
+    /// Marks `run` dirty before a commit's first write, unless it is already; `stored`
+    /// is the status key `by_status` holds for it (that of its summary, as the run is
+    /// not marked; `None` for a creation). Under the run's commit lock (or, for a
+    /// creation, before anyone knows the run).
+    fn mark_dirty(&self, run: RunId, stored: Option<RunStatus>) -> Result<()> {
+        if lock(&self.inner.dirty).contains_key(&run) {
             return Ok(());
         }
         self.inner.trees.dirty.insert(run.as_bytes(), &[])?;
-        lock(&self.inner.dirty).insert(run);
+        let status = stored.unwrap_or(RunStatus::Running);
+        lock(&self.inner.dirty).insert(run, Marked { stored, status });
         Ok(())
     }
 
-    /// Removes `run`'s mark, once its commits so far are whole. Under its commit lock.
-    fn clear_dirty(&self, run: RunId) -> Result<()> {
-        if lock(&self.inner.dirty).remove(&run) {
-            self.inner.trees.dirty.remove(run.as_bytes())?;
+    /// Notes the status of a marked run's summary, just written by a commit, for its
+    /// status key when the mark goes. Under the run's commit lock.
+    fn note_status(&self, run: RunId, status: RunStatus) {
+        if let Some(marked) = lock(&self.inner.dirty).get_mut(&run) {
+            marked.status = status;
         }
+    }
+
+    /// Removes `run`'s mark, once its commits so far are whole, after writing the status
+    /// key its commits left for it. Under its commit lock.
+    fn clear_dirty(&self, run: RunId) -> Result<()> {
+        let Some(marked) = lock(&self.inner.dirty).get(&run).copied() else {
+            return Ok(());
+        };
+        write_status_key(&self.inner.trees.by_status, run, marked)?;
+        lock(&self.inner.dirty).remove(&run);
+        self.inner.trees.dirty.remove(run.as_bytes())?;
         Ok(())
     }
 
@@ -1090,7 +1155,8 @@ impl SledStore {
     }
 
     /// Every index entry of every run agrees with the run's journal: its summary is the
-    /// journal's fold, its status key is there (and no other), its open gates are the
+    /// journal's fold, its status key is there and no other (for a marked run, the key its
+    /// mark noted: see [`Marked`]), its open gates are the
     /// `pending` entries, and no commit is left unfinished. Returns what disagrees (an
     /// empty list when all is well). For offline checks and crash tests.
     pub fn check_indexes(&self) -> Result<Vec<String>> {
@@ -1100,6 +1166,7 @@ impl SledStore {
             let key = item?;
             problems.push(format!("unfinished commit for {:?}", run_from_key(&key)));
         }
+        let marked = lock(&self.inner.dirty).clone();
         let mut gates = 0usize;
         for item in trees.runs.iter() {
             let (k, v) = item?;
@@ -1119,9 +1186,18 @@ impl SledStore {
                     "run {run}: summary {stored:?} is not its journal's {derived:?}"
                 ));
             }
+            // A marked run's key is the one its mark noted (written when the mark goes).
+            let key = match marked.get(&run) {
+                Some(m) if m.status != stored.status => {
+                    problems.push(format!("run {run}: marked {m:?}, summary {:?}", stored.status));
+                    m.stored
+                }
+                Some(m) => m.stored,
+                None => Some(stored.status),
+            };
             for st in RunStatus::ALL {
                 let present = trees.by_status.contains_key(status_key(st, run))?;
-                if present != (st == stored.status) {
+                if present != (Some(st) == key) {
                     problems.push(format!("run {run}: status key {st:?} present={present}"));
                 }
             }
@@ -1269,9 +1345,16 @@ impl<'a> Writer<'a> {
     /// Writes the summary (its wake-up lives in the ready queue) and its status key, for
     /// a commit whose events began at `commit_from`.
     fn put_summary(&self, summary: &RunSummary, prior: Prior, commit_from: Seq) -> Result<()> {
+        self.put_summary_only(summary, commit_from)?;
+        self.put_status(summary, prior)
+    }
+
+    /// Writes the summary without its status key: a commit's, whose run is marked (the
+    /// key is written when the mark goes, [`SledStore::clear_dirty`]).
+    fn put_summary_only(&self, summary: &RunSummary, commit_from: Seq) -> Result<()> {
         let bytes = crate::stored_summary::encode(summary, false, commit_from)?;
         self.trees.runs.insert(summary.id.as_bytes(), bytes)?;
-        self.put_status(summary, prior)
+        Ok(())
     }
 
     /// Makes the run ready at `at` (or earlier, if it already was): into the ready queue,
@@ -1444,6 +1527,20 @@ impl<'a> Writer<'a> {
     }
 }
 
+/// Moves a marked run's status key to the status of its summary: the new key first, so
+/// a crash between the two leaves the run under both (and still marked, so the open
+/// writes its key again), never under neither.
+fn write_status_key(by_status: &sled::Tree, run: RunId, marked: Marked) -> Result<()> {
+    if marked.stored == Some(marked.status) {
+        return Ok(());
+    }
+    by_status.insert(status_key(marked.status, run), &[])?;
+    if let Some(old) = marked.stored {
+        by_status.remove(status_key(old, run))?;
+    }
+    Ok(())
+}
+
 /// Sets the run's one wake-up (earlier or later than before), or removes it. With
 /// [`Durability::Stored`] the `ready` tree gets it; with `Covered` it stays in memory,
 /// and a stored one it replaces is removed from the tree. A new entry is written before
@@ -1588,15 +1685,15 @@ impl Store for SledStore {
                     let mut summary = RunSummary::start(&run);
                     summary.bytes = record.len() as u64;
                     let mut changes = summary.apply(&event, head);
-                    self.mark_dirty(run.id)?;
+                    self.mark_dirty(run.id, None)?;
                     trees
                         .events
                         .insert(codec::record_key(run.id, Seq::ZERO), record)?;
                     let w = Writer::commit(self);
                     hidden = w.queue_notifications(run.id, &mut changes)?;
-                    // No status key to clear: the run did not exist (an undone creation
-                    // removed its status keys with its summary).
-                    w.put_summary(&summary, Prior::Nothing, Seq::ZERO)?;
+                    // Its status key is written when its mark goes.
+                    w.put_summary_only(&summary, Seq::ZERO)?;
+                    self.note_status(run.id, summary.status);
                     if let Some(key) = &run.idempotency_key {
                         let mut v = run.id.as_bytes().to_vec();
                         v.extend_from_slice(&hash);
@@ -1666,10 +1763,9 @@ impl Store for SledStore {
                 limits.max_run_events,
                 limits.max_run_bytes,
             )?;
-            self.mark_dirty(run)?;
+            self.mark_dirty(run, Some(summary.status))?;
             let commit_from = summary.next_seq;
             summary.bytes = bytes_after;
-            let old_status = summary.status;
             let mut changes = Vec::new();
             for (i, ((event, hash), record)) in events.iter().zip(records).enumerate() {
                 if i > 0 {
@@ -1685,7 +1781,8 @@ impl Store for SledStore {
             crate::failpoint::hit_after("commit-before-summary", || {
                 let _ = self.inner.db.flush();
             });
-            w.put_summary(&summary, Prior::Was(old_status), commit_from)?;
+            w.put_summary_only(&summary, commit_from)?;
+            self.note_status(run, summary.status);
             crate::failpoint::hit_after("commit-before-indexes", || {
                 let _ = self.inner.db.flush();
             });
@@ -1743,13 +1840,39 @@ impl Store for SledStore {
                     }
                     None => vec![st.code()],
                 };
-                for item in self.inner.trees.by_status.range(start..) {
-                    let (k, _) = item?;
-                    if k.first() != Some(&st.code()) || out.len() >= limit {
-                        break;
+                // The index, merged in run order with the marked runs it does not show
+                // under `st` yet; each candidate is kept only if its summary says `st`
+                // (a marked run's key may still name the status it had before).
+                let mut missing: Vec<RunId> = lock(&self.inner.dirty)
+                    .iter()
+                    .filter(|(run, m)| m.stale_for(st) == Some(true) && after.is_none_or(|a| **run > a))
+                    .map(|(run, _)| *run)
+                    .collect();
+                missing.sort_unstable();
+                let mut missing = missing.into_iter().peekable();
+                let mut indexed = self.inner.trees.by_status.range(start..).keys();
+                let mut next_indexed = || -> Result<Option<RunId>> {
+                    match indexed.next().transpose()? {
+                        Some(k) if k.first() == Some(&st.code()) => Ok(run_from_key(&k[1..])),
+                        _ => Ok(None),
                     }
-                    if let Some(run) = run_from_key(&k[1..]) {
-                        if let Some(s) = self.summary_now(run)? {
+                };
+                let mut from_index = next_indexed()?;
+                while out.len() < limit {
+                    let run = match (from_index, missing.peek().copied()) {
+                        (None, None) => break,
+                        (Some(i), Some(m)) if m < i => missing.next(),
+                        (Some(i), m) => {
+                            if m == Some(i) {
+                                missing.next();
+                            }
+                            from_index = next_indexed()?;
+                            Some(i)
+                        }
+                        (None, Some(_)) => missing.next(),
+                    };
+                    if let Some(s) = run.map(|run| self.summary_now(run)).transpose()?.flatten() {
+                        if s.status == st {
                             out.push(s);
                         }
                     }
@@ -1919,10 +2042,18 @@ impl Store for SledStore {
             };
             trees.intents.insert(run.as_bytes(), intent.encode())?;
             self.state().leases.remove(&run);
-            let old = summary.status;
+            // A marked run's key is the one its mark noted, not its summary's.
+            let prior = match lock(&self.inner.dirty).get(&run) {
+                Some(marked) => marked.stored.map_or(Prior::Nothing, Prior::Was),
+                None => Prior::Was(summary.status),
+            };
             park(&mut summary, &reason);
             let w = Writer::new(self);
-            w.put_summary(&summary, Prior::Was(old), summary.next_seq)?;
+            w.put_summary(&summary, prior, summary.next_seq)?;
+            if let Some(marked) = lock(&self.inner.dirty).get_mut(&run) {
+                marked.stored = Some(summary.status);
+                marked.status = summary.status;
+            }
             w.unschedule(run)?;
             trees.intents.remove(run.as_bytes())?;
         }

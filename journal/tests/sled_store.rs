@@ -283,7 +283,11 @@ async fn live_bytes_counts_keys_and_values_per_tree() {
     assert_eq!(tree("events").entries, 3);
     assert_eq!(tree("events").bytes, record_bytes);
     assert_eq!(tree("runs").entries, 2);
-    assert_eq!(tree("by_status").entries, 2);
+    assert_eq!(
+        tree("by_status").entries,
+        0,
+        "marked runs' status keys are written when their marks go"
+    );
     assert_eq!(tree("intents").entries, 0, "no commit left unfinished");
     assert_eq!(
         tree("dirty").entries,
@@ -328,6 +332,87 @@ async fn dirty_marks_last_from_a_commit_to_the_end_of_the_activation() {
     store.close().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     assert_eq!(marks(&store), 0, "close left no run to check");
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+}
+
+/// A marked run's status key is written when its mark goes, not by each commit:
+/// `count_runs` and `list_runs` still answer with every run's current status, before
+/// and after the key is written, and after a crash that left keys unwritten.
+#[tokio::test]
+async fn status_keys_wait_for_the_mark_and_readers_never_see_them_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = |store: &SledStore| {
+        let trees = store.live_bytes().unwrap();
+        trees.into_iter().find(|t| t.tree == "by_status").unwrap().entries
+    };
+    let listed = |store: SledStore, st: RunStatus, after: Option<RunId>, limit: usize| async move {
+        let runs = store.list_runs(Some(st), after, limit).await.unwrap();
+        let ids: Vec<RunId> = runs.iter().map(|s| s.id).collect();
+        assert!(runs.iter().all(|s| s.status == st), "{runs:?}");
+        (store, ids)
+    };
+    let counts = |store: &SledStore| {
+        [RunStatus::Running, RunStatus::Waiting, RunStatus::Completed].map(|st| store.count_runs(st).unwrap())
+    };
+    let store = SledStore::open(dir.path()).unwrap();
+    let mut ids = [
+        store.create_run(new_run("w")).await.unwrap().run(),
+        store.create_run(new_run("w")).await.unwrap().run(),
+    ];
+    ids.sort();
+    let [a, b] = ids;
+    assert_eq!(keys(&store), 0, "a creation writes no status key");
+    assert_eq!(counts(&store), [2, 0, 0]);
+    let (store, running) = listed(store, RunStatus::Running, None, 10).await;
+    assert_eq!(running, [a, b]);
+    let (store, page) = listed(store, RunStatus::Running, None, 1).await;
+    assert_eq!(page, [a]);
+    let (store, page) = listed(store, RunStatus::Running, Some(a), 10).await;
+    assert_eq!(page, [b]);
+
+    let leases = store
+        .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    let lease_a = leases.iter().find(|l| l.run == a).unwrap();
+    let mut opened = append(a, 1, vec![gate(1)]);
+    opened.lease = Some(lease_a.token);
+    store.append(opened).await.unwrap().unwrap();
+    assert_eq!(keys(&store), 0, "nor does a commit of a marked run");
+    assert_eq!(counts(&store), [1, 1, 0]);
+    let (store, waiting) = listed(store, RunStatus::Waiting, None, 10).await;
+    assert_eq!(waiting, [a]);
+    store.release(lease_a, None).await.unwrap();
+    assert_eq!(keys(&store), 1, "the release wrote a's key");
+    assert_eq!(counts(&store), [1, 1, 0]);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+
+    // Decided: a is running again, while its key still says waiting.
+    assert!(append_now(&store, a, approve(1)).await);
+    assert_eq!(counts(&store), [2, 0, 0]);
+    let (store, waiting) = listed(store, RunStatus::Waiting, None, 10).await;
+    assert!(waiting.is_empty(), "{waiting:?}");
+    let (store, running) = listed(store, RunStatus::Running, None, 10).await;
+    assert_eq!(running, [a, b]);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+
+    // A crash: both runs are marked, a's key is behind and b has none.
+    drop(store);
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(keys(&store), 2, "the open wrote both keys");
+    assert_eq!(counts(&store), [2, 0, 0]);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+
+    // An end writes the key at once (the mark goes with it); a close writes the rest.
+    assert!(append_now(&store, b, EventKind::RunCompleted { output: json!(1) }).await);
+    assert_eq!(counts(&store), [1, 0, 1]);
+    assert!(append_now(&store, a, gate(2)).await);
+    assert_eq!(counts(&store), [0, 1, 1]);
+    store.close().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(counts(&store), [0, 1, 1]);
+    let (store, completed) = listed(store, RunStatus::Completed, None, 10).await;
+    assert_eq!(completed, [b]);
     assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
 }
 
