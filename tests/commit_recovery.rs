@@ -1,9 +1,11 @@
-//! A sled commit cut by a crash: after its events and summary reached the disk but before
-//! its index changes, reopening finishes it; before its summary, or between its events,
-//! reopening undoes it (see `sled_store`'s module docs). The crashes are real: a child
-//! process aborts at a failpoint, after a flush, so the half-done commit is what the
-//! next open finds. The store queues webhook notifications, which a commit writes before
-//! its summary: an undone commit's are dropped, a finished commit's are not queued twice.
+//! A sled commit cut by a crash: after its events reached the disk but before its index
+//! changes (its summary, and those of the run's commits since its creation, only in
+//! memory), reopening finishes it; before its last event, which ends it, or between its
+//! events, reopening undoes it (see `sled_store`'s module docs). The crashes are real: a
+//! child process aborts at a failpoint, after a flush, so the half-done commit is what
+//! the next open finds. The store queues webhook notifications, which a commit writes
+//! before its last event: an undone commit's are dropped, a finished commit's are not
+//! queued twice.
 #![cfg(feature = "failpoints")]
 
 use chrono::Utc;
@@ -115,15 +117,15 @@ async fn the_run(store: &SledStore) -> (RunId, usize) {
 }
 
 #[tokio::test]
-async fn a_commit_cut_before_its_summary_is_undone_on_open() {
-    const TEST: &str = "a_commit_cut_before_its_summary_is_undone_on_open";
+async fn a_commit_cut_before_its_last_event_is_undone_on_open() {
+    const TEST: &str = "a_commit_cut_before_its_last_event_is_undone_on_open";
     if let Some(dir) = std::env::var_os(CHILD) {
         write_until_crash(Path::new(&dir)).await;
         return;
     }
-    // The gate's commit: its event on disk, the summary still the created run's.
+    // The gate's commit: its notification queued, its one event not written.
     let dir = tempfile::tempdir().unwrap();
-    crash_at(dir.path(), TEST, "commit-before-summary", 1);
+    crash_at(dir.path(), TEST, "commit-before-last-event", 1);
     let store = open(dir.path());
     let (run, events) = the_run(&store).await;
     assert_eq!(events, 1, "the gate's event is gone");
@@ -182,8 +184,8 @@ async fn a_commit_cut_before_its_indexes_is_finished_on_open() {
         write_until_crash(Path::new(&dir)).await;
         return;
     }
-    // Pass 1: the gate's commit (events and summary on disk, no pending entry, no
-    // deadline entry yet).
+    // Pass 1: the gate's commit (its event on disk, its summary in memory only, no
+    // pending entry, no deadline entry yet).
     let dir = tempfile::tempdir().unwrap();
     crash_at(dir.path(), TEST, "commit-before-indexes", 1);
     let store = open(dir.path());
@@ -198,13 +200,13 @@ async fn a_commit_cut_before_its_indexes_is_finished_on_open() {
     assert_eq!(
         queued(&store).await,
         ["gate.opened@1"],
-        "queued before the summary, so not again"
+        "queued before the commit's last event, so not again"
     );
     store.close().unwrap();
 
-    // Pass 2: the decision's commit (the gate is decided in the journal and the
-    // summary; its pending entry and deadline are still there, the rule history and the
-    // wake-up not yet).
+    // Pass 2: the decision's commit (the gate is decided in the journal; the summaries
+    // of both commits were in memory only; its pending entry and deadline are still
+    // there, the rule history and the wake-up not yet).
     let dir = tempfile::tempdir().unwrap();
     crash_at(dir.path(), TEST, "commit-before-indexes", 2);
     let store = open(dir.path());
@@ -238,8 +240,8 @@ async fn a_commit_cut_before_its_indexes_is_finished_on_open() {
     assert_eq!(queued(&store).await, ["gate.opened@1", "gate.decided@2"]);
     store.close().unwrap();
 
-    // Pass 3: the two gates' commit (both events and the summary on disk, neither gate
-    // pending yet).
+    // Pass 3: the two gates' commit (both events on disk, the summaries of the last
+    // three commits in memory only, neither gate pending yet).
     let dir = tempfile::tempdir().unwrap();
     crash_at(dir.path(), TEST, "commit-before-indexes", 3);
     let store = open(dir.path());

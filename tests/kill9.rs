@@ -348,7 +348,7 @@ fn parent() -> Result<(), String> {
         "group-commit-before-fsync",
         "step-after-effect",
         "commit-between-events",
-        "commit-before-summary",
+        "commit-before-last-event",
         "commit-before-indexes",
     ];
     let (mut kills, mut aborts, mut finished_early) = (0, 0, 0);

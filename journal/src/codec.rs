@@ -17,6 +17,12 @@
 //! but they are checked, so a record copied under another key fails its checksum. The chain hash of
 //! a record is `SHA-256(prev_hash ++ place ++ bytes 37..)`.
 //!
+//! Record format 3 is format 2 for the last record of a commit, which the sled store
+//! writes as its commit point (a crash leaves a commit whole only if its last record is
+//! there: [`ends_commit`]). Its CRC covers the format byte too, so a flipped flag is
+//! found like any other damaged byte; its chain hash is format 2's, so marking a record
+//! changes no head.
+//!
 //! Record format 1 (still read, never written): bytes 0..37 as above without `place` in
 //! the CRC, then the whole [`Event`] as JSON; its chain hash is `SHA-256(prev_hash ++
 //! json)`. The chain continues across the two formats, so journals begun before the
@@ -39,6 +45,8 @@ use std::fmt;
 pub const RECORD_FORMAT: u8 = 2;
 /// The first record layout, read but no longer written.
 pub const RECORD_FORMAT_1: u8 = 1;
+/// [`RECORD_FORMAT`] for the last record of a commit ([`end_commit`]).
+pub const RECORD_FORMAT_COMMIT_END: u8 = 3;
 /// Bytes before the body: format, CRC and the previous chain hash.
 pub const HEADER_LEN: usize = 1 + 4 + 32;
 /// Bytes of a format-2 body before the event's JSON: `at` and `v`.
@@ -167,13 +175,38 @@ fn chain(prev: &ChainHash, place: Option<&[u8; 24]>, body: &[u8]) -> ChainHash {
     ChainHash(h.finalize().into())
 }
 
-fn crc(place: Option<&[u8; 24]>, rest: &[u8]) -> u32 {
+/// The CRC of a record: over its place (formats 2 and 3), its format byte (format 3
+/// only: formats 1 and 2 were written without it), and its bytes from 5 on.
+fn crc(place: Option<&[u8; 24]>, format: u8, rest: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     if let Some(place) = place {
         h.update(place);
     }
+    if format == RECORD_FORMAT_COMMIT_END {
+        h.update(&[format]);
+    }
     h.update(rest);
     h.finalize()
+}
+
+/// Marks a record [`encode`] made for (`run`, `seq`) as the last of its commit (format
+/// 3), checksummed again; its chain hash does not change.
+pub fn end_commit(run: RunId, seq: Seq, record: &mut [u8]) {
+    if record.first() != Some(&RECORD_FORMAT) || record.len() < HEADER_LEN {
+        return;
+    }
+    record[0] = RECORD_FORMAT_COMMIT_END;
+    let crc = crc(
+        Some(&record_key(run, seq)),
+        RECORD_FORMAT_COMMIT_END,
+        &record[5..],
+    );
+    record[1..5].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Whether a record, checked, is the last of its commit.
+pub fn ends_commit(checked: &Checked<'_>) -> bool {
+    checked.format == RECORD_FORMAT_COMMIT_END
 }
 
 /// Encodes `event` as a record following `prev` (record format 2). Returns the record
@@ -197,7 +230,7 @@ pub fn encode(event: &Event, prev: &ChainHash, limit: usize) -> Result<(Vec<u8>,
         });
     }
     let place = record_key(event.run, event.seq);
-    let crc = crc(Some(&place), &record[5..]);
+    let crc = crc(Some(&place), RECORD_FORMAT, &record[5..]);
     record[1..5].copy_from_slice(&crc.to_be_bytes());
     let hash = chain(prev, Some(&place), &record[HEADER_LEN..]);
     Ok((record, hash))
@@ -222,7 +255,9 @@ impl Checked<'_> {
 pub fn check(run: RunId, seq: Seq, record: &[u8]) -> Result<Checked<'_>> {
     let corrupt = |reason: String| Error::Corrupt { run, seq, reason };
     let (place, shortest) = match record.first() {
-        Some(&RECORD_FORMAT) => (Some(record_key(run, seq)), HEADER_LEN + ENVELOPE_LEN + 2),
+        Some(&RECORD_FORMAT | &RECORD_FORMAT_COMMIT_END) => {
+            (Some(record_key(run, seq)), HEADER_LEN + ENVELOPE_LEN + 2)
+        }
         Some(&RECORD_FORMAT_1) => (None, HEADER_LEN + 2),
         Some(other) => return Err(corrupt(format!("unknown record format byte {other}"))),
         None => return Err(corrupt("record is empty".into())),
@@ -234,7 +269,7 @@ pub fn check(run: RunId, seq: Seq, record: &[u8]) -> Result<Checked<'_>> {
         )));
     }
     let stored = u32::from_be_bytes([record[1], record[2], record[3], record[4]]);
-    let actual = crc(place.as_ref(), &record[5..]);
+    let actual = crc(place.as_ref(), record[0], &record[5..]);
     if stored != actual {
         return Err(corrupt(format!(
             "checksum mismatch (stored {stored:08x}, computed {actual:08x}): the record is damaged or is not stored where it was written"
@@ -516,6 +551,29 @@ mod tests {
                 output: serde_json::json!({"ok": seq}),
             },
         }
+    }
+
+    #[test]
+    fn a_commit_end_keeps_the_chain_and_its_flag_is_checksummed() {
+        let run = RunId::new();
+        let e = event(run, 4);
+        let (plain, hash) = encode(&e, &ChainHash::GENESIS, 65_536).unwrap();
+        let mut last = plain.clone();
+        end_commit(run, Seq(4), &mut last);
+        assert_eq!(last[0], RECORD_FORMAT_COMMIT_END);
+        let checked = check(run, Seq(4), &last).unwrap();
+        assert!(ends_commit(&checked));
+        assert!(!ends_commit(&check(run, Seq(4), &plain).unwrap()));
+        let (decoded, head) = decode(run, Seq(4), &last, &ChainHash::GENESIS).unwrap();
+        assert_eq!((decoded, head), (e, hash), "same event, same chain hash");
+        // The flag cannot be flipped either way unnoticed, nor moved to another place.
+        let mut cleared = last.clone();
+        cleared[0] = RECORD_FORMAT;
+        assert!(check(run, Seq(4), &cleared).is_err());
+        let mut set = plain.clone();
+        set[0] = RECORD_FORMAT_COMMIT_END;
+        assert!(check(run, Seq(4), &set).is_err());
+        assert!(check(run, Seq(5), &last).is_err());
     }
 
     #[test]

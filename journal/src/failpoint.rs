@@ -7,10 +7,11 @@
 //! `step-after-effect` (a step's body returned; its `step-completed` not yet recorded),
 //! `commit-between-events` (a sled commit of several events: its first written and
 //! handed to the disk, the rest not yet: recovery must undo it),
-//! `commit-before-summary` (a sled commit's events written and handed to the disk, its
-//! summary not yet: recovery must undo it),
-//! `commit-before-indexes` (a sled commit's events and summary written and handed to
-//! the disk, its index changes not yet: recovery must finish it).
+//! `commit-before-last-event` (a sled commit's notifications queued and its events but
+//! the last written and handed to the disk, the last one not yet: recovery must undo
+//! it),
+//! `commit-before-indexes` (a sled commit's events written and handed to the disk, its
+//! summary only in memory, its index changes not yet: recovery must finish it).
 
 #[cfg(feature = "failpoints")]
 mod imp {

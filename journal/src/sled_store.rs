@@ -24,9 +24,10 @@
 //! fixed order that recovery can finish or undo: an append encodes its records outside
 //! the lock, then under it checks the expected seq and the lease, and writes
 //! 1. a *dirty mark* for the run, unless it has one already,
-//! 2. the events,
+//! 2. the events but the last,
 //! 3. the webhook notifications the events raise, in each endpoint's outbox,
-//! 4. the new summary, which names the seq the commit began at,
+//! 4. the last event, as a record that ends its commit (record format 3,
+//!    [`codec::ends_commit`]): the commit point,
 //! 5. the other index changes [`RunSummary::apply`] derived (pending gates, ready
 //!    queue, deadlines, idempotency keys, rule history).
 //!
@@ -34,12 +35,15 @@
 //! ends (`release`), when the run ends, and on `close`: a run makes about six commits
 //! and leaves about four marks behind, where a per-commit intent cost two writes each.
 //!
-//! The run's **status key** (`by_status`) is written when its mark goes, not by every
-//! commit: the mark's entry in memory ([`Marked`]) keeps the key stored and the status
-//! of the latest summary, `count_runs` and `list_runs` read the index through those
-//! entries, and whatever removes the mark writes the key first (`clear_dirty`, `close`,
-//! the open from the stored summary). A standard run writes three status keys where it
-//! wrote seven (a change of status is an insert and a remove).
+//! The run's **summary and status key** are written when its mark goes, not by every
+//! commit: the mark's entry in memory ([`Marked`]) keeps the latest summary (with the
+//! seq its commit began at) and the status key stored, readers take the summary from
+//! there first, `count_runs` and `list_runs` read the status index through those
+//! entries, and whatever removes the mark writes both first (`clear_dirty`, `close`;
+//! after a crash the open derives them from the journal). A creation writes its
+//! summary at once (it is a creation's commit point, and so every run is in `runs`),
+//! and past [`DEFERRED_SUMMARIES`] marks commits write theirs through. A standard run
+//! writes three summaries and three status keys where it wrote six and seven.
 //!
 //! Readers never see an index entry before the summary that covers it (a gate shows in
 //! `pending` only once `read` returns its event), and `summary` takes the run's commit
@@ -52,27 +56,38 @@
 //!
 //! **Recovery.** sled recovers a prefix of its log, and a run's commits are written one
 //! after another, so after a crash only a marked run's last commit can be unfinished,
-//! and it is cut somewhere after the mark. On open, every marked run is checked:
-//! - its status key is written again from the stored summary, whatever follows;
-//! - events past the stored summary's `next_seq` are a commit cut before its summary:
-//!   they are removed (the summary is still the one before the commit; with no summary
-//!   at all, the creation is undone);
-//! - otherwise the commit that wrote the summary may be cut in its index changes: the
-//!   summary before it is the fold of the journal up to the commit's first seq (what
-//!   `check_indexes` derives for every run), and from it and the commit's events the
-//!   summary and every index change but the notifications are derived again and
-//!   written (each write is idempotent). The notifications were queued before the
-//!   summary, so they are not queued again: a mark that outlives its run's last commit
-//!   (a release not yet flushed when the process died) costs no duplicate delivery.
+//! and it is cut somewhere after the mark. On open, every marked run is checked from
+//! its stored summary on (the summary of its last release, end or creation):
+//! - with no summary at all, the creation was cut: its events are removed;
+//! - the records past the summary are read in order, each checked (checksum, place,
+//!   link to the one before): the commits are whole up to the last record that ends
+//!   one, and records after it are a commit cut before its last record, never
+//!   acknowledged: they are removed. A record that fails its checks is damage, not a
+//!   cut (sled recovers only whole log messages): nothing is removed and the run is
+//!   parked for an operator;
+//! - the last whole commit may be cut in its index changes: the summary before it is
+//!   the fold of the journal up to the commit's first seq (what `check_indexes`
+//!   derives for every run), and from it and the commit's events the summary and every
+//!   index change but the notifications are derived again and written (each write is
+//!   idempotent). The commits before it finished their index changes before it began.
+//!   The notifications were queued before the commit's last record, so they are not
+//!   queued again: a mark that outlives its run's last commit (a release not yet
+//!   flushed when the process died) costs no duplicate delivery;
+//! - its status key is written again from the summary.
 //!
-//! The notifications of every undone commit are removed from the outbox (one pass
-//! over it, only when a crash cut a commit). Readers of the outbox never see them
-//! anyway: a commit's queue ids are hidden until its group commit's fsync, and every
-//! later id waits for them (`OutboxIds`), so a webhook only reports durable events.
+//! The notifications of every run checked past the end of its whole commits are
+//! removed from the outbox (one pass over it, when endpoints are named): a commit of
+//! one event queues them before its only record, so a cut there leaves no record to
+//! find. Readers of the outbox never see them anyway: a commit's queue ids are hidden
+//! until its group commit's fsync, and every later id waits for them (`OutboxIds`), so
+//! a webhook only reports durable events.
 //!
-//! Either way a commit recovery undoes was never acknowledged. `mark_stuck`, which
-//! writes no events, still writes a per-commit *intent* (the seq before and after, the
-//! reason), and intents left by earlier versions are still finished the same way.
+//! Either way a commit recovery undoes was never acknowledged. Directories written
+//! before commits ended in a marked record recover as they did: none of their records
+//! ends a commit, so records past the stored summary (then written by every commit) are
+//! a cut commit. `mark_stuck`, which writes no events, still writes a per-commit
+//! *intent* (the seq before and after, the reason), and intents left by earlier
+//! versions are still finished the same way.
 //!
 //! **Leases** live in memory (sled allows one process per directory, so a lease dies
 //! with its process anyway). A claimed run keeps its wake-up until its release, so a
@@ -222,18 +237,26 @@ struct Inner {
     dirty: Mutex<HashMap<RunId, Marked>>,
 }
 
-/// A marked run's status: the key `by_status` holds for it and the status of its
-/// latest commit, which `clear_dirty` (or `close`, or recovery) writes there.
-/// [`SledStore::count_runs`] and `list_runs` read the index through these, so it is
-/// never behind for a reader. A standard run so writes three status keys where it
-/// wrote seven (insert and remove on each change of status).
-#[derive(Clone, Copy, Debug)]
+/// What a marked run's commits left in memory for the mark's removal to write: its
+/// latest summary, unless the `runs` tree holds it, and its status key. `clear_dirty`
+/// (or `close`, or recovery from the journal) writes them. Readers read the summary
+/// here first, and [`SledStore::count_runs`] and `list_runs` read the status index
+/// through these entries, so neither is ever behind for a reader. A standard run so
+/// writes three summaries and three status keys where it wrote six and seven.
+#[derive(Clone, Debug)]
 struct Marked {
     /// The status key `by_status` holds (`None`: none, for a run created since).
     stored: Option<RunStatus>,
     /// The status of the run's summary.
     status: RunStatus,
+    /// The run's summary and the seq its commit began at, while `runs` holds an older
+    /// one (recovery finds a commit's end by its last record, [`codec::ends_commit`]).
+    summary: Option<Box<(RunSummary, Seq)>>,
 }
+
+/// Marked runs whose summaries may wait in memory (a few hundred bytes each); past
+/// this many marks, commits write their summaries through.
+const DEFERRED_SUMMARIES: usize = 16_384;
 
 impl Marked {
     /// Whether `by_status` shows the run under `status` though it is not, or does not
@@ -492,7 +515,7 @@ impl SledStore {
             Error::Storage("cannot close the store: other handles to it are still alive".into())
         })?;
         // The marks are about to go: store the wake-ups they covered first, and the
-        // status keys their commits left.
+        // summaries and status keys their commits left.
         {
             let mut st = lock(&inner.state);
             for (run, wake) in st.wake.iter_mut().filter(|(_, w)| !w.stored) {
@@ -500,8 +523,17 @@ impl SledStore {
                 wake.stored = true;
             }
         }
-        for (run, marked) in lock(&inner.dirty).iter() {
-            write_status_key(&inner.trees.by_status, *run, *marked)?;
+        {
+            let w = Writer {
+                trees: &inner.trees,
+                state: &inner.state,
+                endpoints: &inner.options.outbox_endpoints,
+                outbox_ids: &inner.outbox_ids,
+                wakes: Durability::Stored,
+            };
+            for (run, marked) in lock(&inner.dirty).iter() {
+                write_marked(&w, *run, marked)?;
+            }
         }
         // Every commit is whole (no other handle is alive): no run needs checking.
         for key in inner.trees.dirty.iter().keys() {
@@ -808,10 +840,10 @@ impl SledStore {
         Ok(())
     }
 
-    /// Checks the last commit of every run marked dirty (see the module docs): undoes
-    /// one cut before its summary, writes the index changes of the one that wrote the
-    /// summary again, makes the run ready (its commits' wake-ups were covered by the
-    /// mark, not stored) and removes the marks.
+    /// Checks the commits of every run marked dirty since its stored summary (see the
+    /// module docs): undoes one cut before its last record, writes the summary and the
+    /// index changes of the last whole one again, makes the run ready (its commits'
+    /// wake-ups were covered by the mark, not stored) and removes the marks.
     fn finish_dirty(&self) -> Result<()> {
         let trees = &self.inner.trees;
         let marked: Vec<RunId> = trees
@@ -820,41 +852,94 @@ impl SledStore {
             .keys()
             .map(|k| run_from_key(&k?).ok_or_else(|| Error::Storage("malformed dirty mark key".into())))
             .collect::<Result<_>>()?;
-        // Runs whose last commit was undone, from the first seq undone.
-        let mut cut = HashMap::new();
+        // Where each marked run's whole commits end: its notifications from there on are
+        // a cut commit's (queued before the commit's last record, perhaps before its
+        // first).
+        let mut ends = HashMap::new();
+        let mut undone = 0usize;
         for &run in &marked {
             let stored = match trees.runs.get(run.as_bytes())? {
                 Some(bytes) => Some(crate::stored_summary::decode_stored(run, &bytes)?),
                 None => None,
             };
             let next = stored.as_ref().map_or(Seq::ZERO, |s| s.summary.next_seq);
-            let past: Vec<sled::IVec> = self
+            let past: Vec<(sled::IVec, sled::IVec)> = self
                 .events_from(run, next)
-                .keys()
                 .collect::<std::result::Result<_, _>>()?;
-            if !past.is_empty() {
-                // Cut before its summary: the stored summary is the one before it.
-                for key in past {
+            let Some(stored) = stored else {
+                // A creation cut before its summary (its commit point): undone.
+                for (key, _) in &past {
                     trees.events.remove(key)?;
                 }
-                cut.insert(run, next);
-                tracing::warn!(%run, "undid a commit a crash cut short (it was never acknowledged)");
-            } else if let Some(stored) = stored {
-                let from = stored.commit_from.unwrap_or(next);
-                if from < next {
-                    let intent = Intent {
-                        target: next,
-                        stuck: None,
-                        old: if from == Seq::ZERO {
-                            Before::Created
-                        } else {
-                            Before::Journal(from)
-                        },
-                    };
-                    // Its notifications were queued before its summary: not again.
-                    if let Finished::Undone = self.finish_intent(run, intent, Requeue::No)? {
-                        cut.insert(run, from);
+                ends.insert(run, Seq::ZERO);
+                undone += 1;
+                tracing::warn!(%run, "undid a creation a crash cut short (it was never acknowledged)");
+                trees.dirty.remove(run.as_bytes())?;
+                continue;
+            };
+            // The commits past the stored summary are whole up to the last record that
+            // ends one.
+            let (mut end, mut last_from) = (next, stored.commit_from.unwrap_or(next));
+            let mut prev = stored.summary.head;
+            let mut damaged = None;
+            for (i, (key, record)) in past.iter().enumerate() {
+                let seq = Seq(next.0 + i as u64);
+                let checked = match codec::check(run, seq, record) {
+                    Ok(c) if key.as_ref() == codec::record_key(run, seq) && c.prev == prev => c,
+                    _ => {
+                        damaged = Some(seq);
+                        break;
                     }
+                };
+                prev = checked.hash();
+                if codec::ends_commit(&checked) {
+                    (last_from, end) = (end, Seq(seq.0 + 1));
+                }
+            }
+            if let Some(seq) = damaged {
+                // sled recovers only whole log messages, so this is damage, not a cut:
+                // nothing is removed, and the run waits for an operator.
+                let reason = format!(
+                    "journal damaged at seq {seq}, past the summary, found when recovering from a crash"
+                );
+                tracing::error!(%run, %seq, "{reason}");
+                let mut summary = stored.summary;
+                park(&mut summary, &reason);
+                let w = Writer::new(self);
+                w.put_summary(&summary, Prior::Unknown, next)?;
+                w.unschedule(run)?;
+                trees.dirty.remove(run.as_bytes())?;
+                continue;
+            }
+            ends.insert(run, end);
+            let whole = (end.0 - next.0) as usize;
+            if past.len() > whole {
+                // Cut before its last record: never acknowledged.
+                for (key, _) in &past[whole..] {
+                    trees.events.remove(key)?;
+                }
+                undone += 1;
+                tracing::warn!(%run, "undid a commit a crash cut short (it was never acknowledged)");
+            }
+            if last_from < end {
+                // The last whole commit may be cut in its index changes, and the
+                // summary of every commit since the stored one was in memory: the
+                // summary before the last commit is the fold of the journal up to its
+                // first seq, and from it the summary and the index changes are derived
+                // again and written. Its notifications were queued before its last
+                // record: not again.
+                let intent = Intent {
+                    target: end,
+                    stuck: None,
+                    old: if last_from == Seq::ZERO {
+                        Before::Created
+                    } else {
+                        Before::Journal(last_from)
+                    },
+                };
+                if let Finished::Undone = self.finish_intent(run, intent, Requeue::No)? {
+                    ends.insert(run, last_from);
+                    undone += 1;
                 }
             }
             // The mark covered the wake-ups of the run's commits since its last release
@@ -867,23 +952,23 @@ impl SledStore {
             self.make_ready_at_once(run)?;
             trees.dirty.remove(run.as_bytes())?;
         }
-        self.drop_notifications(&cut)?;
+        self.drop_notifications(&ends)?;
         if !marked.is_empty() {
             tracing::info!(
                 runs = marked.len(),
-                undone = cut.len(),
-                "checked the last commit of runs written when the store last stopped"
+                undone,
+                "checked the commits of runs written when the store last stopped"
             );
         }
         Ok(())
     }
 
-    /// Removes the queued notifications of events recovery undid: those of `cut`'s runs
-    /// from the seq given. A commit queues them before its summary, so a commit cut
-    /// after them and before the summary leaves them queued. One pass over the outbox,
-    /// only when a crash cut a commit.
+    /// Removes the queued notifications of events recovery undid or never found: those
+    /// of `cut`'s runs from the seq given. A commit queues them before its last record,
+    /// so a commit cut after them leaves them queued. One pass over the outbox, when
+    /// the open found marked runs and endpoints are named.
     fn drop_notifications(&self, cut: &HashMap<RunId, Seq>) -> Result<()> {
-        if cut.is_empty() {
+        if cut.is_empty() || self.inner.options.outbox_endpoints.is_empty() {
             return Ok(());
         }
         let outbox = &self.inner.trees.outbox;
@@ -933,25 +1018,48 @@ impl SledStore {
         }
         self.inner.trees.dirty.insert(run.as_bytes(), &[])?;
         let status = stored.unwrap_or(RunStatus::Running);
-        lock(&self.inner.dirty).insert(run, Marked { stored, status });
+        let marked = Marked {
+            stored,
+            status,
+            summary: None,
+        };
+        lock(&self.inner.dirty).insert(run, marked);
         Ok(())
     }
 
-    /// Notes the status of a marked run's summary, just written by a commit, for its
-    /// status key when the mark goes. Under the run's commit lock.
-    fn note_status(&self, run: RunId, status: RunStatus) {
-        if let Some(marked) = lock(&self.inner.dirty).get_mut(&run) {
-            marked.status = status;
+    /// Keeps the summary a commit of the marked `run` (its events from `commit_from`)
+    /// left, for the mark's removal to write, or writes it at once past
+    /// [`DEFERRED_SUMMARIES`] marks. Under the run's commit lock, after the commit's
+    /// last record.
+    fn keep_summary(&self, w: &Writer<'_>, summary: &RunSummary, commit_from: Seq) -> Result<()> {
+        {
+            let mut marks = lock(&self.inner.dirty);
+            let many = marks.len() > DEFERRED_SUMMARIES;
+            if let Some(marked) = marks.get_mut(&summary.id) {
+                marked.status = summary.status;
+                if !many {
+                    marked.summary = Some(Box::new((summary.clone(), commit_from)));
+                    return Ok(());
+                }
+                marked.summary = None;
+            }
         }
+        w.put_summary_only(summary, commit_from)
     }
 
-    /// Removes `run`'s mark, once its commits so far are whole, after writing the status
-    /// key its commits left for it. Under its commit lock.
+    /// The summary the mark of `run` keeps in memory, if any.
+    fn kept_summary(&self, run: RunId) -> Option<RunSummary> {
+        let marks = lock(&self.inner.dirty);
+        marks.get(&run)?.summary.as_ref().map(|kept| kept.0.clone())
+    }
+
+    /// Removes `run`'s mark, once its commits so far are whole, after writing the summary
+    /// and the status key its commits left in memory. Under its commit lock.
     fn clear_dirty(&self, run: RunId) -> Result<()> {
-        let Some(marked) = lock(&self.inner.dirty).get(&run).copied() else {
+        let Some(marked) = lock(&self.inner.dirty).get(&run).cloned() else {
             return Ok(());
         };
-        write_status_key(&self.inner.trees.by_status, run, marked)?;
+        write_marked(&Writer::new(self), run, &marked)?;
         lock(&self.inner.dirty).remove(&run);
         self.inner.trees.dirty.remove(run.as_bytes())?;
         Ok(())
@@ -1134,8 +1242,12 @@ impl SledStore {
         self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// The stored summary, without its wake-up (see [`SledStore::with_wake`]).
+    /// The run's latest summary (kept by its mark, or stored), without its wake-up (see
+    /// [`SledStore::with_wake`]).
     fn summary_now(&self, run: RunId) -> Result<Option<RunSummary>> {
+        if let Some(kept) = self.kept_summary(run) {
+            return Ok(Some(kept));
+        }
         match self.inner.trees.runs.get(run.as_bytes())? {
             None => Ok(None),
             Some(v) => decode_summary(run, &v).map(Some),
@@ -1171,7 +1283,10 @@ impl SledStore {
         for item in trees.runs.iter() {
             let (k, v) = item?;
             let run = run_from_key(&k).ok_or_else(|| Error::Storage("malformed key in runs tree".into()))?;
-            let stored = decode_summary(run, &v)?;
+            let stored = match marked.get(&run).and_then(|m| m.summary.as_ref()) {
+                Some(kept) => kept.0.clone(),
+                None => decode_summary(run, &v)?,
+            };
             let (events, records) = self.journal_prefix(run, None)?;
             let Some((mut derived, _)) = fold_records(None, &events, &records)? else {
                 problems.push(format!("run {run} has a summary and no events"));
@@ -1527,13 +1642,18 @@ impl<'a> Writer<'a> {
     }
 }
 
-/// Moves a marked run's status key to the status of its summary: the new key first, so
-/// a crash between the two leaves the run under both (and still marked, so the open
-/// writes its key again), never under neither.
-fn write_status_key(by_status: &sled::Tree, run: RunId, marked: Marked) -> Result<()> {
+/// Writes what a marked run's commits left in memory: its summary, then its status key
+/// moved to the summary's status (the new key first, so a crash between the two leaves
+/// the run under both, and still marked, so the open writes its key again; never under
+/// neither).
+fn write_marked(w: &Writer<'_>, run: RunId, marked: &Marked) -> Result<()> {
+    if let Some(kept) = &marked.summary {
+        w.put_summary_only(&kept.0, kept.1)?;
+    }
     if marked.stored == Some(marked.status) {
         return Ok(());
     }
+    let by_status = &w.trees.by_status;
     by_status.insert(status_key(marked.status, run), &[])?;
     if let Some(old) = marked.stored {
         by_status.remove(status_key(old, run))?;
@@ -1653,7 +1773,9 @@ impl Store for SledStore {
             v: event.event.format(),
             ..event
         };
-        let (record, head) = codec::encode(&event, &ChainHash::GENESIS, self.inner.options.max_event_bytes)?;
+        let (mut record, head) =
+            codec::encode(&event, &ChainHash::GENESIS, self.inner.options.max_event_bytes)?;
+        codec::end_commit(run.id, Seq::ZERO, &mut record);
         let hash = run.request_hash()?;
         let trees = &self.inner.trees;
         let mut hidden = Vec::new();
@@ -1691,9 +1813,12 @@ impl Store for SledStore {
                         .insert(codec::record_key(run.id, Seq::ZERO), record)?;
                     let w = Writer::commit(self);
                     hidden = w.queue_notifications(run.id, &mut changes)?;
-                    // Its status key is written when its mark goes.
+                    // Its summary is written (the creation's commit point: the open
+                    // undoes a run without one), its status key when its mark goes.
                     w.put_summary_only(&summary, Seq::ZERO)?;
-                    self.note_status(run.id, summary.status);
+                    if let Some(marked) = lock(&self.inner.dirty).get_mut(&run.id) {
+                        marked.status = summary.status;
+                    }
                     if let Some(key) = &run.idempotency_key {
                         let mut v = run.id.as_bytes().to_vec();
                         v.extend_from_slice(&hash);
@@ -1716,14 +1841,20 @@ impl Store for SledStore {
         let run = append.run;
         let expected = append.expected;
         let lease = append.lease;
-        // Encoded here, outside the lock.
-        let seen = self.inner.trees.runs.get(run.as_bytes())?;
-        let current = match &seen {
-            Some(bytes) => Some(decode_summary(run, bytes)?),
-            None => None,
+        // Encoded here, outside the lock, against the summary the run's mark keeps or
+        // the stored one.
+        let kept = self.kept_summary(run);
+        let seen = match kept {
+            Some(_) => None,
+            None => self.inner.trees.runs.get(run.as_bytes())?,
+        };
+        let current = match (kept, &seen) {
+            (Some(kept), _) => Some(kept),
+            (None, Some(bytes)) => Some(decode_summary(run, bytes)?),
+            (None, None) => None,
         };
         let prepared = codec::prepare_append(current, append, self.inner.options.max_event_bytes)?;
-        let (current, codec::Encoded { records, events }) = match prepared {
+        let (current, codec::Encoded { mut records, events }) = match prepared {
             Ok(p) => p,
             Err(conflict) => return Ok(Err(conflict)),
         };
@@ -1731,14 +1862,19 @@ impl Store for SledStore {
         let hidden;
         let outcome = {
             let _run = self.run_lock(run);
-            let Some(old_bytes) = trees.runs.get(run.as_bytes())? else {
-                return Err(Error::UnknownRun(run));
-            };
-            // Unchanged since it was read (the common case): no second decode.
-            let mut summary = if seen.as_ref() == Some(&old_bytes) {
-                current.clone()
-            } else {
-                decode_summary(run, &old_bytes)?
+            let mut summary = match self.kept_summary(run) {
+                Some(kept) => kept,
+                None => {
+                    let Some(old_bytes) = trees.runs.get(run.as_bytes())? else {
+                        return Err(Error::UnknownRun(run));
+                    };
+                    // Unchanged since it was read (the common case): no second decode.
+                    if seen.as_ref() == Some(&old_bytes) {
+                        current.clone()
+                    } else {
+                        decode_summary(run, &old_bytes)?
+                    }
+                }
             };
             if summary.next_seq != expected || summary.head != current.head {
                 return Ok(Err(AppendConflict {
@@ -1767,22 +1903,38 @@ impl Store for SledStore {
             let commit_from = summary.next_seq;
             summary.bytes = bytes_after;
             let mut changes = Vec::new();
-            for (i, ((event, hash), record)) in events.iter().zip(records).enumerate() {
+            for (event, hash) in &events {
+                changes.extend(summary.apply(event, *hash));
+            }
+            let w = Writer::commit(self);
+            // The records, the notifications before the last one, which ends the
+            // commit: a crash keeps the commit only if its last record is on disk, and
+            // then its notifications are queued too.
+            let mut queued = None;
+            let last = records.len().checked_sub(1);
+            for (i, ((event, _), record)) in events.iter().zip(records.iter_mut()).enumerate() {
                 if i > 0 {
                     crate::failpoint::hit_after("commit-between-events", || {
                         let _ = self.inner.db.flush();
                     });
                 }
-                trees.events.insert(codec::record_key(run, event.seq), record)?;
-                changes.extend(summary.apply(event, *hash));
+                if Some(i) == last {
+                    queued = Some(w.queue_notifications(run, &mut changes)?);
+                    crate::failpoint::hit_after("commit-before-last-event", || {
+                        let _ = self.inner.db.flush();
+                    });
+                    codec::end_commit(run, event.seq, record);
+                }
+                trees
+                    .events
+                    .insert(codec::record_key(run, event.seq), std::mem::take(record))?;
             }
-            let w = Writer::commit(self);
-            hidden = w.queue_notifications(run, &mut changes)?;
-            crate::failpoint::hit_after("commit-before-summary", || {
-                let _ = self.inner.db.flush();
-            });
-            w.put_summary_only(&summary, commit_from)?;
-            self.note_status(run, summary.status);
+            hidden = match queued {
+                Some(hidden) => hidden,
+                None => w.queue_notifications(run, &mut changes)?,
+            };
+            // The summary stays with the mark (written when it goes), the status key too.
+            self.keep_summary(&w, &summary, commit_from)?;
             crate::failpoint::hit_after("commit-before-indexes", || {
                 let _ = self.inner.db.flush();
             });
@@ -1891,7 +2043,12 @@ impl Store for SledStore {
                     let (k, v) = item?;
                     let run = run_from_key(&k)
                         .ok_or_else(|| Error::Storage("malformed key in runs tree".into()))?;
-                    out.push(decode_summary(run, &v)?);
+                    // A marked run's latest summary may be in memory (every run has one
+                    // stored, from its creation on).
+                    out.push(match self.kept_summary(run) {
+                        Some(kept) => kept,
+                        None => decode_summary(run, &v)?,
+                    });
                 }
             }
         }
@@ -2031,10 +2188,9 @@ impl Store for SledStore {
             if !self.state().leased(run, lease.token) {
                 return Err(Error::LeaseLost(run));
             }
-            let Some(old_bytes) = trees.runs.get(run.as_bytes())? else {
+            let Some(mut summary) = self.summary_now(run)? else {
                 return Err(Error::UnknownRun(run));
             };
-            let mut summary = decode_summary(run, &old_bytes)?;
             let intent = Intent {
                 target: summary.next_seq,
                 stuck: Some(reason.clone()),
@@ -2053,6 +2209,7 @@ impl Store for SledStore {
             if let Some(marked) = lock(&self.inner.dirty).get_mut(&run) {
                 marked.stored = Some(summary.status);
                 marked.status = summary.status;
+                marked.summary = None;
             }
             w.unschedule(run)?;
             trees.intents.remove(run.as_bytes())?;

@@ -225,9 +225,9 @@ async fn parallel_commits_keep_every_index_in_step() {
 }
 
 /// A directory written before summaries went binary keeps working: its JSON summaries
-/// read as they were, and a run's next commit stores its summary in the new format.
+/// read as they were, and the summary a run's next commit leaves is stored in the new format.
 #[tokio::test]
-async fn summaries_stored_as_json_read_and_are_rewritten_by_the_next_commit() {
+async fn summaries_stored_as_json_read_and_are_rewritten_in_the_binary_layout() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     let run = store.create_run(new_run("w")).await.unwrap().run();
@@ -414,6 +414,59 @@ async fn status_keys_wait_for_the_mark_and_readers_never_see_them_behind() {
     let (store, completed) = listed(store, RunStatus::Completed, None, 10).await;
     assert_eq!(completed, [b]);
     assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+}
+
+/// A marked run's summaries stay in memory until its mark goes: a crash loses them,
+/// and the open rebuilds each from the commits whose last record reached the disk. A
+/// record past the stored summary that fails its checks is damage, not a cut (sled
+/// recovers only whole log messages): nothing is removed and the run is parked.
+#[tokio::test]
+async fn summaries_kept_in_memory_are_rebuilt_after_a_crash_and_damage_parks_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let a = store.create_run(new_run("w")).await.unwrap().run();
+    let b = store.create_run(new_run("w")).await.unwrap().run();
+    for run in [a, b] {
+        assert!(append_now(&store, run, step(0)).await);
+        assert!(append_now(&store, run, gate(1)).await);
+    }
+    let before = store.summary(a).await.unwrap().unwrap();
+    assert_eq!((before.next_seq, before.status), (Seq(3), RunStatus::Waiting));
+    // One bit of b's second record flips on disk.
+    let mut record = store.raw_record(b, Seq(1)).unwrap().unwrap();
+    let last = record.len() - 2;
+    record[last] ^= 1;
+    store.overwrite_record(b, Seq(1), &record).unwrap();
+    // A crash: the marks stay, the summaries in memory are gone.
+    drop(store);
+
+    let store = SledStore::open(dir.path()).unwrap();
+    let after = store.summary(a).await.unwrap().unwrap();
+    assert_eq!(
+        (after.next_seq, after.head, after.status),
+        (before.next_seq, before.head, before.status)
+    );
+    assert_eq!(store.read(a, Seq::ZERO).await.unwrap().len(), 3);
+    let gates: Vec<RunId> = store
+        .pending(None, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.run)
+        .collect();
+    assert!(gates.contains(&a), "{gates:?}");
+    let parked = store.summary(b).await.unwrap().unwrap();
+    assert_eq!(parked.status, RunStatus::Stuck);
+    let reason = parked.stuck.unwrap_or_default();
+    assert!(reason.contains("damaged at seq 1"), "{reason}");
+    for seq in 1..3 {
+        assert!(
+            store.raw_record(b, Seq(seq)).unwrap().is_some(),
+            "record {seq} kept for an operator"
+        );
+    }
+    assert_eq!(store.count_runs(RunStatus::Stuck).unwrap(), 1);
+    assert_eq!(store.count_runs(RunStatus::Waiting).unwrap(), 1);
 }
 
 /// A run whose mark outlives its last commit (its release was never written, as when a
