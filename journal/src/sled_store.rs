@@ -376,7 +376,8 @@ enum Finished {
 enum Requeue {
     /// Its notifications may be missing (an intent: queued after the summary).
     Yes,
-    /// They were queued before its summary was written.
+    /// They were queued before the commit's end (its last record; for a creation and
+    /// in earlier versions, its summary) was written.
     No,
 }
 
@@ -1489,11 +1490,11 @@ impl<'a> Writer<'a> {
     }
 
     /// Queues the notifications among a commit's `changes` in every endpoint's outbox and
-    /// takes them out of `changes`. A commit calls this after its events and before its
-    /// summary, so that (sled recovering a prefix of its log) a stored summary means its
-    /// commit's notifications are queued, and recovery never queues them a second time;
-    /// those of a commit cut before its summary are dropped with its events
-    /// ([`SledStore::drop_notifications`]). Returns their queue ids, hidden from
+    /// takes them out of `changes`. An append calls this before its last record, which
+    /// ends the commit, and a creation before its summary, so that (sled recovering a
+    /// prefix of its log) a whole commit has its notifications queued, and recovery
+    /// never queues them a second time; those of a commit cut before its end are
+    /// dropped ([`SledStore::drop_notifications`]). Returns their queue ids, hidden from
     /// [`Store::outbox`] until the commit is durable and the caller passes them to
     /// [`SledStore::deliverable`].
     fn queue_notifications(&self, run: RunId, changes: &mut Vec<IndexChange>) -> Result<Vec<u64>> {
