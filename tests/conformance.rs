@@ -36,6 +36,16 @@ struct SledSubject {
 }
 
 async fn sled(opts: Opts) -> SledSubject {
+    sled_keeping(opts, SledOptions::default().kept_summaries)
+}
+
+/// The sled store with no summary kept in memory: every commit writes its summary, as
+/// past `SledOptions::kept_summaries` marks.
+async fn sled_writing_through(opts: Opts) -> SledSubject {
+    sled_keeping(opts, 0)
+}
+
+fn sled_keeping(opts: Opts, kept_summaries: usize) -> SledSubject {
     let dir = tempfile::tempdir().unwrap();
     let d = SledOptions::default();
     let store = SledStore::open_with(
@@ -44,6 +54,7 @@ async fn sled(opts: Opts) -> SledSubject {
             max_event_bytes: opts.max_event_bytes.unwrap_or(d.max_event_bytes),
             max_run_events: opts.max_run_events.unwrap_or(d.max_run_events),
             outbox_endpoints: opts.outbox,
+            kept_summaries,
             ..d
         },
     )
@@ -168,6 +179,7 @@ async fn close_pg(s: PgStore) {
 }
 
 suite!(sled_store, sled, close_sled);
+suite!(sled_store_writing_through, sled_writing_through, close_sled);
 suite!(pg_store, pg, close_pg);
 
 // ----------------------------------------------------------------------------- helpers

@@ -42,7 +42,7 @@
 //! entries, and whatever removes the mark writes both first (`clear_dirty`, `close`;
 //! after a crash the open derives them from the journal). A creation writes its
 //! summary at once (it is a creation's commit point, and so every run is in `runs`),
-//! and past [`DEFERRED_SUMMARIES`] marks commits write theirs through. A standard run
+//! and past [`SledOptions::kept_summaries`] marks commits write theirs through. A standard run
 //! writes three summaries and three status keys where it wrote six and seven.
 //!
 //! Readers never see an index entry before the summary that covers it (a gate shows in
@@ -157,6 +157,11 @@ pub struct SledOptions {
     /// directory, and an existing directory is opened the way it was created, whatever
     /// this says (`Some` only sets the level of what is written).
     pub compression: Option<i32>,
+    /// How many marked runs (activations under way, runs started or decided and not
+    /// yet claimed) may keep their latest summaries in memory, to be written when their
+    /// marks go (default 16,384, a few hundred bytes each); past it, commits write their
+    /// summaries as they go. 0: every commit writes its summary.
+    pub kept_summaries: usize,
 }
 
 /// zstd level used for a compressed directory opened with `compression: None`.
@@ -199,6 +204,7 @@ impl Default for SledOptions {
             max_run_bytes: 64 * 1024 * 1024,
             outbox_endpoints: Vec::new(),
             compression: Some(DEFAULT_COMPRESSION_LEVEL),
+            kept_summaries: 16_384,
         }
     }
 }
@@ -253,10 +259,6 @@ struct Marked {
     /// one (recovery finds a commit's end by its last record, [`codec::ends_commit`]).
     summary: Option<Box<(RunSummary, Seq)>>,
 }
-
-/// Marked runs whose summaries may wait in memory (a few hundred bytes each); past
-/// this many marks, commits write their summaries through.
-const DEFERRED_SUMMARIES: usize = 16_384;
 
 impl Marked {
     /// Whether `by_status` shows the run under `status` though it is not, or does not
@@ -1030,12 +1032,12 @@ impl SledStore {
 
     /// Keeps the summary a commit of the marked `run` (its events from `commit_from`)
     /// left, for the mark's removal to write, or writes it at once past
-    /// [`DEFERRED_SUMMARIES`] marks. Under the run's commit lock, after the commit's
+    /// [`SledOptions::kept_summaries`] marks. Under the run's commit lock, after the commit's
     /// last record.
     fn keep_summary(&self, w: &Writer<'_>, summary: &RunSummary, commit_from: Seq) -> Result<()> {
         {
             let mut marks = lock(&self.inner.dirty);
-            let many = marks.len() > DEFERRED_SUMMARIES;
+            let many = marks.len() > self.inner.options.kept_summaries;
             if let Some(marked) = marks.get_mut(&summary.id) {
                 marked.status = summary.status;
                 if !many {

@@ -469,6 +469,56 @@ async fn summaries_kept_in_memory_are_rebuilt_after_a_crash_and_damage_parks_the
     assert_eq!(store.count_runs(RunStatus::Waiting).unwrap(), 1);
 }
 
+/// Past `kept_summaries` marks a commit writes its summary as it goes (0: always), so
+/// `runs` holds the latest (here, with the gate it opened); with the default, a marked
+/// run's stored summary is its creation's until the mark goes. A crash recovers the
+/// same summary either way.
+#[tokio::test]
+async fn kept_summaries_bounds_the_summaries_waiting_in_memory() {
+    let mut stored_bytes = Vec::new();
+    for kept in [0, SledOptions::default().kept_summaries] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = || SledOptions {
+            kept_summaries: kept,
+            ..SledOptions::default()
+        };
+        let store = SledStore::open_with(dir.path(), options()).unwrap();
+        let run = store.create_run(new_run("w")).await.unwrap().run();
+        let created = store.live_bytes().unwrap();
+        assert!(append_now(&store, run, step(0)).await);
+        assert!(append_now(&store, run, gate(1)).await);
+        let runs_bytes = |trees: Vec<TreeBytes>| trees.into_iter().find(|t| t.tree == "runs").unwrap().bytes;
+        stored_bytes.push((runs_bytes(created), runs_bytes(store.live_bytes().unwrap())));
+        let before = store.summary(run).await.unwrap().unwrap();
+        // A crash: the marks stay, whatever was in memory is gone.
+        drop(store);
+        let store = SledStore::open_with(dir.path(), options()).unwrap();
+        // The same but its wake-up: the open makes every marked run ready at once.
+        let after = store.summary(run).await.unwrap().unwrap();
+        assert_eq!(
+            RunSummary {
+                wake_at: None,
+                ..after
+            },
+            RunSummary {
+                wake_at: None,
+                ..before
+            },
+            "kept {kept}"
+        );
+        assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+        store.close().unwrap();
+    }
+    let [(created, through), (created_again, kept)] = stored_bytes[..] else {
+        panic!("{stored_bytes:?}")
+    };
+    assert!(through > created, "written through: {through} > {created}");
+    assert_eq!(
+        kept, created_again,
+        "kept in memory: still the creation's summary"
+    );
+}
+
 /// A run whose mark outlives its last commit (its release was never written, as when a
 /// crash comes between the commit's flush and the next) is checked on open, and its
 /// last commit's notification, queued before that commit's summary, is not queued again.
