@@ -21,7 +21,8 @@
 //! writes as its commit point (a crash leaves a commit whole only if its last record is
 //! there: [`ends_commit`]). Its CRC covers the format byte too, so a flipped flag is
 //! found like any other damaged byte; its chain hash is format 2's, so marking a record
-//! changes no head.
+//! changes no head. Builds before it refuse format 3 as an unknown format byte, so a
+//! directory written to since cannot be opened by them.
 //!
 //! Record format 1 (still read, never written): bytes 0..37 as above without `place` in
 //! the CRC, then the whole [`Event`] as JSON; its chain hash is `SHA-256(prev_hash ++
