@@ -238,8 +238,8 @@ struct Inner {
     /// Commits to one run are serialized by the stripe its id falls in (creations with
     /// an idempotency key by the key's); commits to other runs go on at once.
     stripes: Box<[Mutex<()>]>,
-    /// The runs `dirty` holds (written under the run's commit lock), with their status
-    /// keys: a marked run's key is written when its mark goes, not by every commit.
+    /// The runs `dirty` holds (written under the run's commit lock), with what their
+    /// commits left for the mark's removal to write ([`Marked`]).
     dirty: Mutex<HashMap<RunId, Marked>>,
 }
 
@@ -261,6 +261,11 @@ struct Marked {
 }
 
 impl Marked {
+    /// What `by_status` holds for the run, as [`Writer::put_status`] takes it.
+    fn prior(&self) -> Prior {
+        self.stored.map_or(Prior::Nothing, Prior::Was)
+    }
+
     /// Whether `by_status` shows the run under `status` though it is not, or does not
     /// though it is.
     fn stale_for(&self, status: RunStatus) -> Option<bool> {
@@ -527,13 +532,7 @@ impl SledStore {
             }
         }
         {
-            let w = Writer {
-                trees: &inner.trees,
-                state: &inner.state,
-                endpoints: &inner.options.outbox_endpoints,
-                outbox_ids: &inner.outbox_ids,
-                wakes: Durability::Stored,
-            };
+            let w = Writer::of(&inner);
             for (run, marked) in lock(&inner.dirty).iter() {
                 write_marked(&w, *run, marked)?;
             }
@@ -950,7 +949,7 @@ impl SledStore {
             // nothing to do just suspends again.
             if let Some(bytes) = trees.runs.get(run.as_bytes())? {
                 let summary = decode_summary(run, &bytes)?;
-                Writer::new(self).put_status(&summary, Prior::Unknown)?;
+                Writer::new(self).put_status(run, summary.status, Prior::Unknown)?;
             }
             self.make_ready_at_once(run)?;
             trees.dirty.remove(run.as_bytes())?;
@@ -1013,14 +1012,13 @@ impl SledStore {
 
     /// Marks `run` dirty before a commit's first write, unless it is already; `stored`
     /// is the status key `by_status` holds for it (that of its summary, as the run is
-    /// not marked; `None` for a creation). Under the run's commit lock (or, for a
-    /// creation, before anyone knows the run).
-    fn mark_dirty(&self, run: RunId, stored: Option<RunStatus>) -> Result<()> {
+    /// not marked; `None` for a creation), `status` its summary's. Under the run's
+    /// commit lock (or, for a creation, before anyone knows the run).
+    fn mark_dirty(&self, run: RunId, stored: Option<RunStatus>, status: RunStatus) -> Result<()> {
         if lock(&self.inner.dirty).contains_key(&run) {
             return Ok(());
         }
         self.inner.trees.dirty.insert(run.as_bytes(), &[])?;
-        let status = stored.unwrap_or(RunStatus::Running);
         let marked = Marked {
             stored,
             status,
@@ -1417,11 +1415,16 @@ struct Writer<'a> {
 impl<'a> Writer<'a> {
     /// For recovery and tests: wake-ups go to the `ready` tree.
     fn new(store: &'a SledStore) -> Writer<'a> {
+        Writer::of(&store.inner)
+    }
+
+    /// [`Writer::new`] for the store's insides (`close` has them alone).
+    fn of(inner: &'a Inner) -> Writer<'a> {
         Writer {
-            trees: &store.inner.trees,
-            state: &store.inner.state,
-            endpoints: &store.inner.options.outbox_endpoints,
-            outbox_ids: &store.inner.outbox_ids,
+            trees: &inner.trees,
+            state: &inner.state,
+            endpoints: &inner.options.outbox_endpoints,
+            outbox_ids: &inner.outbox_ids,
             wakes: Durability::Stored,
         }
     }
@@ -1436,23 +1439,25 @@ impl<'a> Writer<'a> {
     }
 
     /// Keeps `by_status` in step with the summary.
-    fn put_status(&self, summary: &RunSummary, prior: Prior) -> Result<()> {
+    /// The new key is written before the old one is removed, so a crash between the two
+    /// leaves the run under both (recovery writes its key again), never under neither.
+    fn put_status(&self, run: RunId, status: RunStatus, prior: Prior) -> Result<()> {
         let by_status = &self.trees.by_status;
         match prior {
-            Prior::Was(old) if old == summary.status => {}
+            Prior::Was(old) if old == status => {}
             Prior::Was(old) => {
-                by_status.insert(status_key(summary.status, summary.id), &[])?;
-                by_status.remove(status_key(old, summary.id))?;
+                by_status.insert(status_key(status, run), &[])?;
+                by_status.remove(status_key(old, run))?;
             }
             Prior::Nothing => {
-                by_status.insert(status_key(summary.status, summary.id), &[])?;
+                by_status.insert(status_key(status, run), &[])?;
             }
             Prior::Unknown => {
                 // Status unknown to the caller: clear every other status key.
-                by_status.insert(status_key(summary.status, summary.id), &[])?;
+                by_status.insert(status_key(status, run), &[])?;
                 for st in RunStatus::ALL {
-                    if st != summary.status {
-                        by_status.remove(status_key(st, summary.id))?;
+                    if st != status {
+                        by_status.remove(status_key(st, run))?;
                     }
                 }
             }
@@ -1464,7 +1469,7 @@ impl<'a> Writer<'a> {
     /// a commit whose events began at `commit_from`.
     fn put_summary(&self, summary: &RunSummary, prior: Prior, commit_from: Seq) -> Result<()> {
         self.put_summary_only(summary, commit_from)?;
-        self.put_status(summary, prior)
+        self.put_status(summary.id, summary.status, prior)
     }
 
     /// Writes the summary without its status key: a commit's, whose run is marked (the
@@ -1646,22 +1651,13 @@ impl<'a> Writer<'a> {
 }
 
 /// Writes what a marked run's commits left in memory: its summary, then its status key
-/// moved to the summary's status (the new key first, so a crash between the two leaves
-/// the run under both, and still marked, so the open writes its key again; never under
-/// neither).
+/// moved to the summary's status (the run is still marked meanwhile, so after a crash
+/// the open writes both again).
 fn write_marked(w: &Writer<'_>, run: RunId, marked: &Marked) -> Result<()> {
     if let Some(kept) = &marked.summary {
         w.put_summary_only(&kept.0, kept.1)?;
     }
-    if marked.stored == Some(marked.status) {
-        return Ok(());
-    }
-    let by_status = &w.trees.by_status;
-    by_status.insert(status_key(marked.status, run), &[])?;
-    if let Some(old) = marked.stored {
-        by_status.remove(status_key(old, run))?;
-    }
-    Ok(())
+    w.put_status(run, marked.status, marked.prior())
 }
 
 /// Sets the run's one wake-up (earlier or later than before), or removes it. With
@@ -1810,7 +1806,7 @@ impl Store for SledStore {
                     let mut summary = RunSummary::start(&run);
                     summary.bytes = record.len() as u64;
                     let mut changes = summary.apply(&event, head);
-                    self.mark_dirty(run.id, None)?;
+                    self.mark_dirty(run.id, None, summary.status)?;
                     trees
                         .events
                         .insert(codec::record_key(run.id, Seq::ZERO), record)?;
@@ -1819,9 +1815,6 @@ impl Store for SledStore {
                     // Its summary is written (the creation's commit point: the open
                     // undoes a run without one), its status key when its mark goes.
                     w.put_summary_only(&summary, Seq::ZERO)?;
-                    if let Some(marked) = lock(&self.inner.dirty).get_mut(&run.id) {
-                        marked.status = summary.status;
-                    }
                     if let Some(key) = &run.idempotency_key {
                         let mut v = run.id.as_bytes().to_vec();
                         v.extend_from_slice(&hash);
@@ -1902,7 +1895,7 @@ impl Store for SledStore {
                 limits.max_run_events,
                 limits.max_run_bytes,
             )?;
-            self.mark_dirty(run, Some(summary.status))?;
+            self.mark_dirty(run, Some(summary.status), summary.status)?;
             let commit_from = summary.next_seq;
             summary.bytes = bytes_after;
             let mut changes = Vec::new();
@@ -2203,7 +2196,7 @@ impl Store for SledStore {
             self.state().leases.remove(&run);
             // A marked run's key is the one its mark noted, not its summary's.
             let prior = match lock(&self.inner.dirty).get(&run) {
-                Some(marked) => marked.stored.map_or(Prior::Nothing, Prior::Was),
+                Some(marked) => marked.prior(),
                 None => Prior::Was(summary.status),
             };
             park(&mut summary, &reason);
