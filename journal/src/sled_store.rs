@@ -646,27 +646,33 @@ impl SledStore {
     /// events "past the summary" and report a healthy journal as corrupt.)
     fn read_to(&self, run: RunId, from: Seq, summary: &RunSummary) -> Result<Vec<Event>> {
         let events_tree = &self.inner.trees.events;
-        let before = match from.0.checked_sub(1) {
-            Some(at) => events_tree.get(codec::record_key(run, Seq(at)))?,
-            None => None,
-        };
-        // A short journal is read record by record: a sled range scan copies the whole
-        // leaf it starts in (up to 64 entries, a reference taken on each value) to hand
-        // out a few. Longer ones, and any journal with a record missing (whose error the
-        // scan words, naming the next stored seq), go through the scan, as does a read
-        // from past the end.
+        // A short journal is read by key: a sled range scan copies the whole leaf it
+        // starts in (up to 64 entries, a reference taken on each value) to hand out a
+        // few, while `get_many` descends once and reads the neighbouring keys from the
+        // leaf it found (the record before `from` too, whose hash the first one links
+        // to). Longer ones, and any journal with a record missing (whose error the scan
+        // words, naming the next stored seq), go through the scan, as does a read from
+        // past the end.
         let wanted = summary.next_seq.0.checked_sub(from.0);
+        let first = from.0.saturating_sub(1);
+        let mut before = None;
         if let Some(wanted) = wanted.filter(|&n| n <= POINT_READS_UP_TO) {
-            let mut records = Vec::with_capacity(wanted as usize);
-            for seq in from.0..summary.next_seq.0 {
-                match events_tree.get(codec::record_key(run, Seq(seq)))? {
-                    Some(record) => records.push(Ok((Seq(seq), record))),
-                    None => break,
-                }
+            let keys: Vec<_> = (first..summary.next_seq.0)
+                .map(|seq| codec::record_key(run, Seq(seq)))
+                .collect();
+            let mut values = events_tree.get_many(&keys)?.into_iter();
+            if from.0 > 0 {
+                before = values.next().flatten();
             }
+            let records: Vec<_> = (from.0..)
+                .zip(values)
+                .map_while(|(seq, value)| Some(Ok((Seq(seq), value?))))
+                .collect();
             if records.len() as u64 == wanted {
                 return codec::verify_records(run, from, before, records, summary.next_seq, &summary.head);
             }
+        } else if from.0 > 0 {
+            before = events_tree.get(codec::record_key(run, Seq(first)))?;
         }
         let records = events_tree
             .range(codec::record_key(run, from)..codec::record_key(run, summary.next_seq))

@@ -930,3 +930,112 @@ async fn a_read_from_past_the_end_of_a_journal_answers_alike_for_short_and_long(
     }
     store.close().unwrap();
 }
+
+/// Short journals are read by key, neighbouring keys from the leaf the first was found
+/// in (`Tree::get_many`). With many journals in the tree, some of them straddle two
+/// leaves: every read, from every offset, answers the journal's own events in order,
+/// and an edited record is reported at its seq whichever offset the read starts from.
+#[tokio::test]
+async fn short_journals_read_alike_from_every_offset_across_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    const EVENTS: u64 = 12;
+    let mut runs = Vec::new();
+    for _ in 0..40 {
+        runs.push(store.create_run(new_run("w")).await.unwrap().run());
+    }
+    // Round-robin, so the tree's leaves split while every journal grows.
+    for i in 1..EVENTS {
+        for &run in &runs {
+            assert!(append_now(&store, run, step(i as u32)).await);
+        }
+    }
+    for &run in &runs {
+        let all = store.read(run, Seq::ZERO).await.unwrap();
+        assert_eq!(all.len() as u64, EVENTS);
+        for (i, event) in all.iter().enumerate() {
+            assert_eq!((event.run, event.seq), (run, Seq(i as u64)));
+        }
+        for from in 0..=EVENTS {
+            let read = store.read(run, Seq(from)).await.unwrap();
+            assert_eq!(read, all[from as usize..], "run {run}, from {from}");
+        }
+    }
+    let edited = Seq(7);
+    for &run in &runs {
+        let mut record = store.raw_record(run, edited).unwrap().unwrap();
+        let end = record.len() - 1;
+        record[end] ^= 0x01;
+        store.overwrite_record(run, edited, &record).unwrap();
+        for from in [0, 3, edited.0, edited.0 + 1] {
+            let read = store.read(run, Seq(from)).await;
+            assert!(
+                matches!(&read, Err(Error::Corrupt { seq, .. }) if *seq == edited),
+                "run {run}, from {from}: {read:?}"
+            );
+        }
+        assert_eq!(
+            store.read(run, Seq(edited.0 + 2)).await.unwrap().len() as u64,
+            EVENTS - edited.0 - 2
+        );
+    }
+    store.close().unwrap();
+}
+
+/// `Tree::get_many` (the vendored sled's, for `read`) answers every key as `get` does:
+/// neighbouring keys, keys on both sides of a leaf's bounds, absent keys, keys in
+/// descending order, keys in another tree's range, after removals that merge leaves.
+#[test]
+fn get_many_answers_every_key_as_get_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    let tree = db.open_tree("t").unwrap();
+    let key = |run: u32, seq: u64| {
+        let mut k = run.to_be_bytes().to_vec();
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    };
+    // Journals of 1 to 20 records: many leaves, and runs that straddle them.
+    for run in 0..300u32 {
+        for seq in 0..u64::from(run % 20 + 1) {
+            tree.insert(key(run, seq), key(run, seq + 1000)).unwrap();
+        }
+    }
+    let check = |keys: Vec<Vec<u8>>| {
+        let many = tree.get_many(&keys).unwrap();
+        let one: Vec<_> = keys.iter().map(|k| tree.get(k).unwrap()).collect();
+        assert_eq!(many, one, "keys {keys:?}");
+    };
+    let mut answered = 0;
+    for run in 0..300u32 {
+        // The run's records and one past its end, and into the next run.
+        check((0..22).map(|seq| key(run, seq)).collect());
+        check(
+            (0..3)
+                .map(|seq| key(run + 1, seq))
+                .chain((0..3).map(|seq| key(run, seq)))
+                .collect(),
+        );
+        check((0..22).rev().map(|seq| key(run, seq)).collect());
+        answered += tree
+            .get_many(&(0..22).map(|seq| key(run, seq)).collect::<Vec<_>>())
+            .unwrap()
+            .iter()
+            .flatten()
+            .count();
+    }
+    assert_eq!(
+        answered,
+        (0..300u32).map(|r| (r % 20 + 1) as usize).sum::<usize>()
+    );
+    // Removals merge leaves; the answers follow.
+    for run in (0..300u32).step_by(3) {
+        for seq in 0..u64::from(run % 20 + 1) {
+            tree.remove(key(run, seq)).unwrap();
+        }
+    }
+    for run in 0..300u32 {
+        check((0..22).map(|seq| key(run, seq)).collect());
+    }
+    check(Vec::new());
+}

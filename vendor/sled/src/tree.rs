@@ -423,6 +423,37 @@ impl Tree {
         }
     }
 
+    /// Holdpoint: the values of `keys`, each as [`Tree::get`] would return it. A key
+    /// that falls in the leaf where the key before it was looked up (between the leaf's
+    /// low and high bounds) is read from that leaf instead of descending the tree again,
+    /// so neighbouring keys (one journal's records) cost one descent. A leaf is one
+    /// immutable version of its page, so every key read from it is read as of the
+    /// moment that version was found, as a separate `get` at that moment would read it.
+    pub fn get_many<K: AsRef<[u8]>>(
+        &self,
+        keys: &[K],
+    ) -> Result<Vec<Option<IVec>>> {
+        let guard = pin();
+        let _cc = concurrency_control::read();
+        let mut values = Vec::with_capacity(keys.len());
+        let mut leaf: Option<View<'_>> = None;
+        for key in keys {
+            let key = key.as_ref();
+            let view = match leaf.take() {
+                Some(view)
+                    if key >= view.lo.as_ref()
+                        && (view.hi.is_empty() || key < view.hi.as_ref()) =>
+                {
+                    view
+                }
+                _ => self.view_for_key(key, &guard)?,
+            };
+            values.push(view.leaf_pair_for_key(key).map(|kv| kv.1.clone()));
+            leaf = Some(view);
+        }
+        Ok(values)
+    }
+
     pub(crate) fn get_inner(
         &self,
         key: &[u8],
