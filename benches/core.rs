@@ -1,14 +1,16 @@
-//! Criterion benches of the core, as events per second. `cargo bench -- --quick` runs
-//! them in a few minutes. The raw sled baseline sits beside our append so the ratio
-//! comes from one run.
+//! Criterion benches of the core, as events per second (decisions per second for the
+//! engine's decide → resume). `cargo bench -- --quick` runs them in a few minutes. The
+//! raw sled baseline sits beside our append so the ratio comes from one run.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use holdpoint::journal::codec::{self, ChainHash};
 use holdpoint::journal::{
-    Append, Event, EventKind, NewRun, Position, RunId, Seq, SledStore, Store, FORMAT_VERSION,
+    Append, Event, EventKind, GateId, NewRun, Position, Principal, RunId, RunStatus, Seq, SledStore, Store,
+    FORMAT_VERSION,
 };
-use holdpoint::{fold, replay, Ctx, Failure, Registry};
+use holdpoint::{fold, replay, Ctx, DecisionRequest, Engine, Failure, Registry};
 use serde_json::json;
+use std::time::{Duration, Instant};
 
 fn event(run: RunId, seq: u64, kind: EventKind) -> Event {
     Event {
@@ -199,8 +201,146 @@ fn append(c: &mut Criterion) {
             raw.flush().unwrap();
         })
     });
+    // The same, as the store configures sled (compressed, at the store's default level)
+    // and with what it stores: 24-byte keys (a run and a seq) and records as encoded.
+    let like = sled::Config::new()
+        .path(dir.path().join("raw-like-the-store"))
+        .use_compression(true)
+        .compression_factor(holdpoint::journal::DEFAULT_COMPRESSION_LEVEL)
+        .open()
+        .unwrap();
+    let record_run = RunId::new();
+    let (record, _) = codec::encode(
+        &event(
+            record_run,
+            1,
+            EventKind::StepCompleted {
+                position: Position(1),
+                output: output(1),
+            },
+        ),
+        &ChainHash::GENESIS,
+        65_536,
+    )
+    .unwrap();
+    let mut n = 0u64;
+    g.bench_function(
+        "raw sled as the store configures it: 100 record inserts + flush",
+        |b| {
+            b.iter(|| {
+                for _ in 0..100 {
+                    n += 1;
+                    let mut key = record_run.as_bytes().to_vec();
+                    key.extend_from_slice(&n.to_be_bytes());
+                    like.insert(key, record.as_slice()).unwrap();
+                }
+                like.flush().unwrap();
+            })
+        },
+    );
     g.finish();
 }
 
-criterion_group!(benches, codec_and_fold, append);
+/// Reading a stored journal through the store (checksums and chain verified): a short
+/// one (read by key) and a long one (a range scan).
+fn read(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let mut g = c.benchmark_group("read (warm store)");
+    for events in [10u64, 200] {
+        let run = rt
+            .block_on(store.create_run(NewRun {
+                id: RunId::new(),
+                started_by: None,
+                workflow: "w".into(),
+                version: 1,
+                input: json!(null),
+                idempotency_key: None,
+                at: chrono::Utc::now(),
+            }))
+            .unwrap()
+            .run();
+        for i in 1..events {
+            let appended = rt.block_on(store.append(Append {
+                run,
+                expected: Seq(i),
+                at: chrono::Utc::now(),
+                events: vec![EventKind::StepCompleted {
+                    position: Position(i as u32),
+                    output: output(i),
+                }],
+                lease: None,
+            }));
+            appended.unwrap().unwrap();
+        }
+        g.throughput(Throughput::Elements(events));
+        g.bench_function(format!("a {events}-event journal"), |b| {
+            b.iter(|| {
+                let read = rt.block_on(store.read(run, Seq::ZERO)).unwrap();
+                assert_eq!(read.len() as u64, events);
+            })
+        });
+    }
+    g.finish();
+}
+
+/// A decision to a run waiting at its gate, and the run resumed to its end, on a warm
+/// engine with its workers running: the standard workload's phase 2 for one run at a
+/// time (`holdpoint bench` measures it loaded). The runs are started and brought to
+/// their gates before the clock starts.
+fn decide_resume(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new(
+        SledStore::open(dir.path()).unwrap(),
+        holdpoint::bench::register(Registry::new()),
+    )
+    .unwrap();
+    let _workers = rt.block_on(async { engine.spawn_workers() });
+    let mut order = 0u64;
+    let mut g = c.benchmark_group("engine (warm)");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("decide -> resumed to the end", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut runs = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    order += 1;
+                    let run = engine
+                        .start(holdpoint::bench::WORKFLOW, &order, None)
+                        .await
+                        .unwrap();
+                    runs.push(run);
+                }
+                for &run in &runs {
+                    assert_eq!(engine.settled(run).await.unwrap().status, RunStatus::Waiting);
+                }
+                let mut took = Duration::ZERO;
+                for run in runs {
+                    let t = Instant::now();
+                    engine
+                        .decide(run, DecisionRequest::approve(GateId(1), Principal::new("bench")))
+                        .await
+                        .unwrap();
+                    let done = engine.settled(run).await.unwrap();
+                    took += t.elapsed();
+                    assert_eq!(done.status, RunStatus::Completed);
+                }
+                took
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, codec_and_fold, append, read, decide_resume);
 criterion_main!(benches);
