@@ -69,6 +69,30 @@ fn long_journal(steps: u64) -> Vec<Event> {
     events
 }
 
+/// The runtime the store and engine benches run on: two workers, as the machine's cores.
+fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A new run in `store`, its start durable.
+fn new_run(rt: &tokio::runtime::Runtime, store: &SledStore) -> RunId {
+    rt.block_on(store.create_run(NewRun {
+        id: RunId::new(),
+        started_by: None,
+        workflow: "w".into(),
+        version: 1,
+        input: json!(null),
+        idempotency_key: None,
+        at: chrono::Utc::now(),
+    }))
+    .unwrap()
+    .run()
+}
+
 async fn long(ctx: Ctx, steps: u64) -> Result<u64, Failure> {
     for i in 0..steps {
         ctx.step("s", || async move { Ok(output(i)) }).await?;
@@ -100,33 +124,16 @@ fn codec_and_fold(c: &mut Criterion) {
 }
 
 fn append(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_workers();
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path().join("ours")).unwrap();
-    let new_run = |store: &SledStore| {
-        rt.block_on(store.create_run(NewRun {
-            id: RunId::new(),
-            started_by: None,
-            workflow: "w".into(),
-            version: 1,
-            input: json!(null),
-            idempotency_key: None,
-            at: chrono::Utc::now(),
-        }))
-        .unwrap()
-        .run()
-    };
     let mut g = c.benchmark_group("append (durable)");
     g.sample_size(10);
     for batch in [1u64, 100] {
         g.throughput(Throughput::Elements(batch));
         g.bench_function(format!("{batch} events"), |b| {
             b.iter_batched(
-                || new_run(&store),
+                || new_run(&rt, &store),
                 |run| {
                     let events = (0..batch)
                         .map(|i| EventKind::StepCompleted {
@@ -151,7 +158,7 @@ fn append(c: &mut Criterion) {
     g.throughput(Throughput::Elements(64 * 10));
     g.bench_function("64 concurrent appenders x 10 events", |b| {
         b.iter_batched(
-            || (0..64).map(|_| new_run(&store)).collect::<Vec<_>>(),
+            || (0..64).map(|_| new_run(&rt, &store)).collect::<Vec<_>>(),
             |runs| {
                 rt.block_on(async {
                     let tasks: Vec<_> = runs
@@ -244,26 +251,12 @@ fn append(c: &mut Criterion) {
 /// Reading a stored journal through the store (checksums and chain verified): a short
 /// one (read by key) and a long one (a range scan).
 fn read(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_workers();
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     let mut g = c.benchmark_group("read (warm store)");
     for events in [10u64, 200] {
-        let run = rt
-            .block_on(store.create_run(NewRun {
-                id: RunId::new(),
-                started_by: None,
-                workflow: "w".into(),
-                version: 1,
-                input: json!(null),
-                idempotency_key: None,
-                at: chrono::Utc::now(),
-            }))
-            .unwrap()
-            .run();
+        let run = new_run(&rt, &store);
         for i in 1..events {
             let appended = rt.block_on(store.append(Append {
                 run,
@@ -293,11 +286,7 @@ fn read(c: &mut Criterion) {
 /// time (`holdpoint bench` measures it loaded). The runs are started and brought to
 /// their gates before the clock starts.
 fn decide_resume(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_workers();
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::new(
         SledStore::open(dir.path()).unwrap(),
