@@ -93,6 +93,22 @@ fn new_run(rt: &tokio::runtime::Runtime, store: &SledStore) -> RunId {
     .run()
 }
 
+/// An external append to `run` at seq `expected`: one `step-completed` per position.
+fn completed_steps(run: RunId, expected: u64, positions: std::ops::Range<u64>) -> Append {
+    Append {
+        run,
+        expected: Seq(expected),
+        at: chrono::Utc::now(),
+        events: positions
+            .map(|i| EventKind::StepCompleted {
+                position: Position(i as u32),
+                output: output(i),
+            })
+            .collect(),
+        lease: None,
+    }
+}
+
 async fn long(ctx: Ctx, steps: u64) -> Result<u64, Failure> {
     for i in 0..steps {
         ctx.step("s", || async move { Ok(output(i)) }).await?;
@@ -135,21 +151,9 @@ fn append(c: &mut Criterion) {
             b.iter_batched(
                 || new_run(&rt, &store),
                 |run| {
-                    let events = (0..batch)
-                        .map(|i| EventKind::StepCompleted {
-                            position: Position(i as u32),
-                            output: output(i),
-                        })
-                        .collect();
-                    rt.block_on(store.append(Append {
-                        run,
-                        expected: Seq(1),
-                        at: chrono::Utc::now(),
-                        events,
-                        lease: None,
-                    }))
-                    .unwrap()
-                    .unwrap();
+                    rt.block_on(store.append(completed_steps(run, 1, 0..batch)))
+                        .unwrap()
+                        .unwrap();
                 },
                 BatchSize::PerIteration,
             )
@@ -167,18 +171,8 @@ fn append(c: &mut Criterion) {
                             let store = store.clone();
                             tokio::spawn(async move {
                                 for i in 0..10u64 {
-                                    let events = vec![EventKind::StepCompleted {
-                                        position: Position(i as u32),
-                                        output: output(i),
-                                    }];
                                     store
-                                        .append(Append {
-                                            run,
-                                            expected: Seq(1 + i),
-                                            at: chrono::Utc::now(),
-                                            events,
-                                            lease: None,
-                                        })
+                                        .append(completed_steps(run, 1 + i, i..i + 1))
                                         .await
                                         .unwrap()
                                         .unwrap();
@@ -237,9 +231,8 @@ fn append(c: &mut Criterion) {
             b.iter(|| {
                 for _ in 0..100 {
                     n += 1;
-                    let mut key = record_run.as_bytes().to_vec();
-                    key.extend_from_slice(&n.to_be_bytes());
-                    like.insert(key, record.as_slice()).unwrap();
+                    like.insert(codec::record_key(record_run, Seq(n)), record.as_slice())
+                        .unwrap();
                 }
                 like.flush().unwrap();
             })
@@ -258,16 +251,7 @@ fn read(c: &mut Criterion) {
     for events in [10u64, 200] {
         let run = new_run(&rt, &store);
         for i in 1..events {
-            let appended = rt.block_on(store.append(Append {
-                run,
-                expected: Seq(i),
-                at: chrono::Utc::now(),
-                events: vec![EventKind::StepCompleted {
-                    position: Position(i as u32),
-                    output: output(i),
-                }],
-                lease: None,
-            }));
+            let appended = rt.block_on(store.append(completed_steps(run, i, i..i + 1)));
             appended.unwrap().unwrap();
         }
         g.throughput(Throughput::Elements(events));
