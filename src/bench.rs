@@ -77,6 +77,12 @@ pub struct BenchReport {
     pub repeats: usize,
     pub phase1_runs_per_s: f64,
     pub phase2_runs_per_s: f64,
+    /// CPU time (user + system) of the whole process per run in each phase, in µs:
+    /// engine, store, group commit, sled's threads and the load generator together.
+    /// What a change of the code moves; throughput also moves with the machine's other
+    /// load. `None` where `/proc/self/stat` cannot be read.
+    pub phase1_cpu_us_per_run: Option<f64>,
+    pub phase2_cpu_us_per_run: Option<f64>,
     pub events: u64,
     pub events_per_s: f64,
     /// Known for sled (its group commit counts them); PostgreSQL's are its own.
@@ -313,7 +319,7 @@ async fn approve_many<St: Store>(
     runs: &[RunId],
     in_flight: usize,
 ) -> Result<(), String> {
-    stream::iter(runs.iter().map(|&run| driver.approve(run)))
+    stream::iter(runs.iter().copied().map(|run| driver.approve(run)))
         .buffer_unordered(in_flight.max(1))
         .try_collect::<()>()
         .await
@@ -350,6 +356,30 @@ fn peak_rss_mib() -> f64 {
 /// The process's resident memory now (`VmRSS`), in MiB; 0 where `/proc` has none.
 fn rss_mib() -> f64 {
     proc_status_mib("VmRSS:")
+}
+
+/// The CPU time (user + system) this process has used, from `/proc/self/stat`; `None`
+/// where it cannot be read. Linux reports it in ticks of 1/100 s (`USER_HZ`, fixed at 100
+/// for `/proc` whatever the kernel's own tick), so a phase of a second or more reads it
+/// within about 1%.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_of_stat(&stat)
+}
+
+/// `utime` + `stime` of a `/proc/<pid>/stat` line: the 14th and 15th fields, counted
+/// after the command name, which is in parentheses and may itself hold spaces.
+fn cpu_of_stat(stat: &str) -> Option<Duration> {
+    const USER_HZ: u64 = 100;
+    let mut after_name = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    // Fields 3 to 13 come first: state, ppid, ..., cmajflt.
+    let utime: u64 = after_name.nth(11)?.parse().ok()?;
+    let stime: u64 = after_name.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 1000 / USER_HZ))
+}
+
+fn cpu_per_run(from: Option<Duration>, to: Option<Duration>, runs: f64) -> Option<f64> {
+    Some(to?.checked_sub(from?)?.as_secs_f64() * 1e6 / runs)
 }
 
 fn proc_status_mib(field: &str) -> f64 {
@@ -438,14 +468,17 @@ async fn run_on<St: Measured>(
         WORKFLOW
     };
     let t = Instant::now();
+    let cpu0 = process_cpu();
     let runs = start_many(&driver, workflow, 0..opts.runs as u64, opts.concurrency).await?;
     settle_all(&engine, &runs, RunStatus::Waiting).await?;
     let phase1 = t.elapsed();
+    let cpu1 = process_cpu();
 
     let t = Instant::now();
     approve_many(&driver, &runs, opts.concurrency).await?;
     settle_all(&engine, &runs, RunStatus::Completed).await?;
     let phase2 = t.elapsed();
+    let cpu2 = process_cpu();
     let syncs = engine.store().syncs().zip(syncs_before).map(|(a, b)| a - b);
 
     let mut events = 0;
@@ -497,6 +530,8 @@ async fn run_on<St: Measured>(
         repeats: 1,
         phase1_runs_per_s: n / phase1.as_secs_f64(),
         phase2_runs_per_s: n / phase2.as_secs_f64(),
+        phase1_cpu_us_per_run: cpu_per_run(cpu0, cpu1, n),
+        phase2_cpu_us_per_run: cpu_per_run(cpu1, cpu2, n),
         events,
         events_per_s: events as f64 / total,
         fsyncs_per_run: syncs.map(|s| s as f64 / n),
@@ -750,6 +785,12 @@ pub async fn run_median(opts: &BenchOptions, repeat: usize) -> Result<BenchRepor
     out.repeats = reports.len();
     out.phase1_runs_per_s = median(|r| r.phase1_runs_per_s);
     out.phase2_runs_per_s = median(|r| r.phase2_runs_per_s);
+    out.phase1_cpu_us_per_run = out
+        .phase1_cpu_us_per_run
+        .map(|_| median(|r| r.phase1_cpu_us_per_run.unwrap_or(0.0)));
+    out.phase2_cpu_us_per_run = out
+        .phase2_cpu_us_per_run
+        .map(|_| median(|r| r.phase2_cpu_us_per_run.unwrap_or(0.0)));
     out.events_per_s = median(|r| r.events_per_s);
     out.fsyncs_per_run = out
         .fsyncs_per_run
@@ -800,6 +841,12 @@ impl std::fmt::Display for BenchReport {
             "  phase 2 (approve, run to the end):  {:>10.0} runs/s",
             self.phase2_runs_per_s
         )?;
+        if let (Some(p1), Some(p2)) = (self.phase1_cpu_us_per_run, self.phase2_cpu_us_per_run) {
+            writeln!(
+                f,
+                "  process CPU per run:                {p1:>10.0} µs in phase 1, {p2:.0} µs in phase 2"
+            )?;
+        }
         writeln!(
             f,
             "  events:                             {:>10.0} events/s ({} events)",
@@ -841,6 +888,23 @@ impl std::fmt::Display for BenchReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_cpu_is_utime_plus_stime_counted_after_the_name() {
+        // A command name may hold spaces and parentheses; the fields are counted from the
+        // last ')'. utime is 250 ticks, stime 31: 2.81 s.
+        let stat = "4242 (hp (a) b) R 1 4242 4242 0 -1 4194560 1517 0 0 0 250 31 0 0 20 0 3 0 1 2 3";
+        assert_eq!(cpu_of_stat(stat), Some(Duration::from_millis(2810)));
+        assert_eq!(cpu_of_stat("4242 (hp) R 1 2"), None, "too few fields");
+        assert_eq!(cpu_of_stat("4242 hp R"), None, "no name");
+        let from = Some(Duration::from_millis(1000));
+        let to = Some(Duration::from_millis(3000));
+        assert_eq!(cpu_per_run(from, to, 1000.0), Some(2000.0), "2 s over 1,000 runs");
+        assert_eq!(cpu_per_run(to, from, 1000.0), None, "a clock that went back");
+        if cfg!(target_os = "linux") {
+            assert!(process_cpu().is_some(), "/proc/self/stat reads on Linux");
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_on_an_idle_connection_the_server_closed_goes_out_on_a_new_one() {

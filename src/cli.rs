@@ -634,7 +634,14 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
                 ..Default::default()
             };
             let report = runtime()?
-                .block_on(crate::bench::run_median(&opts, repeat))
+                // The load runs as a task on the runtime, as the server's handlers do, not
+                // on the thread that blocks on it, where it was a third busy thread beside
+                // the two workers (README, Performance: "Seventh session").
+                .block_on(async move {
+                    tokio::spawn(async move { crate::bench::run_median(&opts, repeat).await })
+                        .await
+                        .map_err(|e| e.to_string())?
+                })
                 .map_err(CliError)?;
             if json {
                 say!("{}", serde_json::to_string(&report).map_err(|e| CliError(e.to_string()))?);
