@@ -636,7 +636,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             let report = runtime()?
                 // The load runs as a task on the runtime, as the server's handlers do, not
                 // on the thread that blocks on it, where it was a third busy thread beside
-                // the two workers (README, Performance: "Seventh session").
+                // the two workers (README, Performance: "Sixth session").
                 .block_on(async move {
                     tokio::spawn(async move { crate::bench::run_median(&opts, repeat).await })
                         .await
