@@ -25,9 +25,17 @@ async fn the_standard_workload_runs_and_reports() {
     assert!(r.fsyncs_per_run.unwrap() > 0.0, "acknowledgements are durable");
     assert!(r.latency_p50_ms <= r.latency_p99_ms && r.latency_p99_ms <= r.latency_max_ms);
     assert!(r.bytes_on_disk_per_run > 0.0);
+    // Read from /proc in ticks of 10 ms: a phase this short may round to none.
+    let cpu = (r.phase1_cpu_us_per_run, r.phase2_cpu_us_per_run);
+    assert!(
+        matches!(cpu, (Some(a), Some(b)) if a >= 0.0 && b >= 0.0),
+        "{cpu:?}"
+    );
     let text = r.to_string();
     assert!(
-        text.contains("phase 1") && text.contains("decision -> completed"),
+        text.contains("phase 1")
+            && text.contains("decision -> completed")
+            && text.contains("process CPU per run"),
         "{text}"
     );
 }
