@@ -35,8 +35,80 @@ pub struct Event {
     pub event: EventKind,
 }
 
-/// What happened. Serialized with a `type` tag in kebab-case.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Declares [`EventKind`] once and derives from the same lines what its `Deserialize`
+/// needs: each variant's fields as a struct of their own (`kind_fields`, with the same
+/// serde attributes) and the tag as a fieldless enum (`Tag`). serde's derive for an
+/// internally tagged enum buffers every event into an untyped tree before reading it
+/// again as its variant; the tag comes first in every event this crate writes, so
+/// [`EventKind`]'s deserializer reads the tag and then the fields straight into their
+/// variant, and only a map that does not start with its tag is buffered. Variants are
+/// struct-like (`Name { field: Type, ... }`), which is all the macro accepts.
+macro_rules! event_kinds {
+    (
+        $(#[$enum_meta:meta])*
+        pub enum EventKind {
+            $(
+                $(#[$variant_meta:meta])*
+                $variant:ident {
+                    $( $(#[$field_meta:meta])* $field:ident : $ty:ty ),* $(,)?
+                }
+            ),* $(,)?
+        }
+    ) => {
+        $(#[$enum_meta])*
+        pub enum EventKind {
+            $(
+                $(#[$variant_meta])*
+                $variant { $( $(#[$field_meta])* $field: $ty ),* },
+            )*
+        }
+
+        /// Each variant's fields without the tag, read by [`EventKind`]'s deserializer.
+        mod kind_fields {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[derive(Deserialize)]
+                pub(super) struct $variant {
+                    $( $(#[$field_meta])* pub(super) $field: $ty, )*
+                    /// A second `type` key, refused as serde's tagged enums refuse it.
+                    #[serde(rename = "type", default)]
+                    #[allow(dead_code)]
+                    pub(super) duplicate_tag: Option<super::DuplicateTag>,
+                }
+            )*
+        }
+
+        /// How many variants [`EventKind`] has (the decoder's tests cover each).
+        #[cfg(test)]
+        const VARIANTS: usize = [$(stringify!($variant)),*].len();
+
+        /// The tags, spelled as [`EventKind`] serializes them.
+        #[derive(Deserialize)]
+        #[serde(rename_all = "kebab-case")]
+        enum Tag {
+            $($variant),*
+        }
+
+        impl EventKind {
+            /// The event tagged `tag` from the rest of its map.
+            fn from_fields<'de, D: serde::Deserializer<'de>>(tag: Tag, fields: D) -> Result<EventKind, D::Error> {
+                match tag {
+                    $(
+                        Tag::$variant => {
+                            let f = kind_fields::$variant::deserialize(fields)?;
+                            Ok(EventKind::$variant { $( $field: f.$field ),* })
+                        }
+                    )*
+                }
+            }
+        }
+    };
+}
+
+event_kinds! {
+/// What happened. Serialized with a `type` tag in kebab-case, written first.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum EventKind {
     /// Always at seq 0.
@@ -166,6 +238,7 @@ pub enum EventKind {
         reason: Option<String>,
     },
 }
+}
 
 impl EventKind {
     /// The kebab-case tag, as serialized.
@@ -245,6 +318,105 @@ impl EventKind {
             self,
             EventKind::RunCompleted { .. } | EventKind::RunFailed { .. } | EventKind::RunCancelled { .. }
         )
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(KindVisitor)
+    }
+}
+
+struct KindVisitor;
+
+impl<'de> serde::de::Visitor<'de> for KindVisitor {
+    type Value = EventKind;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an event: a map with a `type` tag")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<EventKind, A::Error> {
+        use serde::de::Error;
+        match map.next_key_seed(FirstKey)? {
+            None => Err(A::Error::missing_field("type")),
+            Some(None) => {
+                let tag = map.next_value_seed(TagSeed)?;
+                EventKind::from_fields(tag, serde::de::value::MapAccessDeserializer::new(map))
+            }
+            // Not written by this crate (a map with its keys sorted, say): buffered, the
+            // tag taken out, the rest read as the tag's fields.
+            Some(Some(first)) => {
+                let mut rest = serde_json::Map::new();
+                rest.insert(first, map.next_value()?);
+                while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                    if rest.insert(key.clone(), value).is_some() {
+                        return Err(A::Error::custom(format_args!("duplicate field `{key}`")));
+                    }
+                }
+                let tag = rest
+                    .remove("type")
+                    .ok_or_else(|| A::Error::missing_field("type"))?;
+                let tag = serde::de::DeserializeSeed::deserialize(TagSeed, tag).map_err(A::Error::custom)?;
+                EventKind::from_fields(tag, Value::Object(rest)).map_err(A::Error::custom)
+            }
+        }
+    }
+}
+
+/// Reads a map's first key: `None` for the tag, the key otherwise.
+struct FirstKey;
+
+impl<'de> serde::de::DeserializeSeed<'de> for FirstKey {
+    type Value = Option<String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for FirstKey {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok((key != "type").then(|| key.to_owned()))
+    }
+}
+
+/// Reads the tag's value, which must be a string naming a variant.
+struct TagSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for TagSeed {
+    type Value = Tag;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Tag, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for TagSeed {
+    type Value = Tag;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an event's type tag")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, tag: &str) -> Result<Tag, E> {
+        use serde::de::IntoDeserializer;
+        Tag::deserialize(tag.into_deserializer())
+    }
+}
+
+/// A second `type` key in an event: always an error.
+struct DuplicateTag;
+
+impl<'de> Deserialize<'de> for DuplicateTag {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::duplicate_field("type"))
     }
 }
 
@@ -427,4 +599,239 @@ pub fn request_hash(action: &str, args: &Value) -> String {
     h.update([0]);
     h.update(args.to_string().as_bytes());
     crate::codec::hex(&h.finalize()[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Every variant, each optional field both set and left out.
+    fn samples() -> Vec<EventKind> {
+        let at = DateTime::<Utc>::from_timestamp(1_800_000_000, 5).unwrap();
+        let spec = GateSpec {
+            levels: vec![ApproverLevel {
+                roles: vec!["finance".into()],
+                timeout_secs: Some(60),
+            }],
+            quorum: 2,
+            on_timeout: TimeoutOutcome::Approve,
+            allowed: vec![DecisionKind::Approve, DecisionKind::Reject],
+        };
+        let who = Principal::new("ana");
+        let mut out = Vec::new();
+        for full in [false, true] {
+            let some = |v: &str| full.then(|| v.to_string());
+            out.extend([
+                EventKind::RunStarted {
+                    workflow: "refund".into(),
+                    version: 3,
+                    input: json!({"order": 7, "note": "type"}),
+                    idempotency_key: some("k1"),
+                    started_by: full.then(|| who.clone()),
+                },
+                EventKind::StepStarted {
+                    position: Position(1),
+                    name: "plan".into(),
+                    attempt: 2,
+                    args_hash: some("ab12"),
+                },
+                EventKind::StepCompleted {
+                    position: Position(1),
+                    output: json!({"type": "not the tag", "n": [1, 2]}),
+                },
+                EventKind::StepFailed {
+                    position: Position(2),
+                    error: "boom".into(),
+                    retryable: full,
+                    attempt: 1,
+                    will_retry: !full,
+                },
+                EventKind::ApprovalRequested {
+                    gate: GateId(3),
+                    kind: if full {
+                        GateKind::Question
+                    } else {
+                        GateKind::Approval
+                    },
+                    action: "send_money".into(),
+                    args: json!({"amount_cents": 25_000}),
+                    context: json!("why"),
+                    reason: "explicit gate".into(),
+                    allowed: vec![DecisionKind::Approve, DecisionKind::Edit],
+                    deadline: full.then_some(at),
+                    rule: some("big-refunds"),
+                    spec: full.then(|| spec.clone()),
+                },
+                EventKind::DecisionRecorded {
+                    gate: GateId(3),
+                    decision: if full {
+                        Decision::Edit {
+                            args: json!({"amount_cents": 100}),
+                        }
+                    } else {
+                        Decision::Approve
+                    },
+                    by: who.clone(),
+                    comment: some("ok"),
+                    idempotency_key: some("d1"),
+                    request_hash: some("cd34"),
+                },
+                EventKind::VoteRecorded {
+                    gate: GateId(3),
+                    vote: Decision::Reject { reason: "no".into() },
+                    by: who.clone(),
+                    comment: some("c"),
+                    request_hash: "ef56".into(),
+                },
+                EventKind::GateEscalated {
+                    gate: GateId(3),
+                    level: 1,
+                    roles: vec!["cfo".into()],
+                    deadline: full.then_some(at),
+                },
+                EventKind::PolicyEvaluated {
+                    position: Position(4),
+                    action: "delete".into(),
+                    verdict: if full {
+                        Verdict::RequireApproval
+                    } else {
+                        Verdict::Deny
+                    },
+                    rule: some("r"),
+                    reason: "policy".into(),
+                    spec: full.then(|| spec.clone()),
+                    trusted: full,
+                },
+                EventKind::ValueRecorded {
+                    position: Position(5),
+                    source: ValueSource::Random,
+                    value: json!(0.25),
+                },
+                EventKind::TimerStarted {
+                    position: Position(6),
+                    fire_at: at,
+                },
+                EventKind::TimerFired {
+                    position: Position(6),
+                },
+                EventKind::RunCompleted { output: json!(null) },
+                EventKind::RunFailed { error: "x".into() },
+                EventKind::RunCancelled {
+                    by: who.clone(),
+                    reason: some("stop"),
+                },
+            ]);
+        }
+        out
+    }
+
+    #[test]
+    fn every_event_reads_back_with_its_tag_first_or_anywhere() {
+        let samples = samples();
+        let tags: std::collections::BTreeSet<_> = samples.iter().map(EventKind::tag).collect();
+        assert_eq!(tags.len(), VARIANTS, "the samples cover every variant");
+        for event in &samples {
+            let text = serde_json::to_string(event).unwrap();
+            assert!(
+                text.starts_with(&format!("{{\"type\":\"{}\"", event.tag())),
+                "{text}"
+            );
+            // As written: the tag first, read straight into the variant.
+            let read: EventKind = serde_json::from_str(&text).unwrap();
+            assert_eq!(&read, event, "{text}");
+            // Keys sorted (a `Value` map), the tag among them: the buffered way, from a
+            // tree and from text.
+            let tree = serde_json::to_value(event).unwrap();
+            let sorted = tree.to_string();
+            assert!(
+                !sorted.starts_with("{\"type\""),
+                "every variant has a key before `type`: {sorted}"
+            );
+            assert_eq!(
+                &serde_json::from_value::<EventKind>(tree).unwrap(),
+                event,
+                "{sorted}"
+            );
+            assert_eq!(
+                &serde_json::from_str::<EventKind>(&sorted).unwrap(),
+                event,
+                "{sorted}"
+            );
+            // Inside an `Event`, as format-1 records and exports hold it.
+            let whole = Event {
+                run: RunId::new(),
+                seq: Seq(4),
+                at: DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap(),
+                v: event.format(),
+                event: event.clone(),
+            };
+            let back: Event = serde_json::from_str(&serde_json::to_string(&whole).unwrap()).unwrap();
+            assert_eq!(back, whole);
+        }
+    }
+
+    #[test]
+    fn malformed_events_are_refused_as_serde_refuses_a_tagged_enum() {
+        let refused = |text: &str, says: &str| {
+            let err = serde_json::from_str::<EventKind>(text)
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        };
+        refused(r#"{"position":1}"#, "missing field `type`");
+        refused(r#"{}"#, "missing field `type`");
+        refused(r#"{"type":"timer-fired"}"#, "missing field `position`");
+        refused(
+            r#"{"position":1,"type":"timer-fired","extra":1,"position":2}"#,
+            "duplicate field `position`",
+        );
+        refused(
+            r#"{"type":"timer-fired","position":1,"position":2}"#,
+            "duplicate field `position`",
+        );
+        refused(
+            r#"{"type":"timer-fired","position":1,"type":"run-failed"}"#,
+            "duplicate field `type`",
+        );
+        refused(
+            r#"{"position":1,"type":"timer-fired","type":"run-failed"}"#,
+            "duplicate field `type`",
+        );
+        refused(
+            r#"{"type":"no-such-event","position":1}"#,
+            "unknown variant `no-such-event`",
+        );
+        refused(
+            r#"{"position":1,"type":"no-such-event"}"#,
+            "unknown variant `no-such-event`",
+        );
+        refused(
+            r#"{"type":"TimerFired","position":1}"#,
+            "unknown variant `TimerFired`",
+        );
+        refused(r#"{"type":3,"position":1}"#, "invalid type");
+        refused(r#"{"type":{"timer-fired":null},"position":1}"#, "invalid type");
+        refused(r#"{"position":1,"type":{"timer-fired":null}}"#, "invalid type");
+        refused(r#"{"type":"timer-fired","position":"one"}"#, "invalid type");
+        refused(r#""timer-fired""#, "invalid type");
+        refused(r#"["timer-fired",1]"#, "invalid type");
+        // Fields it does not know are skipped, as before.
+        let read: EventKind =
+            serde_json::from_str(r#"{"type":"timer-fired","position":1,"later":[1]}"#).unwrap();
+        assert_eq!(
+            read,
+            EventKind::TimerFired {
+                position: Position(1)
+            }
+        );
+        let read: EventKind =
+            serde_json::from_str(r#"{"later":[1],"position":1,"type":"timer-fired"}"#).unwrap();
+        assert_eq!(
+            read,
+            EventKind::TimerFired {
+                position: Position(1)
+            }
+        );
+    }
 }
