@@ -336,3 +336,40 @@ async fn a_run_at_its_limit_can_still_be_rejected_or_cancelled() {
         RunStatus::Cancelled
     );
 }
+
+/// The same calls, but step "plan" now returns text where the journal holds a number.
+async fn changed_output_type(ctx: Ctx, _: ()) -> Result<String, Failure> {
+    ctx.step("fetch", || async { Ok(1) }).await?;
+    let _plan: String = ctx.step("plan", || async { Ok("two".to_string()) }).await?;
+    let _ = ctx
+        .gate("delete_data", json!({"table": "users"}), json!(null))
+        .await?;
+    ctx.step("delete", || async { Ok(()) }).await?;
+    Ok("done".into())
+}
+
+#[tokio::test]
+async fn a_step_whose_output_type_changed_is_reported_with_the_recorded_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = paused_run(dir.path()).await;
+    let e = engine(dir.path(), Registry::new().workflow("w", 1, two_steps_then_gate));
+    let journal = e.events(run).await.unwrap();
+    match replay(&Registry::new().workflow("w", 1, changed_output_type), &journal).await {
+        Replay::Nondeterministic(nd) => {
+            assert_eq!(nd.position.0, 1);
+            assert_eq!(nd.expected, r#"step "plan" with output 2"#);
+            assert!(
+                nd.found.contains("whose output type no longer reads it"),
+                "{}",
+                nd.found
+            );
+            assert!(nd.found.contains("expected a string"), "{}", nd.found);
+        }
+        other => panic!("expected nondeterminism, got {other:?}"),
+    }
+    // The typed outputs of the unchanged code still read back.
+    assert!(matches!(
+        replay(&Registry::new().workflow("w", 1, two_steps_then_gate), &journal).await,
+        Replay::Consistent { .. }
+    ));
+}

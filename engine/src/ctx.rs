@@ -1069,7 +1069,8 @@ impl Ctx {
         {
             match outcome {
                 Some(StepOutcome::Completed(output)) => {
-                    return match serde_json::from_value::<T>(output.clone()) {
+                    // Read from the record in place: no copy of the output for a typed `T`.
+                    return match T::deserialize(&output) {
                         Ok(v) => Ok(v),
                         Err(e) => {
                             self.nondeterminism(
@@ -1364,6 +1365,16 @@ impl Ctx {
         let position = Position(s.next_position);
         s.next_position += 1;
         match s.history.by_position.get(&position) {
+            // A completed step is read once and nothing reads its position again (only
+            // gates take events that arrive later, and `unreached` looks past the
+            // current position), so its record, output and all, is handed over rather
+            // than copied.
+            Some(
+                rec @ Recorded::Step {
+                    outcome: Some(StepOutcome::Completed(_)),
+                    ..
+                },
+            ) if rec.matches(&call) => Ok((position, s.history.by_position.remove(&position))),
             Some(rec) if rec.matches(&call) => Ok((position, Some(rec.clone()))),
             Some(rec) => {
                 let nd = Nondeterminism {
