@@ -675,16 +675,16 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             let events = store.read(run, crate::journal::Seq::ZERO).await;
             store.close()?;
             let events = events?;
-            match replay(&registry(&data), &events).await {
+            let count = events.len();
+            match replay(&registry(&data), events).await {
                 Replay::Consistent { would_append } if would_append.is_empty() => {
-                    say!("run {run}: the current code matches its journal ({} events)", events.len());
+                    say!("run {run}: the current code matches its journal ({count} events)");
                     Ok(())
                 }
                 Replay::Consistent { would_append } => {
                     let next: Vec<&str> = would_append.iter().map(|e| e.tag()).collect();
                     say!(
-                        "run {run}: the current code matches its journal ({} events); it would go on with: {}",
-                        events.len(),
+                        "run {run}: the current code matches its journal ({count} events); it would go on with: {}",
                         next.join(", ")
                     );
                     Ok(())

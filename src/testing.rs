@@ -833,7 +833,7 @@ pub async fn replay_journal(registry: &Registry, path: impl AsRef<Path>) -> Resu
             .map_err(|e| ReplayFailure(format!("{} line {}: not an event: {e}", path.display(), i + 1)))?;
         events.push(event);
     }
-    match replay(registry, &events).await {
+    match replay(registry, events).await {
         Replay::Consistent { .. } => Ok(()),
         Replay::Nondeterministic(nd) => Err(ReplayFailure(nd.to_string())),
         Replay::Broken(why) => Err(ReplayFailure(format!(

@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::btree_map::{BTreeMap, Entry};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -190,79 +190,72 @@ pub(crate) struct History {
 }
 
 impl History {
-    pub fn build(events: &[Event]) -> Result<History, String> {
+    /// Indexes a journal by position, taking the events: each output, argument and
+    /// decision moves into the history rather than being copied.
+    pub fn build(events: Vec<Event>) -> Result<History, String> {
         let mut h = History::default();
         for e in events {
-            h.add(e)?;
             h.next_seq = e.seq.next();
+            h.add(e)?;
         }
         Ok(h)
     }
 
     /// Records what the journal holds at a position that must not be taken yet.
-    fn take(&mut self, position: Position, recorded: Recorded, e: &Event) -> Result<(), String> {
+    fn take(&mut self, position: Position, recorded: Recorded, seq: Seq, tag: &str) -> Result<(), String> {
         if self.by_position.contains_key(&position) {
-            return Err(format!(
-                "seq {} ({}) is at position {position}, which the journal already uses for something else",
-                e.seq,
-                e.event.tag()
-            ));
+            return Err(inconsistent(seq, tag, position));
         }
         self.by_position.insert(position, recorded);
         Ok(())
     }
 
-    fn add(&mut self, e: &Event) -> Result<(), String> {
-        let inconsistent = |p: Position| {
-            format!(
-                "seq {} ({}) is at position {p}, which the journal already uses for something else",
-                e.seq,
-                e.event.tag()
-            )
-        };
-        match &e.event {
+    fn add(&mut self, e: Event) -> Result<(), String> {
+        let (seq, tag) = (e.seq, e.event.tag());
+        let inconsistent = |p: Position| inconsistent(seq, tag, p);
+        match e.event {
             EventKind::StepStarted {
                 position,
                 name,
                 attempt,
                 ..
-            } => match self
-                .by_position
-                .entry(*position)
-                .or_insert_with(|| Recorded::Step {
-                    seq: e.seq,
-                    name: name.clone(),
-                    attempts: 0,
-                    failures: 0,
-                    outcome: None,
-                    unknown: None,
-                }) {
-                Recorded::Step {
-                    attempts, name: n, ..
-                } if n == name => *attempts = (*attempts).max(*attempt),
-                _ => return Err(inconsistent(*position)),
-            },
-            EventKind::StepCompleted { position, output } => match self.by_position.get_mut(position) {
-                Some(Recorded::Step { outcome, .. }) => {
-                    *outcome = Some(StepOutcome::Completed(output.clone()))
+            } => match self.by_position.entry(position) {
+                Entry::Vacant(v) => {
+                    v.insert(Recorded::Step {
+                        seq,
+                        name,
+                        attempts: attempt,
+                        failures: 0,
+                        outcome: None,
+                        unknown: None,
+                    });
                 }
-                _ => return Err(inconsistent(*position)),
+                Entry::Occupied(mut o) => match o.get_mut() {
+                    Recorded::Step {
+                        attempts, name: n, ..
+                    } if *n == name => *attempts = (*attempts).max(attempt),
+                    _ => return Err(inconsistent(position)),
+                },
+            },
+            EventKind::StepCompleted { position, output } => match self.by_position.get_mut(&position) {
+                Some(Recorded::Step { outcome, .. }) => *outcome = Some(StepOutcome::Completed(output)),
+                _ => return Err(inconsistent(position)),
             },
             EventKind::StepFailed {
                 position,
                 error,
                 will_retry,
                 ..
-            } => match self.by_position.get_mut(position) {
+            } => match self.by_position.get_mut(&position) {
                 Some(Recorded::Step {
                     failures, outcome, ..
                 }) => {
                     *failures += 1;
                     if !will_retry {
-                        *outcome = Some(StepOutcome::Failed(error.clone()));
+                        *outcome = Some(StepOutcome::Failed(error));
                     }
                 }
-                _ => return Err(inconsistent(*position)),
+                _ => return Err(inconsistent(position)),
             },
             EventKind::ApprovalRequested {
                 gate,
@@ -281,13 +274,14 @@ impl History {
                 self.take(
                     gate.position(),
                     Recorded::Gate {
-                        seq: e.seq,
-                        kind: *kind,
-                        action: action.clone(),
-                        args: args.clone(),
+                        seq,
+                        kind,
+                        action,
+                        args,
                         decision: None,
                     },
-                    e,
+                    seq,
+                    tag,
                 )?;
             }
             EventKind::DecisionRecorded {
@@ -297,64 +291,46 @@ impl History {
                 comment,
                 ..
             } => match self.by_position.get_mut(&gate.position()) {
-                Some(Recorded::Step {
-                    unknown: Some((_, answer)),
-                    ..
-                }) => {
+                // The first decision wins; the store's callers never record a second.
+                Some(
+                    Recorded::Step {
+                        unknown: Some((_, answer)),
+                        ..
+                    }
+                    | Recorded::Gate { decision: answer, .. },
+                ) => {
                     if answer.is_none() {
                         *answer = Some(DecisionInfo {
-                            decision: decision.clone(),
-                            by: by.clone(),
-                            comment: comment.clone(),
+                            decision,
+                            by,
+                            comment,
                         });
                     }
                 }
-                Some(Recorded::Gate { decision: d, .. }) => {
-                    // The first decision wins; the store's callers never record a second.
-                    if d.is_none() {
-                        *d = Some(DecisionInfo {
-                            decision: decision.clone(),
-                            by: by.clone(),
-                            comment: comment.clone(),
-                        });
-                    }
-                }
-                _ => {
-                    return Err(format!(
-                        "seq {} decides gate {gate}, which was never opened",
-                        e.seq
-                    ))
-                }
+                _ => return Err(format!("seq {seq} decides gate {gate}, which was never opened")),
             },
             EventKind::ValueRecorded {
                 position,
                 source,
                 value,
             } => {
-                self.take(
-                    *position,
-                    Recorded::Value {
-                        seq: e.seq,
-                        source: *source,
-                        value: value.clone(),
-                    },
-                    e,
-                )?;
+                self.take(position, Recorded::Value { seq, source, value }, seq, tag)?;
             }
             EventKind::TimerStarted { position, fire_at } => {
                 self.take(
-                    *position,
+                    position,
                     Recorded::Timer {
-                        seq: e.seq,
-                        fire_at: *fire_at,
+                        seq,
+                        fire_at,
                         fired: false,
                     },
-                    e,
+                    seq,
+                    tag,
                 )?;
             }
-            EventKind::TimerFired { position } => match self.by_position.get_mut(position) {
+            EventKind::TimerFired { position } => match self.by_position.get_mut(&position) {
                 Some(Recorded::Timer { fired, .. }) => *fired = true,
-                _ => return Err(inconsistent(*position)),
+                _ => return Err(inconsistent(position)),
             },
             EventKind::PolicyEvaluated {
                 position,
@@ -366,20 +342,21 @@ impl History {
                 ..
             } => {
                 self.take(
-                    *position,
+                    position,
                     Recorded::Policy {
-                        seq: e.seq,
-                        action: action.clone(),
-                        verdict: *verdict,
-                        rule: rule.clone(),
-                        reason: reason.clone(),
-                        spec: spec.clone(),
+                        seq,
+                        action,
+                        verdict,
+                        rule,
+                        reason,
+                        spec,
                     },
-                    e,
+                    seq,
+                    tag,
                 )?;
             }
-            EventKind::RunCompleted { .. } | EventKind::RunFailed { .. } | EventKind::RunCancelled { .. } => {
-                self.ended = Some(e.event.clone())
+            end @ (EventKind::RunCompleted { .. } | EventKind::RunFailed { .. } | EventKind::RunCancelled { .. }) => {
+                self.ended = Some(end)
             }
             // Votes and escalations change who may decide, not what the code sees: a gate
             // resolves only with `decision-recorded`.
@@ -389,6 +366,10 @@ impl History {
         }
         Ok(())
     }
+}
+
+fn inconsistent(seq: Seq, tag: &str, position: Position) -> String {
+    format!("seq {seq} ({tag}) is at position {position}, which the journal already uses for something else")
 }
 
 struct State {
@@ -1524,12 +1505,11 @@ impl Ctx {
                         self.fail(Abort::LeaseLost);
                         return Err(Parked);
                     }
+                    let read = new.len() as u64;
                     let mut s = self.state();
-                    for e in &new {
-                        let outcome = match &e.event {
-                            EventKind::DecisionRecorded { .. } => {
-                                s.history.add(e).map_err(Abort::Inconsistent)
-                            }
+                    for e in new {
+                        let outcome = match e.event {
+                            EventKind::DecisionRecorded { .. } => s.history.add(e).map_err(Abort::Inconsistent),
                             EventKind::RunCancelled { .. } => Err(Abort::Ended),
                             _ => Err(Abort::LeaseLost),
                         };
@@ -1539,7 +1519,7 @@ impl Ctx {
                             return Err(Parked);
                         }
                     }
-                    expected = expected.plus(new.len() as u64);
+                    expected = expected.plus(read);
                     s.journal_len = expected;
                 }
                 Err(journal::Error::LeaseLost(_)) => {

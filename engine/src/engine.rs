@@ -25,6 +25,7 @@ use holdpoint_journal::{
 };
 use serde::Serialize;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -962,7 +963,7 @@ impl<S: Store> Engine<S> {
             self.release(&lease, None).await;
             return;
         }
-        let prepared = match prepare(&self.inner.registry, &events) {
+        let prepared = match prepare(&self.inner.registry, events) {
             Ok(p) => p,
             Err(reason) => {
                 self.stuck(&lease, reason).await;
@@ -1141,23 +1142,26 @@ struct Prepared {
 }
 
 /// Finds the workflow for a journal and indexes the journal for replay.
-fn prepare(registry: &Registry, events: &[Event]) -> std::result::Result<Prepared, String> {
+fn prepare(registry: &Registry, mut events: Vec<Event>) -> std::result::Result<Prepared, String> {
     let Some(EventKind::RunStarted {
         workflow,
         version,
         input,
         ..
-    }) = events.first().map(|e| &e.event)
+    }) = events.first_mut().map(|e| &mut e.event)
     else {
         return Err("journal does not begin with run-started".into());
     };
+    // The history has no use for the input: the workflow takes it.
+    let input = std::mem::take(input);
+    let (workflow, version) = (std::mem::take(workflow), *version);
     let history = History::build(events).map_err(|e| format!("journal inconsistent: {e}"))?;
-    let registered = registry.get(workflow, *version).ok_or_else(|| {
+    let registered = registry.get(&workflow, version).ok_or_else(|| {
         format!("workflow {workflow:?} version {version} is not registered in this process; register it to resume this run")
     })?;
     Ok(Prepared {
         run: registered.run.clone(),
-        input: input.clone(),
+        input,
         history,
     })
 }
@@ -1325,7 +1329,11 @@ impl Sink for ReplaySink {
 /// Re-runs the registered workflow code over a journal without a store: every recorded
 /// call is answered from it, nothing is appended and no step body runs. The check to
 /// run before deploying changed workflow code.
-pub async fn replay(registry: &Registry, events: &[Event]) -> Replay {
+///
+/// Takes the journal as a slice (copied) or as a `Vec` (moved: nothing is copied).
+pub async fn replay<'a>(registry: &Registry, events: impl Into<Cow<'a, [Event]>>) -> Replay {
+    let events = events.into().into_owned();
+    let run = events.first().map(|e| e.run).unwrap_or_default();
     // Ended runs replay too: the code must reach the same end.
     let prepared = match prepare(registry, events) {
         Ok(p) => p,
@@ -1334,7 +1342,6 @@ pub async fn replay(registry: &Registry, events: &[Event]) -> Replay {
     if let Some(EventKind::RunCancelled { .. }) = prepared.history.ended {
         return Replay::Consistent { would_append: vec![] };
     }
-    let run = events.first().map(|e| e.run).unwrap_or_default();
     let offered = Arc::new(Mutex::new(Vec::new()));
     let ctx = Ctx::new(
         run,
