@@ -181,22 +181,28 @@ impl Log {
         #[cfg(feature = "compression")]
         {
             if self.config.use_compression && pid != BATCH_MANIFEST_PID {
-                let buf = item.serialize();
-
                 let _measure = Measure::new(&M.compress);
 
-                // Holdpoint: small messages as raw zstd frames, larger ones with this
-                // thread's reused context (`raw_zstd_frame`, `compress_page`).
-                let compressed_buf = if buf.len() < COMPRESS_FROM_BYTES {
-                    raw_zstd_frame(&buf)
-                } else {
-                    compress_page(&buf, self.config.compression_factor)?
-                };
+                // Holdpoint: small messages as raw zstd frames, serialized straight into
+                // the log buffer (`RawFramed`); larger ones compressed with this thread's
+                // reused context (`compress_page`).
+                let len = usize::try_from(item.serialized_size()).unwrap();
+                if len < COMPRESS_FROM_BYTES {
+                    return self.reserve_inner(
+                        log_kind,
+                        pid,
+                        &RawFramed { item, len },
+                        None,
+                        guard,
+                    );
+                }
+                let compressed_buf =
+                    compress_page(&item.serialize(), self.config.compression_factor)?;
 
                 return self.reserve_inner(
                     log_kind,
                     pid,
-                    &IVec::from(compressed_buf),
+                    &LengthFramed(compressed_buf),
                     None,
                     guard,
                 );
@@ -986,27 +992,100 @@ pub(crate) fn compress_page(data: &[u8], level: i32) -> Result<Vec<u8>> {
 #[cfg(feature = "compression")]
 const COMPRESS_FROM_BYTES: usize = 1024;
 
-/// Holdpoint: `data` as a zstd frame (RFC 8878) of one raw block: the magic number, a
-/// frame header with the single-segment flag and the content size, a block header (last
-/// block, raw, its size), then the bytes. No checksum (sled checksums every message).
+/// Holdpoint: the header of a zstd frame (RFC 8878) of one raw block of `len` bytes: the
+/// magic number, a frame header with the single-segment flag and the content size, and
+/// a block header (last block, raw, its size). No checksum (sled checksums every
+/// message). Returns the header's bytes and how many of them are used.
 #[cfg(feature = "compression")]
-pub(crate) fn raw_zstd_frame(data: &[u8]) -> Vec<u8> {
+fn raw_frame_header(len: usize) -> ([u8; 10], usize) {
     // A raw block holds at most 128 KiB; callers pass less than COMPRESS_FROM_BYTES.
-    assert!(data.len() < 128 * 1024);
-    let mut out = Vec::with_capacity(data.len() + 11);
-    out.extend_from_slice(&0xFD2F_B528_u32.to_le_bytes());
-    let len = data.len();
-    if len < 256 {
-        out.push(0b0010_0000);
-        out.push(len as u8);
+    assert!(len < 128 * 1024);
+    let mut out = [0; 10];
+    out[..4].copy_from_slice(&0xFD2F_B528_u32.to_le_bytes());
+    let at = if len < 256 {
+        out[4] = 0b0010_0000;
+        out[5] = len as u8;
+        6
     } else {
-        out.push(0b0110_0000);
-        out.extend_from_slice(&((len - 256) as u16).to_le_bytes());
-    }
+        out[4] = 0b0110_0000;
+        out[5..7].copy_from_slice(&((len - 256) as u16).to_le_bytes());
+        7
+    };
     let block_header = ((len as u32) << 3) | 1;
-    out.extend_from_slice(&block_header.to_le_bytes()[..3]);
+    out[at..at + 3].copy_from_slice(&block_header.to_le_bytes()[..3]);
+    (out, at + 3)
+}
+
+/// Holdpoint: `data` as a zstd frame of one raw block (`raw_frame_header`). What
+/// `RawFramed` writes is checked against it.
+#[cfg(all(test, feature = "compression"))]
+pub(crate) fn raw_zstd_frame(data: &[u8]) -> Vec<u8> {
+    let (header, header_len) = raw_frame_header(data.len());
+    let mut out = Vec::with_capacity(data.len() + header_len);
+    out.extend_from_slice(&header[..header_len]);
     out.extend_from_slice(data);
     out
+}
+
+/// Holdpoint: a message under `COMPRESS_FROM_BYTES`, stored as the bytes of an `IVec`
+/// holding the raw zstd frame of the item's serialization (the frame's length as a
+/// varint, then the frame), which is what a compressed message is. It is serialized
+/// into the log buffer in place, where sled 0.34.7 serialized the item, framed it and
+/// made an `IVec` of the frame: three allocations and three copies.
+#[cfg(feature = "compression")]
+#[derive(Debug)]
+struct RawFramed<'a, T> {
+    item: &'a T,
+    /// `item.serialized_size()`.
+    len: usize,
+}
+
+#[cfg(feature = "compression")]
+impl<T: Serialize> Serialize for RawFramed<'_, T> {
+    fn serialized_size(&self) -> u64 {
+        let framed = (raw_frame_header(self.len).1 + self.len) as u64;
+        framed.serialized_size() + framed
+    }
+
+    fn serialize_into(&self, buf: &mut &mut [u8]) {
+        let (header, header_len) = raw_frame_header(self.len);
+        ((header_len + self.len) as u64).serialize_into(buf);
+        let (head, tail) = std::mem::take(buf).split_at_mut(header_len);
+        head.copy_from_slice(&header[..header_len]);
+        *buf = tail;
+        let before = buf.len();
+        self.item.serialize_into(buf);
+        assert_eq!(before - buf.len(), self.len, "an item wrote other than its size");
+    }
+
+    fn deserialize(_: &mut &[u8]) -> Result<Self> {
+        Err(Error::Unsupported("read back as the IVec it is stored as".into()))
+    }
+}
+
+/// Holdpoint: compressed bytes stored as an `IVec` is (the length as a varint, then the
+/// bytes), without first copying them into one.
+#[cfg(feature = "compression")]
+#[derive(Debug)]
+struct LengthFramed(Vec<u8>);
+
+#[cfg(feature = "compression")]
+impl Serialize for LengthFramed {
+    fn serialized_size(&self) -> u64 {
+        let len = self.0.len() as u64;
+        len.serialized_size() + len
+    }
+
+    fn serialize_into(&self, buf: &mut &mut [u8]) {
+        (self.0.len() as u64).serialize_into(buf);
+        let (head, tail) = std::mem::take(buf).split_at_mut(self.0.len());
+        head.copy_from_slice(&self.0);
+        *buf = tail;
+    }
+
+    fn deserialize(_: &mut &[u8]) -> Result<Self> {
+        Err(Error::Unsupported("read back as the IVec it is stored as".into()))
+    }
 }
 
 // Holdpoint: a raw frame decompresses, as sled reads every compressed message, to the
@@ -1018,5 +1097,39 @@ fn raw_zstd_frames_decompress_to_their_bytes() {
         let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
         let frame = raw_zstd_frame(&data);
         assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), data, "{}", len);
+    }
+}
+
+// Holdpoint: a small message serialized in place is, byte for byte, the IVec of the raw
+// frame of its serialization, as sled stored it before; and compressed bytes are their
+// IVec. Item sizes cross the frame header's content-size widths (under and from 256).
+#[cfg(all(test, feature = "compression"))]
+#[test]
+fn messages_framed_in_place_are_the_ivec_of_their_frame() {
+    for len in [0, 1, 2, 200, 238, 239, 240, 241, 253, 254, 255, 256, 257, 1000, 1019, 1020]
+    {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let item = IVec::from(data);
+        let size = usize::try_from(item.serialized_size()).unwrap();
+        let framed = RawFramed { item: &item, len: size };
+        let expected = IVec::from(raw_zstd_frame(&item.serialize())).serialize();
+        assert_eq!(framed.serialized_size(), expected.len() as u64, "{}", len);
+        assert_eq!(framed.serialize(), expected, "{}", len);
+        let mut stored = &expected[..];
+        let frame = IVec::deserialize(&mut stored).unwrap();
+        assert_eq!(
+            zstd::stream::decode_all(&frame[..]).unwrap(),
+            item.serialize(),
+            "{}",
+            len
+        );
+
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 3 % 256) as u8).collect();
+        assert_eq!(
+            LengthFramed(bytes.clone()).serialize(),
+            IVec::from(bytes).serialize(),
+            "{}",
+            len
+        );
     }
 }
