@@ -439,6 +439,8 @@ async fn fold_of_every_prefix_agrees_with_the_index() {
     for n in 1..=events.len() {
         summary.apply(&events[n - 1], Default::default());
         let st = fold(&events[..n]);
+        // Folded by value (moved, not copied), the state is the same.
+        assert_eq!(fold(events[..n].to_vec()), st, "prefix of {n} events, by value");
         assert_eq!(st.status, summary.status, "prefix of {n} events");
         let open: Vec<_> = st.open_gates().map(|g| g.gate).collect();
         assert_eq!(open, summary.open_gates, "prefix of {n} events");

@@ -286,7 +286,7 @@ async fn policy_allows_denies_and_asks_and_the_verdict_is_journaled() {
     );
     assert_eq!(out[2], "paid 48000");
     assert_eq!(api.paid().len(), 2);
-    let verdicts: Vec<Verdict> = fold(&api.engine.events(run).await.unwrap())
+    let verdicts: Vec<Verdict> = fold(api.engine.events(run).await.unwrap())
         .verdicts
         .values()
         .map(|v| v.verdict)
@@ -672,7 +672,7 @@ async fn trust_grows_with_unchanged_approvals_spot_checks_and_resets_after_an_ed
     let trusted: Vec<_> = api.engine.list(None, None, 100).await.unwrap();
     let mut reasons = Vec::new();
     for r in trusted {
-        for v in fold(&api.engine.events(r.id).await.unwrap()).verdicts.values() {
+        for v in fold(api.engine.events(r.id).await.unwrap()).verdicts.values() {
             reasons.push((v.verdict, v.reason.starts_with("trusted:")));
         }
     }

@@ -256,7 +256,7 @@ async fn the_scripted_reviewer_and_the_clock_drive_gates_deadlines_and_timers() 
         env.advance(Duration::from_secs(86_401));
     }
     assert!(seen_gate);
-    let state = holdpoint::fold(&env.engine().events(run).await.unwrap());
+    let state = holdpoint::fold(env.engine().events(run).await.unwrap());
     let out = state.output.unwrap().as_str().unwrap().to_string();
     assert!(out.contains("Rejected") && out.contains("timed out"), "{out}");
     // A restart on the same store picks up where it was.

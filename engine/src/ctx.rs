@@ -355,9 +355,9 @@ impl History {
                     tag,
                 )?;
             }
-            end @ (EventKind::RunCompleted { .. } | EventKind::RunFailed { .. } | EventKind::RunCancelled { .. }) => {
-                self.ended = Some(end)
-            }
+            end @ (EventKind::RunCompleted { .. }
+            | EventKind::RunFailed { .. }
+            | EventKind::RunCancelled { .. }) => self.ended = Some(end),
             // Votes and escalations change who may decide, not what the code sees: a gate
             // resolves only with `decision-recorded`.
             EventKind::RunStarted { .. }
@@ -1509,7 +1509,9 @@ impl Ctx {
                     let mut s = self.state();
                     for e in new {
                         let outcome = match e.event {
-                            EventKind::DecisionRecorded { .. } => s.history.add(e).map_err(Abort::Inconsistent),
+                            EventKind::DecisionRecorded { .. } => {
+                                s.history.add(e).map_err(Abort::Inconsistent)
+                            }
                             EventKind::RunCancelled { .. } => Err(Abort::Ended),
                             _ => Err(Abort::LeaseLost),
                         };

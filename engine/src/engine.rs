@@ -457,7 +457,7 @@ impl<S: Store> Engine<S> {
         }
         loop {
             let events = self.inner.store.read(run, Seq::ZERO).await.map_err(journal_err)?;
-            let state = fold(&events);
+            let state = fold(events);
             let gate = state
                 .gates
                 .get(&req.gate)
@@ -658,7 +658,7 @@ impl<S: Store> Engine<S> {
         loop {
             let now = self.inner.clock.now();
             let events = self.inner.store.read(run, Seq::ZERO).await.map_err(journal_err)?;
-            let state = fold(&events);
+            let state = fold(events);
             let Some(gate) = state.gates.get(&gate_id) else {
                 return Ok(false);
             };
@@ -749,7 +749,7 @@ impl<S: Store> Engine<S> {
         let events = self.events(run).await?;
         Ok(RunView {
             summary,
-            state: fold(&events),
+            state: fold(events),
         })
     }
 

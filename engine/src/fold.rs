@@ -11,6 +11,7 @@ use holdpoint_journal::{
 };
 use serde::Serialize;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A run's state as its journal tells it.
@@ -147,17 +148,29 @@ impl Default for RunState {
     }
 }
 
-/// Folds events (in seq order) into a [`RunState`].
-pub fn fold(events: &[Event]) -> RunState {
+/// Folds events (in seq order) into a [`RunState`]. Takes them as a slice (what the
+/// state keeps is copied) or as a `Vec` (moved: outputs, arguments and decisions go
+/// into the state without a copy).
+pub fn fold<'a>(events: impl Into<Cow<'a, [Event]>>) -> RunState {
     let mut st = RunState::default();
-    for e in events {
-        apply(&mut st, e);
+    match events.into() {
+        Cow::Borrowed(events) => {
+            for e in events {
+                apply(&mut st, e.clone());
+            }
+        }
+        Cow::Owned(events) => {
+            for e in events {
+                apply(&mut st, e);
+            }
+        }
     }
     st
 }
 
-fn apply(st: &mut RunState, e: &Event) {
-    st.next_seq = e.seq.next();
+fn apply(st: &mut RunState, e: Event) {
+    let (seq, at) = (e.seq, e.at);
+    st.next_seq = seq.next();
     if st.run.is_none() {
         st.run = Some(e.run);
     }
@@ -167,7 +180,7 @@ fn apply(st: &mut RunState, e: &Event) {
     if st.status.is_terminal() {
         return;
     }
-    match &e.event {
+    match e.event {
         EventKind::RunStarted {
             workflow,
             version,
@@ -175,10 +188,10 @@ fn apply(st: &mut RunState, e: &Event) {
             started_by,
             ..
         } => {
-            st.workflow = Some(workflow.clone());
-            st.version = Some(*version);
-            st.input = input.clone();
-            st.started_by = started_by.clone();
+            st.workflow = Some(workflow);
+            st.version = Some(version);
+            st.input = input;
+            st.started_by = started_by;
         }
         EventKind::StepStarted {
             position,
@@ -186,22 +199,22 @@ fn apply(st: &mut RunState, e: &Event) {
             attempt,
             args_hash,
         } => {
-            let s = st.steps.entry(*position).or_insert_with(|| StepState {
-                name: name.clone(),
+            let s = st.steps.entry(position).or_insert_with(|| StepState {
+                name,
                 attempts: 0,
                 args_hash: None,
                 output: None,
                 error: None,
                 done: false,
             });
-            s.attempts = s.attempts.max(*attempt);
+            s.attempts = s.attempts.max(attempt);
             if args_hash.is_some() {
-                s.args_hash = args_hash.clone();
+                s.args_hash = args_hash;
             }
         }
         EventKind::StepCompleted { position, output } => {
-            if let Some(s) = st.steps.get_mut(position) {
-                s.output = Some(output.clone());
+            if let Some(s) = st.steps.get_mut(&position) {
+                s.output = Some(output);
                 s.done = true;
             }
         }
@@ -211,8 +224,8 @@ fn apply(st: &mut RunState, e: &Event) {
             will_retry,
             ..
         } => {
-            if let Some(s) = st.steps.get_mut(position) {
-                s.error = Some(error.clone());
+            if let Some(s) = st.steps.get_mut(&position) {
+                s.error = Some(error);
                 s.done = !will_retry;
             }
         }
@@ -228,24 +241,24 @@ fn apply(st: &mut RunState, e: &Event) {
             rule,
             spec,
         } => {
-            st.gates.entry(*gate).or_insert_with(|| GateState {
-                gate: *gate,
-                kind: *kind,
-                action: action.clone(),
-                args: args.clone(),
-                context: context.clone(),
-                reason: reason.clone(),
-                allowed: allowed.clone(),
-                deadline: *deadline,
-                requested_at: e.at,
-                requested_seq: e.seq,
-                decision: None,
-                rule: rule.clone(),
-                spec: spec.clone().unwrap_or_default(),
-                level: 0,
+            st.gates.entry(gate).or_insert_with(|| GateState {
+                gate,
+                kind,
+                request_hash: request_hash(&action, &args),
+                action,
                 current_args: args.clone(),
+                args,
+                context,
+                reason,
+                allowed,
+                deadline,
+                requested_at: at,
+                requested_seq: seq,
+                decision: None,
+                rule,
+                spec: spec.unwrap_or_default(),
+                level: 0,
                 votes: Vec::new(),
-                request_hash: request_hash(action, args),
             });
         }
         EventKind::VoteRecorded {
@@ -255,19 +268,19 @@ fn apply(st: &mut RunState, e: &Event) {
             comment,
             request_hash: seen,
         } => {
-            if let Some(g) = st.gates.get_mut(gate) {
-                if let Decision::Edit { args } = vote {
+            if let Some(g) = st.gates.get_mut(&gate) {
+                if let Decision::Edit { args } = &vote {
                     g.current_args = args.clone();
                     g.request_hash = request_hash(&g.action, args);
                     g.votes.clear();
                 }
                 g.votes.push(Vote {
-                    by: by.clone(),
-                    vote: vote.clone(),
-                    comment: comment.clone(),
-                    request_hash: seen.clone(),
-                    seq: e.seq,
-                    at: e.at,
+                    by,
+                    vote,
+                    comment,
+                    request_hash: seen,
+                    seq,
+                    at,
                 });
             }
         }
@@ -277,9 +290,9 @@ fn apply(st: &mut RunState, e: &Event) {
             deadline,
             ..
         } => {
-            if let Some(g) = st.gates.get_mut(gate) {
-                g.level = *level;
-                g.deadline = *deadline;
+            if let Some(g) = st.gates.get_mut(&gate) {
+                g.level = level;
+                g.deadline = deadline;
             }
         }
         EventKind::PolicyEvaluated {
@@ -291,12 +304,12 @@ fn apply(st: &mut RunState, e: &Event) {
             ..
         } => {
             st.verdicts.insert(
-                *position,
+                position,
                 VerdictState {
-                    action: action.clone(),
-                    verdict: *verdict,
-                    rule: rule.clone(),
-                    reason: reason.clone(),
+                    action,
+                    verdict,
+                    rule,
+                    reason,
                 },
             );
         }
@@ -308,41 +321,41 @@ fn apply(st: &mut RunState, e: &Event) {
             idempotency_key,
             ..
         } => {
-            if let Some(g) = st.gates.get_mut(gate) {
+            if let Some(g) = st.gates.get_mut(&gate) {
                 if g.decision.is_none() {
                     g.decision = Some(RecordedDecision {
-                        gate: *gate,
-                        decision: decision.clone(),
-                        by: by.clone(),
-                        comment: comment.clone(),
-                        idempotency_key: idempotency_key.clone(),
-                        seq: e.seq,
-                        at: e.at,
+                        gate,
+                        decision,
+                        by,
+                        comment,
+                        idempotency_key,
+                        seq,
+                        at,
                     });
                 }
             }
         }
         EventKind::ValueRecorded { .. } => {}
         EventKind::TimerStarted { position, .. } => {
-            st.open_timers.insert(*position);
+            st.open_timers.insert(position);
         }
         EventKind::TimerFired { position } => {
-            st.open_timers.remove(position);
+            st.open_timers.remove(&position);
         }
         EventKind::RunCompleted { output } => {
-            st.output = Some(output.clone());
+            st.output = Some(output);
             st.status = RunStatus::Completed;
             st.open_timers.clear();
             return;
         }
         EventKind::RunFailed { error } => {
-            st.error = Some(error.clone());
+            st.error = Some(error);
             st.status = RunStatus::Failed;
             st.open_timers.clear();
             return;
         }
         EventKind::RunCancelled { by, .. } => {
-            st.cancelled_by = Some(by.clone());
+            st.cancelled_by = Some(by);
             st.status = RunStatus::Cancelled;
             st.open_timers.clear();
             return;
