@@ -47,7 +47,11 @@ fn main() {
                 .flush_every_ms(Some(20))
                 .open()
                 .unwrap();
-            let (ev, runs, st) = (db.open_tree("events").unwrap(), db.open_tree("runs").unwrap(), db.open_tree("status").unwrap());
+            let (ev, runs, st) = (
+                db.open_tree("events").unwrap(),
+                db.open_tree("runs").unwrap(),
+                db.open_tree("status").unwrap(),
+            );
             for i in 0..n {
                 let run = (i / 4).to_be_bytes();
                 let mut k = [0u8; 24];
@@ -138,7 +142,11 @@ fn main() {
                 k[16..].copy_from_slice(&(i % 4).to_be_bytes());
                 let mut tx = db.begin_write().unwrap();
                 let durable = (i + 1) % g == 0;
-                tx.set_durability(if durable { Durability::Immediate } else { Durability::None });
+                tx.set_durability(if durable {
+                    Durability::Immediate
+                } else {
+                    Durability::None
+                });
                 {
                     let mut ev = tx.open_table(EV).unwrap();
                     ev.insert(&k[..], &record(i)[..]).unwrap();
