@@ -202,9 +202,9 @@ impl History {
     }
 
     /// Records what the journal holds at a position that must not be taken yet.
-    fn take(&mut self, position: Position, recorded: Recorded, seq: Seq, tag: &str) -> Result<(), String> {
+    fn take(&mut self, position: Position, recorded: Recorded, tag: &str) -> Result<(), String> {
         if self.by_position.contains_key(&position) {
-            return Err(inconsistent(seq, tag, position));
+            return Err(inconsistent(recorded.seq(), tag, position));
         }
         self.by_position.insert(position, recorded);
         Ok(())
@@ -280,7 +280,6 @@ impl History {
                         args,
                         decision: None,
                     },
-                    seq,
                     tag,
                 )?;
             }
@@ -314,7 +313,7 @@ impl History {
                 source,
                 value,
             } => {
-                self.take(position, Recorded::Value { seq, source, value }, seq, tag)?;
+                self.take(position, Recorded::Value { seq, source, value }, tag)?;
             }
             EventKind::TimerStarted { position, fire_at } => {
                 self.take(
@@ -324,7 +323,6 @@ impl History {
                         fire_at,
                         fired: false,
                     },
-                    seq,
                     tag,
                 )?;
             }
@@ -351,7 +349,6 @@ impl History {
                         reason,
                         spec,
                     },
-                    seq,
                     tag,
                 )?;
             }
