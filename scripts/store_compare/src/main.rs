@@ -6,7 +6,10 @@
 //! and per journal read.
 //!
 //! `holdpoint-store-compare ENGINE COMMITS G DIR` (ENGINE: sled, fjall or redb).
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// Commits per run: a run's four records, one per commit.
+const PER_RUN: u64 = 4;
 
 fn cpu() -> f64 {
     let s = std::fs::read_to_string("/proc/self/stat").unwrap();
@@ -23,11 +26,69 @@ fn record(i: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// What commit `i` writes: its run's key, its record's key, the status key it inserts
+/// and the one it removes (none for a run's first commit).
+struct Keys {
+    run: [u8; 8],
+    record: [u8; 24],
+    status: [u8; 9],
+    old_status: Option<[u8; 9]>,
+}
+
+fn record_key(run: u64, seq: u64) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[8..16].copy_from_slice(&run.to_be_bytes());
+    k[16..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn keys(i: u64) -> Keys {
+    let (run, seq) = (i / PER_RUN, i % PER_RUN);
+    let status = |s: u64| {
+        let mut k = [0u8; 9];
+        k[0] = s as u8;
+        k[1..].copy_from_slice(&run.to_be_bytes());
+        k
+    };
+    Keys {
+        run: run.to_be_bytes(),
+        record: record_key(run, seq),
+        status: status(seq),
+        old_status: (seq > 0).then(|| status(seq - 1)),
+    }
+}
+
+/// Reads every run's records back, runs in a scattered order, through `found`; returns
+/// the CPU per run's journal, in µs.
+fn read_journals(n: u64, mut found: impl FnMut(&[u8; 24]) -> bool) -> f64 {
+    let runs = n / PER_RUN;
+    let c0 = cpu();
+    for j in 0..runs {
+        let run = j.wrapping_mul(7919) % runs;
+        for seq in 0..PER_RUN {
+            assert!(found(&record_key(run, seq)));
+        }
+    }
+    (cpu() - c0) * 1e6 / runs as f64
+}
+
+/// What one engine's run measured.
+struct Measured {
+    syncs: u64,
+    /// CPU and wall time of the writes.
+    writes: (f64, Duration),
+    /// CPU per journal read, in µs.
+    reads: Option<f64>,
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 5 {
+    let usage = || -> ! {
         eprintln!("usage: holdpoint-store-compare sled|fjall|redb COMMITS G DIR");
         std::process::exit(2);
+    };
+    if args.len() != 5 {
+        usage();
     }
     let engine = args[1].as_str();
     let n: u64 = args[2].parse().unwrap();
@@ -36,9 +97,8 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     let summary = vec![7u8; 110];
     let (c0, t0) = (cpu(), Instant::now());
-    let mut syncs = 0;
-    let mut reads: Option<(f64, std::time::Duration)> = None;
-    match engine {
+    let written = || (cpu() - c0, t0.elapsed());
+    let m = match engine {
         "sled" => {
             let db = sled::Config::new()
                 .path(&dir)
@@ -52,20 +112,14 @@ fn main() {
                 db.open_tree("runs").unwrap(),
                 db.open_tree("status").unwrap(),
             );
+            let mut syncs = 0;
             for i in 0..n {
-                let run = (i / 4).to_be_bytes();
-                let mut k = [0u8; 24];
-                k[8..16].copy_from_slice(&run);
-                k[16..].copy_from_slice(&(i % 4).to_be_bytes());
-                ev.insert(k, record(i)).unwrap();
-                runs.insert(run, summary.clone()).unwrap();
-                let mut sk = [0u8; 9];
-                sk[0] = (i % 4) as u8;
-                sk[1..].copy_from_slice(&run);
-                st.insert(sk, &[]).unwrap();
-                if i % 4 > 0 {
-                    sk[0] -= 1;
-                    st.remove(sk).unwrap();
+                let k = keys(i);
+                ev.insert(k.record, record(i)).unwrap();
+                runs.insert(k.run, summary.clone()).unwrap();
+                st.insert(k.status, &[]).unwrap();
+                if let Some(old) = k.old_status {
+                    st.remove(old).unwrap();
                 }
                 if (i + 1) % g == 0 {
                     db.flush().unwrap();
@@ -73,17 +127,13 @@ fn main() {
                 }
             }
             db.flush().unwrap();
-            let (r0, rt) = (cpu(), Instant::now());
-            for j in 0..n / 4 {
-                let run = ((j.wrapping_mul(7919)) % (n / 4)).to_be_bytes();
-                for s in 0..4u64 {
-                    let mut k = [0u8; 24];
-                    k[8..16].copy_from_slice(&run);
-                    k[16..].copy_from_slice(&s.to_be_bytes());
-                    assert!(ev.get(k).unwrap().is_some());
-                }
+            let writes = written();
+            let reads = read_journals(n, |k| ev.get(k).unwrap().is_some());
+            Measured {
+                syncs,
+                writes,
+                reads: Some(reads),
             }
-            reads = Some(((cpu() - r0) * 1e6 / (n / 4) as f64, rt.elapsed()));
         }
         "fjall" => {
             let ks = fjall::Config::new(&dir).open().unwrap();
@@ -93,21 +143,15 @@ fn main() {
                 ks.open_partition("runs", opts()).unwrap(),
                 ks.open_partition("status", opts()).unwrap(),
             );
+            let mut syncs = 0;
             for i in 0..n {
-                let run = (i / 4).to_be_bytes();
-                let mut k = [0u8; 24];
-                k[8..16].copy_from_slice(&run);
-                k[16..].copy_from_slice(&(i % 4).to_be_bytes());
+                let k = keys(i);
                 let mut b = ks.batch();
-                b.insert(&ev, k, record(i));
-                b.insert(&runs, run, summary.clone());
-                let mut sk = [0u8; 9];
-                sk[0] = (i % 4) as u8;
-                sk[1..].copy_from_slice(&run);
-                b.insert(&st, sk, []);
-                if i % 4 > 0 {
-                    sk[0] -= 1;
-                    b.remove(&st, sk);
+                b.insert(&ev, k.record, record(i));
+                b.insert(&runs, k.run, summary.clone());
+                b.insert(&st, k.status, []);
+                if let Some(old) = k.old_status {
+                    b.remove(&st, old);
                 }
                 b.commit().unwrap();
                 if (i + 1) % g == 0 {
@@ -116,17 +160,13 @@ fn main() {
                 }
             }
             ks.persist(fjall::PersistMode::SyncAll).unwrap();
-            let (r0, rt) = (cpu(), Instant::now());
-            for j in 0..n / 4 {
-                let run = ((j.wrapping_mul(7919)) % (n / 4)).to_be_bytes();
-                for s in 0..4u64 {
-                    let mut k = [0u8; 24];
-                    k[8..16].copy_from_slice(&run);
-                    k[16..].copy_from_slice(&s.to_be_bytes());
-                    assert!(ev.get(k).unwrap().is_some());
-                }
+            let writes = written();
+            let reads = read_journals(n, |k| ev.get(k).unwrap().is_some());
+            Measured {
+                syncs,
+                writes,
+                reads: Some(reads),
             }
-            reads = Some(((cpu() - r0) * 1e6 / (n / 4) as f64, rt.elapsed()));
         }
         "redb" => {
             use redb::{Durability, TableDefinition};
@@ -135,11 +175,9 @@ fn main() {
             const ST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("status");
             std::fs::create_dir_all(&dir).unwrap();
             let db = redb::Database::create(dir.join("db")).unwrap();
+            let mut syncs = 0;
             for i in 0..n {
-                let run = (i / 4).to_be_bytes();
-                let mut k = [0u8; 24];
-                k[8..16].copy_from_slice(&run);
-                k[16..].copy_from_slice(&(i % 4).to_be_bytes());
+                let k = keys(i);
                 let mut tx = db.begin_write().unwrap();
                 let durable = (i + 1) % g == 0;
                 tx.set_durability(if durable {
@@ -149,17 +187,13 @@ fn main() {
                 });
                 {
                     let mut ev = tx.open_table(EV).unwrap();
-                    ev.insert(&k[..], &record(i)[..]).unwrap();
+                    ev.insert(&k.record[..], &record(i)[..]).unwrap();
                     let mut runs = tx.open_table(RUNS).unwrap();
-                    runs.insert(&run[..], &summary[..]).unwrap();
+                    runs.insert(&k.run[..], &summary[..]).unwrap();
                     let mut st = tx.open_table(ST).unwrap();
-                    let mut sk = [0u8; 9];
-                    sk[0] = (i % 4) as u8;
-                    sk[1..].copy_from_slice(&run);
-                    st.insert(&sk[..], &[][..]).unwrap();
-                    if i % 4 > 0 {
-                        sk[0] -= 1;
-                        st.remove(&sk[..]).unwrap();
+                    st.insert(&k.status[..], &[][..]).unwrap();
+                    if let Some(old) = k.old_status {
+                        st.remove(&old[..]).unwrap();
                     }
                 }
                 tx.commit().unwrap();
@@ -167,23 +201,23 @@ fn main() {
                     syncs += 1;
                 }
             }
+            Measured {
+                syncs,
+                writes: written(),
+                reads: None,
+            }
         }
-        _ => panic!("engine"),
-    }
-    let (mut c1, mut t1) = (cpu(), t0.elapsed());
-    if let Some((_, rt)) = reads {
-        // The write figures exclude the read phase.
-        c1 -= reads.unwrap().0 * (n / 4) as f64 / 1e6;
-        t1 -= rt;
-    }
-    let size: u64 = walk(&dir);
+        _ => usage(),
+    };
+    let (cpu_s, wall) = m.writes;
     println!(
-        "{engine}: {n} commits (4 writes each), {syncs} syncs: {:.2} us CPU per commit, {:.0} commits/s, {:.0} bytes on disk per commit",
-        (c1 - c0) * 1e6 / n as f64,
-        n as f64 / t1.as_secs_f64(),
-        size as f64 / n as f64
+        "{engine}: {n} commits (4 writes each), {} syncs: {:.2} us CPU per commit, {:.0} commits/s, {:.0} bytes on disk per commit",
+        m.syncs,
+        cpu_s * 1e6 / n as f64,
+        n as f64 / wall.as_secs_f64(),
+        walk(&dir) as f64 / n as f64
     );
-    if let Some((us, _)) = reads {
+    if let Some(us) = m.reads {
         println!("{engine}: {us:.2} us CPU to read one 4-record journal (point reads)");
     }
 }
