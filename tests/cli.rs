@@ -399,13 +399,11 @@ fn exit_codes_and_offline_commands() {
             .open()
             .unwrap();
         let events = db.open_tree("events").unwrap();
-        let run_id: uuid::Uuid = run.parse().unwrap();
-        let mut key = run_id.as_bytes().to_vec();
-        key.extend_from_slice(&3u64.to_be_bytes());
-        let mut v = events.get(&key).unwrap().unwrap().to_vec();
-        let n = v.len();
-        v[n - 4] ^= 1;
-        events.insert(key, v).unwrap();
+        let run_id: holdpoint::journal::RunId = run.parse().unwrap();
+        common::edit_record(&events, run_id, 3, |record| {
+            let n = record.len();
+            record[n - 4] ^= 1;
+        });
         db.flush().unwrap();
         drop(events);
         drop(db);

@@ -1,7 +1,8 @@
 //! A sled commit cut by a crash: after its events reached the disk but before its index
 //! changes (its summary, and those of the run's commits since its creation, only in
-//! memory), reopening finishes it; before its last event, which ends it, or between its
-//! events, reopening undoes it (see `sled_store`'s module docs). The crashes are real: a
+//! memory), reopening finishes it; before its last event, which ends it (a commit of
+//! several events is one value, written last), or between its events (as builds before
+//! packed commits wrote them), reopening undoes it (see `sled_store`'s module docs). The crashes are real: a
 //! child process aborts at a failpoint, after a flush, so the half-done commit is what
 //! the next open finds. The store queues webhook notifications, which a commit writes
 //! before its last event: an undone commit's are dropped, a finished commit's are not
@@ -58,12 +59,17 @@ async fn write_until_crash(dir: &Path) {
     println!("no crash");
 }
 
+/// Set for a child that writes a commit's records under keys of their own, as builds
+/// before packed commits did.
+const UNPACKED: &str = "HOLDPOINT_COMMIT_UNPACKED";
+
 /// The store, queueing notifications for one endpoint.
 fn open(dir: &Path) -> SledStore {
     SledStore::open_with(
         dir,
         SledOptions {
             outbox_endpoints: vec!["ops".into()],
+            pack_commits: std::env::var_os(UNPACKED).is_none(),
             ..SledOptions::default()
         },
     )
@@ -84,12 +90,24 @@ async fn queued(store: &SledStore) -> Vec<String> {
 /// Runs the test `test` as a child writing into `dir` until `point` aborts it at its
 /// `pass`-th pass.
 fn crash_at(dir: &Path, test: &str, point: &str, pass: u32) {
-    let out = Command::new(std::env::current_exe().unwrap())
+    crash_child(dir, test, point, pass, true)
+}
+
+/// [`crash_at`], with the child writing each record under its own key.
+fn crash_unpacked_at(dir: &Path, test: &str, point: &str, pass: u32) {
+    crash_child(dir, test, point, pass, false)
+}
+
+fn crash_child(dir: &Path, test: &str, point: &str, pass: u32, packed: bool) {
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
         .args(["--exact", test, "--nocapture"])
         .env(CHILD, dir)
-        .env("HOLDPOINT_FAILPOINT", format!("{point}:{pass}"))
-        .output()
-        .unwrap();
+        .env("HOLDPOINT_FAILPOINT", format!("{point}:{pass}"));
+    if !packed {
+        child.env(UNPACKED, "1");
+    }
+    let out = child.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains(&format!("failpoint {point}")),
@@ -159,9 +177,36 @@ async fn a_commit_cut_between_its_events_is_undone_on_open() {
         write_until_crash(Path::new(&dir)).await;
         return;
     }
-    // The two gates' commit: the first gate's event on disk, the second's not.
+    // The two gates' commit, written a record per key (as builds before packed commits
+    // wrote every commit): the first gate's event on disk, the second's not. A packed
+    // commit has no such point (next test).
     let dir = tempfile::tempdir().unwrap();
-    crash_at(dir.path(), TEST, "commit-between-events", 1);
+    crash_unpacked_at(dir.path(), TEST, "commit-between-events", 1);
+    let store = open(dir.path());
+    let (run, events) = the_run(&store).await;
+    assert_eq!(events, 3, "neither gate of the cut commit is there");
+    assert!(store.pending(None, 10).await.unwrap().is_empty());
+    let summary = store.summary(run).await.unwrap().unwrap();
+    assert_eq!((summary.next_seq, summary.open_gates.len()), (Seq(3), 0));
+    assert_eq!(
+        queued(&store).await,
+        ["gate.opened@1", "gate.decided@2"],
+        "the acknowledged commits' notifications, once each"
+    );
+    store.close().unwrap();
+}
+
+#[tokio::test]
+async fn a_packed_commit_cut_before_its_value_is_undone_on_open() {
+    const TEST: &str = "a_packed_commit_cut_before_its_value_is_undone_on_open";
+    if let Some(dir) = std::env::var_os(CHILD) {
+        write_until_crash(Path::new(&dir)).await;
+        return;
+    }
+    // The two gates' commit, one value: its notifications queued, the value not
+    // written. Nothing of it is there after the open, its notifications neither.
+    let dir = tempfile::tempdir().unwrap();
+    crash_at(dir.path(), TEST, "commit-before-last-event", 3);
     let store = open(dir.path());
     let (run, events) = the_run(&store).await;
     assert_eq!(events, 3, "neither gate of the cut commit is there");

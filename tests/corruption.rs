@@ -12,6 +12,8 @@ use std::path::Path;
 
 mod common;
 
+use common::Layout;
+
 const EVENTS: u64 = 10_000;
 
 /// Deterministic sample of (record, bit) from a seed, printed for reproduction.
@@ -29,6 +31,23 @@ fn raw_records(dir: &Path, run: RunId) -> Vec<Vec<u8>> {
     let out = events
         .scan_prefix(run.as_bytes())
         .map(|kv| kv.unwrap().1.to_vec())
+        .collect();
+    drop(events);
+    common::release_sled(db, dir);
+    out
+}
+
+/// The raw values of `run` in the `events` tree: the seq each is stored under, and its
+/// bytes (one record, or a packed commit).
+fn raw_values(dir: &Path, run: RunId) -> Vec<(u64, Vec<u8>)> {
+    let db = holdpoint::journal::sled_raw_config(dir).open().unwrap();
+    let events = db.open_tree("events").unwrap();
+    let out = events
+        .scan_prefix(run.as_bytes())
+        .map(|kv| {
+            let (k, v) = kv.unwrap();
+            (u64::from_be_bytes(k[16..24].try_into().unwrap()), v.to_vec())
+        })
         .collect();
     drop(events);
     common::release_sled(db, dir);
@@ -74,7 +93,7 @@ async fn error_after(
 async fn sampled_bit_flips_are_all_caught_at_their_seq() {
     let tmp = tempfile::tempdir().unwrap();
     let pristine = tmp.path().join("pristine");
-    let (run, other) = common::store_with_long_run(&pristine, EVENTS).await;
+    let (run, other) = common::store_with_long_run(&pristine, EVENTS, Layout::RecordPerKey).await;
     let records = raw_records(&pristine, run);
     assert_eq!(records.len() as u64, EVENTS);
     // Chain hashes of the intact journal, to check each record in place.
@@ -139,7 +158,7 @@ async fn sampled_bit_flips_are_all_caught_at_their_seq() {
 async fn truncation_unknown_versions_duplicates_and_gaps_are_typed_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let pristine = tmp.path().join("pristine");
-    let (run, other) = common::store_with_long_run(&pristine, EVENTS).await;
+    let (run, other) = common::store_with_long_run(&pristine, EVENTS, Layout::RecordPerKey).await;
     let records = raw_records(&pristine, run);
 
     let runs = (run, other);
@@ -215,7 +234,7 @@ async fn short_and_long_journals_report_the_same_corruption() {
     for events in [8u64, 40] {
         let tmp = tempfile::tempdir().unwrap();
         let pristine = tmp.path().join("pristine");
-        let (run, other) = common::store_with_long_run(&pristine, events).await;
+        let (run, other) = common::store_with_long_run(&pristine, events, Layout::RecordPerKey).await;
         let runs = (run, other);
         let records = raw_records(&pristine, run);
         let reason = |e: Error| match e {
@@ -261,5 +280,80 @@ async fn short_and_long_journals_report_the_same_corruption() {
         })
         .await;
         assert_eq!(reason(err).0, Seq(6), "{events} events");
+    }
+}
+
+/// Packed commits (a commit's records in one value, as the store writes them): a bit
+/// flipped anywhere in one (its framing too), a value cut short and a value removed are
+/// each a typed error at a seq of that commit, whether the journal is short enough for
+/// point reads or read by a scan; the other run goes on.
+#[tokio::test]
+async fn damaged_packed_commits_are_typed_errors_at_their_commit() {
+    let flips: u64 = std::env::var("HOLDPOINT_BITFLIPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let seed = std::env::var("HOLDPOINT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed_u64);
+    // End to end only (each on a fresh copy), as many as the record-level test's.
+    let per_journal = (flips / 300).max(1);
+    println!("packed: {per_journal} flips per journal, seed {seed} (HOLDPOINT_SEED reproduces)");
+    for events in [8u64, 40, 2_000] {
+        let tmp = tempfile::tempdir().unwrap();
+        let pristine = tmp.path().join("pristine");
+        let (run, other) = common::store_with_long_run(&pristine, events, Layout::Packed).await;
+        let runs = (run, other);
+        let values = raw_values(&pristine, run);
+        // `run-started` alone, then commits of up to 500 events, one value each.
+        let firsts: Vec<u64> = values.iter().map(|(seq, _)| *seq).collect();
+        let expected: Vec<u64> = std::iter::once(0).chain((1..events).step_by(500)).collect();
+        assert_eq!(firsts, expected, "{events} events");
+        assert!(values[1..]
+            .iter()
+            .all(|(_, v)| v[0] == codec::RECORD_FORMAT_PACKED));
+        let end = |i: usize| firsts.get(i + 1).copied().unwrap_or(events);
+        let in_commit = |e: Error, i: usize, what: &str| match e {
+            Error::Corrupt { run: r, seq, .. } if r == run => {
+                assert!(
+                    (firsts[i]..end(i)).contains(&seq.0),
+                    "{events} events, {what}: seq {seq} outside the commit at {}..{}",
+                    firsts[i],
+                    end(i)
+                );
+                seq.0
+            }
+            e => panic!("{events} events, {what}: {e}"),
+        };
+        let salt = seed ^ events;
+        for n in 0..per_journal {
+            let i = 1 + sample(salt, 2 * n, values.len() as u64 - 1) as usize;
+            let bit = sample(salt, 2 * n + 1, values[i].1.len() as u64 * 8);
+            let err = error_after(tmp.path(), &pristine, &format!("flip-{n}"), runs, |t| {
+                let mut v = values[i].1.clone();
+                v[(bit / 8) as usize] ^= 1 << (bit % 8);
+                t.insert(common::event_key(run, firsts[i]), v).unwrap();
+            })
+            .await;
+            in_commit(err, i, &format!("bit {bit} of the commit at {}", firsts[i]));
+        }
+        for (n, cut) in [1usize, 5, 100, values[1].1.len() - 1].into_iter().enumerate() {
+            let err = error_after(tmp.path(), &pristine, &format!("cut-{n}"), runs, |t| {
+                let v = values[1].1[..cut.min(values[1].1.len() - 1)].to_vec();
+                t.insert(common::event_key(run, firsts[1]), v).unwrap();
+            })
+            .await;
+            in_commit(err, 1, &format!("cut to {cut} bytes"));
+        }
+        let err = error_after(tmp.path(), &pristine, "removed", runs, |t| {
+            t.remove(common::event_key(run, firsts[1])).unwrap();
+        })
+        .await;
+        assert_eq!(
+            in_commit(err, 1, "removed"),
+            1,
+            "{events} events: the commit's first seq"
+        );
     }
 }

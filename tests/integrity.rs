@@ -120,12 +120,10 @@ async fn an_approval_is_bound_to_the_args_the_reviewer_saw() {
 fn flip_byte(dir: &Path, run: RunId, seq: u64, offset_from_end: usize) {
     let db = holdpoint::journal::sled_raw_config(dir).open().unwrap();
     let events = db.open_tree("events").unwrap();
-    let mut key = run.as_bytes().to_vec();
-    key.extend_from_slice(&seq.to_be_bytes());
-    let mut value = events.get(&key).unwrap().expect("event exists").to_vec();
-    let i = value.len() - offset_from_end;
-    value[i] ^= 0x20;
-    events.insert(key, value).unwrap();
+    common::edit_record(&events, run, seq, |record| {
+        let i = record.len() - offset_from_end;
+        record[i] ^= 0x20;
+    });
     drop(events);
     common::release_sled(db, dir);
 }
@@ -195,21 +193,23 @@ async fn an_edited_and_rechecksummed_event_breaks_the_chain() {
         // Rewrite step output 1 -> 9 and fix up the CRC, as a careful tamperer would.
         let db = holdpoint::journal::sled_raw_config(dir.path()).open().unwrap();
         let events = db.open_tree("events").unwrap();
-        let mut key = run.as_bytes().to_vec();
-        key.extend_from_slice(&2u64.to_be_bytes());
-        let value = events.get(&key).unwrap().unwrap().to_vec();
-        // Record format 2: 37 header bytes, 14 envelope bytes, then the event kind's JSON.
-        let body = String::from_utf8(value[51..].to_vec()).unwrap();
-        assert!(body.contains(r#""output":1"#), "{body}");
-        let body = body.replace(r#""output":1"#, r#""output":9"#);
-        let mut record = value[..51].to_vec();
-        record.extend_from_slice(body.as_bytes());
-        // The checksum covers the key too.
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&key);
-        crc.update(&record[5..]);
-        record[1..5].copy_from_slice(&crc.finalize().to_be_bytes());
-        events.insert(key, record).unwrap();
+        let key = common::event_key(run, 2);
+        // Seq 2 is packed with seq 3 (one commit): the edit stays inside its record.
+        assert_eq!(common::held_record(&events, run, 2).unwrap().2, 0);
+        common::edit_record(&events, run, 2, |record| {
+            // Record format 2: 37 header bytes, 14 envelope bytes, then the event
+            // kind's JSON.
+            let body = String::from_utf8(record[51..].to_vec()).unwrap();
+            assert!(body.contains(r#""output":1"#), "{body}");
+            let body = body.replace(r#""output":1"#, r#""output":9"#);
+            record.truncate(51);
+            record.extend_from_slice(body.as_bytes());
+            // The checksum covers the record's place (run and seq) too.
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&key);
+            crc.update(&record[5..]);
+            record[1..5].copy_from_slice(&crc.finalize().to_be_bytes());
+        });
         drop(events);
         common::release_sled(db, dir.path());
     }

@@ -8,6 +8,8 @@
 //!   acknowledged decision is in the journal (as acknowledged), no step position
 //!   completed twice, every executed payment was allowed (no gate, or an approve/edit
 //!   with exactly those args), every journal verifies. At the end it finishes every run.
+//!   Every fourth cycle's child writes each record under its own key (the layout before
+//!   packed commits), so the directory holds both layouts, as one upgraded in place does.
 //! - The child (`HOLDPOINT_KILL9_CHILD=<dir>`) starts the runs (idempotently), runs
 //!   workers, and is a scripted reviewer that writes each acknowledged decision to its
 //!   own fsynced ledger before telling the parent.
@@ -17,7 +19,7 @@
 
 use futures::future::join_all;
 use holdpoint::journal::{
-    Decision, EventKind, GateId, Position, RecordedDecision, RunId, RunStatus, SledStore, Store,
+    Decision, EventKind, GateId, Position, RecordedDecision, RunId, RunStatus, SledOptions, SledStore, Store,
 };
 use holdpoint::prelude::*;
 use holdpoint::{EngineConfig, Gated};
@@ -39,6 +41,9 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 use common::pick;
+
+/// Set for a child that writes a commit's records under keys of their own.
+const UNPACKED: &str = "HOLDPOINT_KILL9_UNPACKED";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Payment {
@@ -126,8 +131,14 @@ async fn pay(ctx: Ctx, o: Order, effects: Arc<Effects>) -> Result<String, Failur
 
 fn engine(dir: &Path) -> Engine<SledStore> {
     let effects = Arc::new(Effects::open(&dir.join("effects.jsonl")));
+    // A child told so writes each record under its own key, as builds before packed
+    // commits did.
+    let options = SledOptions {
+        pack_commits: std::env::var_os(UNPACKED).is_none(),
+        ..SledOptions::default()
+    };
     Engine::builder(
-        SledStore::open(dir.join("data")).expect("reopen after a crash"),
+        SledStore::open_with(dir.join("data"), options).expect("reopen after a crash"),
         Registry::new().workflow("pay", 1, move |ctx, o| pay(ctx, o, effects.clone())),
     )
     .config(EngineConfig {
@@ -362,14 +373,29 @@ fn parent() -> Result<(), String> {
             .env_remove("HOLDPOINT_FAILPOINT")
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
+        // Every fourth cycle the child writes a commit's records under keys of their own,
+        // as builds before packed commits did: the directory holds both layouts, as one
+        // upgraded in place does, and a commit can be cut between its events.
+        let unpacked = cycle % 4 == 3;
+        if unpacked {
+            cmd.env(UNPACKED, "1");
+        }
+        let points: Vec<&str> = failpoints
+            .iter()
+            .copied()
+            .filter(|p| unpacked || *p != "commit-between-events")
+            .collect();
         // Every other cycle (with the feature), a crash point inside the engine instead.
         let armed = cfg!(feature = "failpoints") && cycle % 2 == 1;
         let mut how = "SIGKILL".to_string();
         if armed {
-            let point = failpoints[pick(seed, &format!("fp {cycle}"), failpoints.len() as u64) as usize];
+            let point = points[pick(seed, &format!("fp {cycle}"), points.len() as u64) as usize];
             let after = 1 + pick(seed, &format!("fp n {cycle}"), 400);
             cmd.env("HOLDPOINT_FAILPOINT", format!("{point}:{after}"));
             how = format!("failpoint {point} after {after} passes");
+        }
+        if unpacked {
+            how.push_str(", a record per key");
         }
         let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
         // Kill after a random share of this cycle's expected decisions.
@@ -391,7 +417,7 @@ fn parent() -> Result<(), String> {
         let status = child.wait().map_err(|e| e.to_string())?;
         match (done, status.code()) {
             (true, _) => finished_early += 1,
-            (false, None) if how == "SIGKILL" => kills += 1,
+            (false, None) if !armed => kills += 1,
             (false, None) => aborts += 1,
             (false, Some(code)) => return Err(format!("the child exited by itself with {code} (a panic?)")),
         }

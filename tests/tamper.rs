@@ -8,6 +8,8 @@ use std::process::Command;
 
 mod common;
 
+use common::Layout;
+
 const EVENTS: u64 = 10_000;
 
 /// Edits the raw trees with plain sled, then lets go of the directory.
@@ -47,7 +49,8 @@ fn fresh(base: &Path, name: &str) -> PathBuf {
 #[tokio::test]
 async fn modified_deleted_inserted_and_reordered_events_are_found() {
     let tmp = tempfile::tempdir().unwrap();
-    let (run, other) = common::store_with_long_run(&tmp.path().join("pristine"), EVENTS).await;
+    let (run, other) =
+        common::store_with_long_run(&tmp.path().join("pristine"), EVENTS, Layout::RecordPerKey).await;
     assert_eq!(first_bad(&tmp.path().join("pristine"), run, other).await, None);
 
     // Modified and re-checksummed, in the middle: the next event's link breaks.
@@ -127,11 +130,68 @@ async fn modified_deleted_inserted_and_reordered_events_are_found() {
     assert_eq!(first_bad(&dir, run, other).await, Some(100));
 }
 
+/// The same tampering inside packed commits (a commit's records in one value, as the
+/// store writes them; the journal's 500-event commits): each record keeps its own
+/// checksum over its place, and the chain runs through the value.
+#[tokio::test]
+async fn tampering_inside_packed_commits_is_found() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, other) =
+        common::store_with_long_run(&tmp.path().join("pristine"), EVENTS, Layout::Packed).await;
+    assert_eq!(first_bad(&tmp.path().join("pristine"), run, other).await, None);
+    // Rewrites the commit holding `seq` with `f` applied to its records (and the index
+    // of `seq` among them).
+    let repack = |name: &str, seq: u64, f: &dyn Fn(&mut Vec<Vec<u8>>, usize)| {
+        let dir = fresh(tmp.path(), name);
+        tamper(&dir, |events, _| {
+            let (key, mut records, i) = common::held_record(events, run, seq).unwrap();
+            assert!(records.len() > 1, "seq {seq} is in a packed commit");
+            f(&mut records, i);
+            events
+                .insert(key, holdpoint::journal::codec::pack(records))
+                .unwrap();
+        });
+        dir
+    };
+
+    // Modified and re-checksummed: the next event's link breaks.
+    let dir = repack("modified", 4321, &|records, i| {
+        let v = &mut records[i];
+        let body = String::from_utf8(v[51..].to_vec())
+            .unwrap()
+            .replace("\"n\":4321", "\"n\":9999");
+        v.truncate(51);
+        v.extend_from_slice(body.as_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&common::event_key(run, 4321));
+        crc.update(&v[5..]);
+        v[1..5].copy_from_slice(&crc.finalize().to_be_bytes());
+    });
+    assert_eq!(first_bad(&dir, run, other).await, Some(4322));
+
+    // Deleted: the records after it move down a place, which their checksums cover.
+    let dir = repack("deleted", 777, &|records, i| {
+        records.remove(i);
+    });
+    assert_eq!(first_bad(&dir, run, other).await, Some(777));
+
+    // Inserted: a copy of 4999 at 5000.
+    let dir = repack("inserted", 5000, &|records, i| {
+        let forged = records[i - 1].clone();
+        records.insert(i, forged);
+    });
+    assert_eq!(first_bad(&dir, run, other).await, Some(5000));
+
+    // Reordered: two events swapped.
+    let dir = repack("reordered", 100, &|records, i| records.swap(i, i + 1));
+    assert_eq!(first_bad(&dir, run, other).await, Some(100));
+}
+
 #[tokio::test]
 async fn a_consistent_truncation_is_found_against_saved_heads() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let (run, _) = common::store_with_long_run(&data.join("journal"), EVENTS).await;
+    let (run, _) = common::store_with_long_run(&data.join("journal"), EVENTS, Layout::RecordPerKey).await;
     let bin = env!("CARGO_BIN_EXE_holdpoint");
     let out = Command::new(bin)
         .args(["verify", "--head", "--data"])

@@ -24,6 +24,13 @@
 //! changes no head. Builds before it refuse format 3 as an unknown format byte, so a
 //! directory written to since cannot be opened by them.
 //!
+//! A commit of several records is stored by the sled store as one value (since
+//! 2026-12-07): [`RECORD_FORMAT_PACKED`], then each record, in format 2 or 3 exactly as
+//! it would be stored alone, after its length ([`pack`], [`unpack`]). The value is kept
+//! under the key of the commit's first record, and each record's place (for its
+//! checksum and chain hash) is still its own seq, so packing changes no hash. Builds
+//! before it refuse the value as an unknown format byte.
+//!
 //! Record format 1 (still read, never written): bytes 0..37 as above without `place` in
 //! the CRC, then the whole [`Event`] as JSON; its chain hash is `SHA-256(prev_hash ++
 //! json)`. The chain continues across the two formats, so journals begun before the
@@ -203,6 +210,71 @@ pub fn end_commit(run: RunId, seq: Seq, record: &mut [u8]) {
         &record[5..],
     );
     record[1..5].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// A store value holding a whole commit of several records (the sled store's layout
+/// since 2026-12-07): this byte, then each record (formats 2 and 3, as stored alone)
+/// preceded by its length (u32, big-endian). It is kept under the key of its first
+/// record; the records' seqs follow on from there, and each record's checksum and chain
+/// hash cover its own place as if it were stored alone. A value that begins with any
+/// other byte is one record.
+pub const RECORD_FORMAT_PACKED: u8 = 4;
+
+/// The value that stores `records`, a commit's records in order, as one: the record
+/// itself when there is one, otherwise [`RECORD_FORMAT_PACKED`] framing.
+pub fn pack(mut records: Vec<Vec<u8>>) -> Vec<u8> {
+    if records.len() == 1 {
+        return records.pop().unwrap_or_default();
+    }
+    let len = 1 + records.iter().map(|r| 4 + r.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(len);
+    out.push(RECORD_FORMAT_PACKED);
+    for record in &records {
+        // Records are capped far below 4 GiB (`max_event_bytes`).
+        out.extend_from_slice(&u32::try_from(record.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(record);
+    }
+    out
+}
+
+/// Where the records of the value stored under (`run`, `first`) lie in it: one record
+/// at `first`, or the records a [`pack`]ed value frames, at `first`, `first + 1`, ...
+/// Only the framing is checked here (each record's own checks come when it is read); a
+/// framing that does not add up is corruption at `first`, the commit's seq, since no
+/// record of it can be placed with confidence.
+pub fn unpack(run: RunId, first: Seq, value: &[u8]) -> Result<Vec<(Seq, std::ops::Range<usize>)>> {
+    if value.first() != Some(&RECORD_FORMAT_PACKED) {
+        return Ok(vec![(first, 0..value.len())]);
+    }
+    let corrupt = |reason: String| Error::Corrupt {
+        run,
+        seq: first,
+        reason: format!("the packed commit stored at seq {first} is malformed: {reason}"),
+    };
+    let mut out = Vec::with_capacity(4);
+    let mut at = 1;
+    while at < value.len() {
+        let n = out.len();
+        let len = value
+            .get(at..at + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_be_bytes)
+            .ok_or_else(|| corrupt(format!("the length of its record {n} is cut")))?
+            as usize;
+        let body = at + 4;
+        if len == 0 || value.len() - body < len {
+            return Err(corrupt(format!(
+                "its record {n} of {len} bytes does not fit in the {} left",
+                value.len() - body
+            )));
+        }
+        out.push((Seq(first.0 + n as u64), body..body + len));
+        at = body + len;
+    }
+    if out.len() < 2 {
+        return Err(corrupt(format!("it holds {} records", out.len())));
+    }
+    Ok(out)
 }
 
 /// Whether a record, checked, is the last of its commit.
@@ -667,10 +739,75 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_packed_commit_unpacks_to_its_records_and_seqs() {
+        let run = RunId::new();
+        let mut prev = ChainHash::GENESIS;
+        let mut records = Vec::new();
+        for seq in 7..10 {
+            let (mut record, hash) = encode(&event(run, seq), &prev, 65536).unwrap();
+            if seq == 9 {
+                end_commit(run, Seq(seq), &mut record);
+            }
+            prev = hash;
+            records.push(record);
+        }
+        let one = pack(vec![records[0].clone()]);
+        assert_eq!(one, records[0], "a commit of one record is stored as the record");
+        assert_eq!(unpack(run, Seq(7), &one).unwrap(), vec![(Seq(7), 0..one.len())]);
+
+        let packed = pack(records.clone());
+        assert_eq!(packed[0], RECORD_FORMAT_PACKED);
+        let ranges = unpack(run, Seq(7), &packed).unwrap();
+        let seqs: Vec<Seq> = ranges.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, [Seq(7), Seq(8), Seq(9)]);
+        let mut prev = ChainHash::GENESIS;
+        for ((seq, range), record) in ranges.into_iter().zip(&records) {
+            assert_eq!(&packed[range.clone()], record.as_slice());
+            let checked = check(run, seq, &packed[range.clone()]).unwrap();
+            assert_eq!(ends_commit(&checked), seq == Seq(9));
+            if seq > Seq(7) {
+                assert_eq!(checked.prev, prev);
+            }
+            prev = decode(run, seq, &packed[range], &checked.prev).unwrap().1;
+        }
+    }
+
+    #[test]
+    fn a_packed_commit_that_does_not_add_up_is_corrupt_at_its_seq() {
+        let run = RunId::new();
+        let (a, _) = encode(&event(run, 4), &ChainHash::GENESIS, 65536).unwrap();
+        let packed = pack(vec![a.clone(), a.clone()]);
+        let malformed = |value: &[u8]| match unpack(run, Seq(4), value) {
+            Err(Error::Corrupt { seq, reason, .. }) => {
+                assert_eq!(seq, Seq(4));
+                assert!(reason.contains("packed commit stored at seq 4"), "{reason}");
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        };
+        // Cut inside the second record, inside its length, and after the first record.
+        malformed(&packed[..packed.len() - 1]);
+        malformed(&packed[..1 + 4 + a.len() + 2]);
+        malformed(&packed[..1 + 4 + a.len()]);
+        // A length past the end, a zero length, no records at all.
+        let mut long = packed.clone();
+        long[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+        malformed(&long);
+        let mut zero = packed.clone();
+        zero[1..5].copy_from_slice(&0u32.to_be_bytes());
+        malformed(&zero);
+        malformed(&[RECORD_FORMAT_PACKED]);
+    }
+
     proptest::proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
             let _ = decode(RunId::new(), Seq(3), &bytes, &ChainHash::GENESIS);
+            if let Ok(ranges) = unpack(RunId::new(), Seq(3), &bytes) {
+                for (_, range) in ranges {
+                    proptest::prop_assert!(range.end <= bytes.len());
+                }
+            }
         }
     }
 }

@@ -162,6 +162,12 @@ pub struct SledOptions {
     /// marks go (default 16,384, a few hundred bytes each); past it, commits write their
     /// summaries as they go. 0: every commit writes its summary.
     pub kept_summaries: usize,
+    /// Store a commit of several events as one value ([`codec::RECORD_FORMAT_PACKED`],
+    /// default `true`): one sled write per commit instead of one per event, and a
+    /// commit is then whole or absent after a crash by construction. `false` writes
+    /// each record under its own key, the layout of builds before 2026-12-07, which
+    /// every build still reads and recovers (tests of that recovery use it).
+    pub pack_commits: bool,
 }
 
 /// zstd level used for a compressed directory opened with `compression: None`.
@@ -205,6 +211,7 @@ impl Default for SledOptions {
             outbox_endpoints: Vec::new(),
             compression: Some(DEFAULT_COMPRESSION_LEVEL),
             kept_summaries: 16_384,
+            pack_commits: true,
         }
     }
 }
@@ -646,50 +653,96 @@ impl SledStore {
     /// events "past the summary" and report a healthy journal as corrupt.)
     fn read_to(&self, run: RunId, from: Seq, summary: &RunSummary) -> Result<Vec<Event>> {
         let events_tree = &self.inner.trees.events;
+        let next = summary.next_seq;
         // A short journal is read by key: a sled range scan copies the whole leaf it
         // starts in (up to 64 entries, a reference taken on each value) to hand out a
         // few, while `get_many` descends once and reads the neighbouring keys from the
         // leaf it found (the record before `from` too, whose hash the first one links
-        // to). Longer ones, and any journal with a record missing (whose error the scan
-        // words, naming the next stored seq), go through the scan, as does a read from
-        // past the end.
-        let wanted = summary.next_seq.0.checked_sub(from.0);
+        // to). A key inside a packed commit has no value of its own: the commit's value,
+        // under its first seq, holds it. Longer journals, and any read that finds a
+        // record missing (whose error the scan words, naming the next stored seq) or
+        // the record before `from` inside an earlier commit, go through the scan, as
+        // does a read from past the end.
+        let wanted = next.0.checked_sub(from.0);
         let first = from.0.saturating_sub(1);
-        let mut before = None;
         if let Some(wanted) = wanted.filter(|&n| n <= POINT_READS_UP_TO) {
-            let keys: Vec<_> = (first..summary.next_seq.0)
+            let keys: Vec<_> = (first..next.0)
                 .map(|seq| codec::record_key(run, Seq(seq)))
                 .collect();
-            let mut values = events_tree.get_many(&keys)?.into_iter();
-            if from.0 > 0 {
-                before = values.next().flatten();
+            let values = events_tree.get_many(&keys)?;
+            let mut before = None;
+            let mut records = Vec::with_capacity(wanted as usize);
+            // Seqs below `covered` were found, alone or in a packed commit.
+            let mut covered = first;
+            let mut whole = true;
+            for (seq, value) in (first..next.0).zip(values) {
+                match value {
+                    Some(value) if seq >= covered => {
+                        for (at, range) in codec::unpack(run, Seq(seq), &value)? {
+                            let record = value.subslice(range.start, range.len());
+                            if from.0 > 0 && at.0 == first {
+                                before = Some(record);
+                            } else if at >= from && at < next {
+                                records.push(Ok((at, record)));
+                            }
+                            covered = at.0 + 1;
+                        }
+                    }
+                    None if seq < covered => {}
+                    _ => {
+                        whole = false;
+                        break;
+                    }
+                }
             }
-            let records: Vec<_> = (from.0..)
-                .zip(values)
-                .map_while(|(seq, value)| Some(Ok((Seq(seq), value?))))
-                .collect();
-            if records.len() as u64 == wanted {
-                return codec::verify_records(run, from, before, records, summary.next_seq, &summary.head);
+            if whole && records.len() as u64 == wanted && (from.0 == 0 || before.is_some()) {
+                return codec::verify_records(run, from, before, records, next, &summary.head);
             }
-        } else if from.0 > 0 {
-            before = events_tree.get(codec::record_key(run, Seq(first)))?;
         }
-        let records = events_tree
-            .range(codec::record_key(run, from)..codec::record_key(run, summary.next_seq))
-            .map(|item| {
-                let (key, record) = item?;
-                let seq = key
-                    .get(16..24)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(|b| Seq(u64::from_be_bytes(b)))
-                    .ok_or_else(|| Error::Corrupt {
-                        run,
-                        seq: from,
-                        reason: "malformed event key".into(),
-                    })?;
-                Ok((seq, record))
-            });
-        codec::verify_records(run, from, before, records, summary.next_seq, &summary.head)
+        let mut records = self
+            .records_between(run, Seq(first), Some(next))?
+            .into_iter()
+            .peekable();
+        let before = match records.peek() {
+            Some((at, _)) if from.0 > 0 && at.0 == first => records.next().map(|(_, r)| r),
+            _ => None,
+        };
+        codec::verify_records(run, from, before, records.map(Ok), next, &summary.head)
+    }
+
+    /// The stored records of `run` with seqs in `[from, to)` (to the end with `None`),
+    /// in order, each with its seq; a packed commit's one by one. Read from the value
+    /// that holds `from`, which a packed commit keeps under an earlier seq. Gaps are
+    /// left for the caller to find (the seqs say where they are).
+    fn records_between(&self, run: RunId, from: Seq, to: Option<Seq>) -> Result<Vec<(Seq, sled::IVec)>> {
+        let events = &self.inner.trees.events;
+        let mut start = codec::record_key(run, from);
+        if from > Seq::ZERO {
+            if let Some(item) = events
+                .range(codec::record_key(run, Seq::ZERO)..=start)
+                .next_back()
+            {
+                let (key, _) = item?;
+                if let Ok(key) = <[u8; 24]>::try_from(key.as_ref()) {
+                    start = key;
+                }
+            }
+        }
+        let end = match to {
+            Some(to) => Bound::Excluded(codec::record_key(run, to)),
+            None => Bound::Included(codec::record_key(run, Seq(u64::MAX))),
+        };
+        let mut out = Vec::new();
+        for item in events.range((Bound::Included(start), end)) {
+            let (key, value) = item?;
+            let at = seq_of_key(run, &key)?;
+            for (seq, range) in codec::unpack(run, at, &value)? {
+                if seq >= from && to.is_none_or(|to| seq < to) {
+                    out.push((seq, value.subslice(range.start, range.len())));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Verifies a whole journal strictly, for offline checks (no writer running): every
@@ -700,8 +753,10 @@ impl SledStore {
             return Err(Error::UnknownRun(run));
         };
         self.read_to(run, Seq::ZERO, &summary)?;
-        let past = self.events_from(run, summary.next_seq).next();
-        if past.is_some() {
+        // From the record before the end: a packed commit under it may reach past it.
+        let last = Seq(summary.next_seq.0.saturating_sub(1));
+        let past = self.records_between(run, last, None)?;
+        if past.iter().any(|(seq, _)| *seq >= summary.next_seq) {
             return Err(codec::past_summary(run, summary.next_seq));
         }
         Ok((summary.next_seq, summary.head))
@@ -712,9 +767,12 @@ impl SledStore {
     /// still begins with what it held then.
     pub fn chain_hash_at(&self, run: RunId, seq: Seq) -> Result<ChainHash> {
         let mut prev = ChainHash::GENESIS;
+        let mut records = self
+            .records_between(run, Seq::ZERO, Some(seq.next()))?
+            .into_iter();
         for i in 0..=seq.0 {
             let at = Seq(i);
-            let Some(record) = self.inner.trees.events.get(codec::record_key(run, at))? else {
+            let Some((_, record)) = records.next().filter(|(s, _)| *s == at) else {
                 return Err(Error::Corrupt {
                     run,
                     seq: at,
@@ -726,24 +784,42 @@ impl SledStore {
         Ok(prev)
     }
 
-    /// One stored record, as it is on disk (corruption tests).
+    /// One stored record, as it is on disk (corruption tests): alone or in its packed
+    /// commit.
     #[doc(hidden)]
     pub fn raw_record(&self, run: RunId, seq: Seq) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .inner
-            .trees
-            .events
-            .get(codec::record_key(run, seq))?
-            .map(|v| v.to_vec()))
+        let found = self.records_between(run, seq, Some(seq.next()))?;
+        Ok(found.into_iter().next().map(|(_, record)| record.to_vec()))
     }
 
-    /// Overwrites one stored record behind the store's back (corruption tests).
+    /// Overwrites one stored record behind the store's back (corruption tests), in
+    /// place in its packed commit if it is in one.
     #[doc(hidden)]
     pub fn overwrite_record(&self, run: RunId, seq: Seq, record: &[u8]) -> Result<()> {
-        self.inner
-            .trees
-            .events
-            .insert(codec::record_key(run, seq), record)?;
+        let events = &self.inner.trees.events;
+        let holder = events
+            .range(codec::record_key(run, Seq::ZERO)..=codec::record_key(run, seq))
+            .next_back()
+            .transpose()?;
+        if let Some((key, value)) = holder {
+            let at = seq_of_key(run, &key)?;
+            let ranges = codec::unpack(run, at, &value)?;
+            if ranges.len() > 1 && ranges.iter().any(|(s, _)| *s == seq) {
+                let records = ranges
+                    .into_iter()
+                    .map(|(s, r)| {
+                        if s == seq {
+                            record.to_vec()
+                        } else {
+                            value[r].to_vec()
+                        }
+                    })
+                    .collect();
+                events.insert(key, codec::pack(records))?;
+                return Ok(());
+            }
+        }
+        events.insert(codec::record_key(run, seq), record)?;
         Ok(())
     }
 
@@ -871,12 +947,12 @@ impl SledStore {
                 None => None,
             };
             let next = stored.as_ref().map_or(Seq::ZERO, |s| s.summary.next_seq);
-            let past: Vec<(sled::IVec, sled::IVec)> = self
+            let values: Vec<(sled::IVec, sled::IVec)> = self
                 .events_from(run, next)
                 .collect::<std::result::Result<_, _>>()?;
             let Some(stored) = stored else {
                 // A creation cut before its summary (its commit point): undone.
-                for (key, _) in &past {
+                for (key, _) in &values {
                     trees.events.remove(key)?;
                 }
                 ends.insert(run, Seq::ZERO);
@@ -890,12 +966,26 @@ impl SledStore {
             let (mut end, mut last_from) = (next, stored.commit_from.unwrap_or(next));
             let mut prev = stored.summary.head;
             let mut damaged = None;
-            for (i, (key, record)) in past.iter().enumerate() {
-                let seq = Seq(next.0 + i as u64);
-                let checked = match codec::check(run, seq, record) {
-                    Ok(c) if key.as_ref() == codec::record_key(run, seq) && c.prev == prev => c,
+            // Each record past the summary, with the value (alone or a packed commit)
+            // it is stored in.
+            let mut past = Vec::new();
+            for (index, (key, value)) in values.iter().enumerate() {
+                let expected = Seq(next.0 + past.len() as u64);
+                let at = seq_of_key(run, key).ok().filter(|at| *at == expected);
+                match at.map(|at| codec::unpack(run, at, value)) {
+                    Some(Ok(ranges)) => past.extend(ranges.into_iter().map(|(_, r)| (index, r))),
                     _ => {
-                        damaged = Some(seq);
+                        damaged = Some(expected);
+                        break;
+                    }
+                }
+            }
+            for (i, (index, range)) in past.iter().enumerate() {
+                let seq = Seq(next.0 + i as u64);
+                let checked = match codec::check(run, seq, &values[*index].1[range.clone()]) {
+                    Ok(c) if c.prev == prev => c,
+                    _ => {
+                        damaged = Some(damaged.map_or(seq, |d: Seq| d.min(seq)));
                         break;
                     }
                 };
@@ -903,6 +993,11 @@ impl SledStore {
                 if codec::ends_commit(&checked) {
                     (last_from, end) = (end, Seq(seq.0 + 1));
                 }
+            }
+            let whole = (end.0 - next.0) as usize;
+            if damaged.is_none() && whole > 0 && whole < past.len() && past[whole - 1].0 == past[whole].0 {
+                // A commit ends inside a packed value: never written so.
+                damaged = Some(end);
             }
             if let Some(seq) = damaged {
                 // sled recovers only whole log messages, so this is damage, not a cut:
@@ -920,10 +1015,11 @@ impl SledStore {
                 continue;
             }
             ends.insert(run, end);
-            let whole = (end.0 - next.0) as usize;
             if past.len() > whole {
-                // Cut before its last record: never acknowledged.
-                for (key, _) in &past[whole..] {
+                // Cut before its last record: never acknowledged (only a commit stored
+                // one record per key can be cut so).
+                let first_cut = past[whole].0;
+                for (key, _) in &values[first_cut..] {
                     trees.events.remove(key)?;
                 }
                 undone += 1;
@@ -1075,26 +1171,24 @@ impl SledStore {
     /// A run's stored events below `upto` (all of them with `None`), each verified from
     /// the first, with the records they were decoded from.
     fn journal_prefix(&self, run: RunId, upto: Option<Seq>) -> Result<VerifiedPrefix> {
-        let start = Bound::Included(codec::record_key(run, Seq::ZERO));
-        let end = match upto {
-            Some(upto) => Bound::Excluded(codec::record_key(run, upto)),
-            None => Bound::Included(codec::record_key(run, Seq(u64::MAX))),
-        };
-        let records = self
-            .inner
-            .trees
-            .events
-            .range((start, end))
-            .values()
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        if let Some(upto) = upto {
-            if (records.len() as u64) < upto.0 {
-                return Err(Error::Corrupt {
-                    run,
-                    seq: Seq(records.len() as u64),
-                    reason: "event is missing".into(),
-                });
+        let mut records = Vec::new();
+        for (i, (seq, record)) in self
+            .records_between(run, Seq::ZERO, upto)?
+            .into_iter()
+            .enumerate()
+        {
+            if seq != Seq(i as u64) {
+                break;
             }
+            records.push(record);
+        }
+        let found = records.len() as u64;
+        if upto.is_some_and(|upto| found < upto.0) {
+            return Err(Error::Corrupt {
+                run,
+                seq: Seq(found),
+                reason: "event is missing".into(),
+            });
         }
         let mut prev = ChainHash::GENESIS;
         let mut events = Vec::with_capacity(records.len());
@@ -1134,11 +1228,15 @@ impl SledStore {
         };
         let from = old.as_ref().map_or(Seq::ZERO, |s| s.next_seq);
         let mut records = Vec::new();
-        for seq in from.0..intent.target.0 {
-            match trees.events.get(codec::record_key(run, Seq(seq)))? {
-                Some(r) => records.push(r),
-                None => break,
+        for (i, (seq, record)) in self
+            .records_between(run, from, Some(intent.target))?
+            .into_iter()
+            .enumerate()
+        {
+            if seq != Seq(from.0 + i as u64) {
+                break;
             }
+            records.push(record);
         }
         // Decoded again (their hashes chain from the old head); a record that does not
         // decode counts as missing.
@@ -1158,9 +1256,14 @@ impl SledStore {
         }
         let w = Writer::new(self);
         if (events.len() as u64) < intent.target.0 - from.0 {
-            // Cut before its last event: nothing after the events was written. Undo.
-            for seq in from.0..intent.target.0 {
-                trees.events.remove(codec::record_key(run, Seq(seq)))?;
+            // Cut before its last event: nothing after the events was written. Undo
+            // (a commit's records, packed or not, are stored under its seqs).
+            let keys = trees
+                .events
+                .range(codec::record_key(run, from)..codec::record_key(run, intent.target))
+                .keys();
+            for key in keys {
+                trees.events.remove(key?)?;
             }
             match &old {
                 Some(old) => {
@@ -1743,6 +1846,19 @@ fn status_key(status: RunStatus, run: RunId) -> [u8; 17] {
     k
 }
 
+/// The seq of a record key of `run` (as the `events` tree holds them).
+fn seq_of_key(run: RunId, key: &[u8]) -> Result<Seq> {
+    key.get(16..24)
+        .filter(|_| key.len() == 24 && key.get(..16) == Some(run.as_bytes().as_slice()))
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| Seq(u64::from_be_bytes(b)))
+        .ok_or_else(|| Error::Corrupt {
+            run,
+            seq: Seq::ZERO,
+            reason: "malformed event key".into(),
+        })
+}
+
 fn run_from_key(k: &[u8]) -> Option<RunId> {
     let b: [u8; 16] = k.get(..16)?.try_into().ok()?;
     Some(RunId::from_bytes(b))
@@ -1914,6 +2030,21 @@ impl Store for SledStore {
             // then its notifications are queued too.
             let mut queued = None;
             let last = records.len().checked_sub(1);
+            if self.inner.options.pack_commits && records.len() > 1 {
+                // One value: the commit is whole or absent after a crash.
+                queued = Some(w.queue_notifications(run, &mut changes)?);
+                crate::failpoint::hit_after("commit-before-last-event", || {
+                    let _ = self.inner.db.flush();
+                });
+                let first = events.first().map_or(commit_from, |(e, _)| e.seq);
+                if let (Some((event, _)), Some(record)) = (events.last(), records.last_mut()) {
+                    codec::end_commit(run, event.seq, record);
+                }
+                trees.events.insert(
+                    codec::record_key(run, first),
+                    codec::pack(std::mem::take(&mut records)),
+                )?;
+            }
             for (i, ((event, _), record)) in events.iter().zip(records.iter_mut()).enumerate() {
                 if i > 0 {
                     crate::failpoint::hit_after("commit-between-events", || {

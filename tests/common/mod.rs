@@ -138,9 +138,16 @@ pub fn pick(seed: u64, label: &str, n: u64) -> u64 {
 pub async fn store_with_long_run(
     dir: &std::path::Path,
     events: u64,
+    layout: Layout,
 ) -> (holdpoint::journal::RunId, holdpoint::journal::RunId) {
-    use holdpoint::journal::{Append, EventKind, NewRun, Position, RunId, Seq, SledStore, Store};
-    let store = SledStore::open(dir).unwrap();
+    use holdpoint::journal::{
+        Append, EventKind, NewRun, Position, RunId, Seq, SledOptions, SledStore, Store,
+    };
+    let options = SledOptions {
+        pack_commits: layout == Layout::Packed,
+        ..SledOptions::default()
+    };
+    let store = SledStore::open_with(dir, options).unwrap();
     let mut runs = Vec::new();
     for _ in 0..2 {
         let new = NewRun {
@@ -175,6 +182,50 @@ pub async fn store_with_long_run(
     }
     store.close().unwrap();
     (runs[0], runs[1])
+}
+
+/// How a store writes a commit of several events: one value (the default), or a record
+/// per key (builds before packed commits; tests that tamper with single records' keys
+/// use it, and every build reads it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Packed,
+    RecordPerKey,
+}
+
+/// Where the record of `run` at `seq` is in a raw `events` tree: the key of the value
+/// holding it (alone, or in a packed commit under the commit's first seq), that value's
+/// records in order, and which of them it is.
+pub fn held_record(
+    events: &sled::Tree,
+    run: holdpoint::journal::RunId,
+    seq: u64,
+) -> Option<(sled::IVec, Vec<Vec<u8>>, usize)> {
+    use holdpoint::journal::{codec, Seq};
+    let (key, value) = events
+        .range(event_key(run, 0)..=event_key(run, seq))
+        .next_back()?
+        .unwrap();
+    let first = u64::from_be_bytes(key[16..24].try_into().unwrap());
+    let ranges = codec::unpack(run, Seq(first), &value).unwrap();
+    let i = ranges.iter().position(|(s, _)| s.0 == seq)?;
+    let records = ranges.into_iter().map(|(_, r)| value[r].to_vec()).collect();
+    Some((key, records, i))
+}
+
+/// Applies `f` to the record of `run` at `seq` in a raw `events` tree, in place: alone,
+/// or inside its packed commit (framed again around the edited record).
+pub fn edit_record(
+    events: &sled::Tree,
+    run: holdpoint::journal::RunId,
+    seq: u64,
+    f: impl FnOnce(&mut Vec<u8>),
+) {
+    let (key, mut records, i) = held_record(events, run, seq).expect("the record exists");
+    f(&mut records[i]);
+    events
+        .insert(key, holdpoint::journal::codec::pack(records))
+        .unwrap();
 }
 
 /// The raw key of a run's event in the `events` tree.
