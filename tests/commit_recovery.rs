@@ -196,6 +196,80 @@ async fn a_commit_cut_between_its_events_is_undone_on_open() {
     store.close().unwrap();
 }
 
+/// A creation with the run's idempotency key, as the child makes it.
+fn the_creation() -> NewRun {
+    NewRun {
+        id: RunId::new(),
+        started_by: None,
+        workflow: "pay".into(),
+        version: 1,
+        input: json!({}),
+        idempotency_key: Some("k1".into()),
+        at: Utc::now(),
+    }
+}
+
+#[tokio::test]
+async fn a_creation_cut_before_its_record_is_undone_on_open() {
+    const TEST: &str = "a_creation_cut_before_its_record_is_undone_on_open";
+    if let Some(dir) = std::env::var_os(CHILD) {
+        write_until_crash(Path::new(&dir)).await;
+        return;
+    }
+    // Its mark on disk, its `run-started` (the creation's commit point) not.
+    let dir = tempfile::tempdir().unwrap();
+    crash_at(dir.path(), TEST, "create-before-record", 1);
+    let store = open(dir.path());
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    assert!(
+        store.list_runs(None, None, 10).await.unwrap().is_empty(),
+        "no run"
+    );
+    let trees = store.live_bytes().unwrap();
+    for tree in ["events", "runs", "dirty", "starts", "by_status"] {
+        let entries = trees.iter().find(|t| t.tree == tree).unwrap().entries;
+        assert_eq!(entries, 0, "nothing left in {tree}");
+    }
+    assert!(queued(&store).await.is_empty());
+    // Its idempotency key starts a new run.
+    let created = store.create_run(the_creation()).await.unwrap();
+    assert!(matches!(created, Created::New(_)), "{created:?}");
+    store.close().unwrap();
+}
+
+#[tokio::test]
+async fn a_creation_cut_before_its_indexes_is_finished_on_open() {
+    const TEST: &str = "a_creation_cut_before_its_indexes_is_finished_on_open";
+    if let Some(dir) = std::env::var_os(CHILD) {
+        write_until_crash(Path::new(&dir)).await;
+        return;
+    }
+    // Its `run-started` on disk, its summary in memory only, its idempotency key not
+    // written yet.
+    let dir = tempfile::tempdir().unwrap();
+    crash_at(dir.path(), TEST, "create-before-indexes", 1);
+    let store = open(dir.path());
+    let (run, events) = the_run(&store).await;
+    assert_eq!(events, 1);
+    let summary = store.summary(run).await.unwrap().unwrap();
+    assert_eq!((summary.status, summary.next_seq), (RunStatus::Running, Seq(1)));
+    assert_eq!(store.count_runs(RunStatus::Running).unwrap(), 1);
+    // The key names the run, and the run is driven.
+    let again = store.create_run(the_creation()).await.unwrap();
+    assert_eq!(again, Created::Existing(run));
+    let leases = store
+        .claim(
+            WorkerId::new(),
+            Utc::now(),
+            std::time::Duration::from_secs(30),
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(leases.iter().map(|l| l.run).collect::<Vec<_>>(), [run]);
+    store.close().unwrap();
+}
+
 #[tokio::test]
 async fn a_packed_commit_cut_before_its_value_is_undone_on_open() {
     const TEST: &str = "a_packed_commit_cut_before_its_value_is_undone_on_open";

@@ -3,11 +3,11 @@
 //! - The parent (default) runs cycles on one data directory. Each cycle spawns the child,
 //!   lets it work, and kills it with SIGKILL at a random moment — or arms a failpoint
 //!   (feature `failpoints`) so the child aborts inside the engine: between an append and
-//!   its flush, inside a group commit before the fsync, or between a step's effect and
-//!   its record. After every cycle the parent reopens the directory and checks: every
-//!   acknowledged decision is in the journal (as acknowledged), no step position
-//!   completed twice, every executed payment was allowed (no gate, or an approve/edit
-//!   with exactly those args), every journal verifies. At the end it finishes every run.
+//!   its flush, inside a group commit before the fsync, inside a commit, or between a
+//!   step's effect and its record. After every cycle the parent reopens the directory
+//!   and checks: every acknowledged decision is in the journal (as acknowledged), no
+//!   step position completed twice, every executed payment was allowed (no gate, or an
+//!   approve/edit with exactly those args), every journal verifies. At the end it finishes every run.
 //!   Every fourth cycle's child writes each record under its own key (the layout before
 //!   packed commits), so the directory holds both layouts, as one upgraded in place does.
 //! - The child (`HOLDPOINT_KILL9_CHILD=<dir>`) starts the runs (idempotently), runs

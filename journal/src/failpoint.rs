@@ -11,7 +11,11 @@
 //! the last written and handed to the disk, the last one not yet: recovery must undo
 //! it),
 //! `commit-before-indexes` (a sled commit's events written and handed to the disk, its
-//! summary only in memory, its index changes not yet: recovery must finish it).
+//! summary only in memory, its index changes not yet: recovery must finish it),
+//! `create-before-record` (a creation's mark and notifications written and handed to the
+//! disk, its `run-started` not yet: recovery must undo it), `create-before-indexes` (a
+//! creation's `run-started` written and handed to the disk, its summary only in memory,
+//! its idempotency key and index changes not yet: recovery must finish it).
 
 #[cfg(feature = "failpoints")]
 mod imp {

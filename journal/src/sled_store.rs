@@ -640,10 +640,35 @@ impl SledStore {
 
     /// All run ids, in creation order (for `verify` and exports).
     pub fn run_ids(&self) -> impl Iterator<Item = Result<RunId>> + '_ {
-        self.inner.trees.runs.iter().keys().map(|k| {
+        self.run_ids_after(None)
+    }
+
+    /// The run ids after `after` (all with `None`), in order: the `runs` tree's, merged
+    /// with the marked runs created since their marks were last cleared, whose
+    /// summaries are still in memory only (as of this call).
+    fn run_ids_after(&self, after: Option<RunId>) -> impl Iterator<Item = Result<RunId>> + '_ {
+        let mut kept: Vec<RunId> = lock(&self.inner.dirty)
+            .iter()
+            .filter(|(run, m)| m.stored.is_none() && m.summary.is_some() && after.is_none_or(|a| **run > a))
+            .map(|(run, _)| *run)
+            .collect();
+        kept.sort_unstable();
+        let stored = match after {
+            Some(a) => {
+                let mut k = a.as_bytes().to_vec();
+                k.push(0);
+                self.inner.trees.runs.range(k..)
+            }
+            None => self.inner.trees.runs.iter(),
+        };
+        let stored = stored.keys().map(|k| {
             let k = k?;
             run_from_key(&k).ok_or_else(|| Error::Storage("malformed key in runs tree".into()))
-        })
+        });
+        MergedRunIds {
+            stored: stored.peekable(),
+            kept: kept.into_iter().peekable(),
+        }
     }
 
     /// Reads `[from, summary.next_seq)`: the events the summary (read first) knows.
@@ -946,25 +971,19 @@ impl SledStore {
                 Some(bytes) => Some(crate::stored_summary::decode_stored(run, &bytes)?),
                 None => None,
             };
+            // A run with no stored summary is a creation whose summary was kept with
+            // its mark: its journal is checked from the start.
             let next = stored.as_ref().map_or(Seq::ZERO, |s| s.summary.next_seq);
             let values: Vec<(sled::IVec, sled::IVec)> = self
                 .events_from(run, next)
                 .collect::<std::result::Result<_, _>>()?;
-            let Some(stored) = stored else {
-                // A creation cut before its summary (its commit point): undone.
-                for (key, _) in &values {
-                    trees.events.remove(key)?;
-                }
-                ends.insert(run, Seq::ZERO);
-                undone += 1;
-                tracing::warn!(%run, "undid a creation a crash cut short (it was never acknowledged)");
-                trees.dirty.remove(run.as_bytes())?;
-                continue;
-            };
             // The commits past the stored summary are whole up to the last record that
             // ends one.
-            let (mut end, mut last_from) = (next, stored.commit_from.unwrap_or(next));
-            let mut prev = stored.summary.head;
+            let (mut end, mut last_from) = match &stored {
+                Some(stored) => (next, stored.commit_from.unwrap_or(next)),
+                None => (Seq::ZERO, Seq::ZERO),
+            };
+            let mut prev = stored.as_ref().map_or(ChainHash::GENESIS, |s| s.summary.head);
             let mut damaged = None;
             // Each record past the summary, with the value (alone or a packed commit)
             // it is stored in.
@@ -999,6 +1018,29 @@ impl SledStore {
                 // A commit ends inside a packed value: never written so.
                 damaged = Some(end);
             }
+            if stored.is_none() && end == Seq::ZERO {
+                if damaged.is_some() {
+                    // Its `run-started` is there but fails its checks: damage, not a cut
+                    // (sled recovers whole log messages). Nothing is removed; with no
+                    // summary to park, the run is not listed.
+                    tracing::error!(
+                        %run,
+                        "the run-started record of a run created just before the store stopped is damaged: \
+                         the run is not listed, its records are kept for inspection"
+                    );
+                } else {
+                    // A creation cut before its `run-started` (its commit point): never
+                    // acknowledged, undone.
+                    for (key, _) in &values {
+                        trees.events.remove(key)?;
+                    }
+                    undone += 1;
+                    tracing::warn!(%run, "undid a creation a crash cut short (it was never acknowledged)");
+                }
+                ends.insert(run, Seq::ZERO);
+                trees.dirty.remove(run.as_bytes())?;
+                continue;
+            }
             if let Some(seq) = damaged {
                 // sled recovers only whole log messages, so this is damage, not a cut:
                 // nothing is removed, and the run waits for an operator.
@@ -1006,10 +1048,14 @@ impl SledStore {
                     "journal damaged at seq {seq}, past the summary, found when recovering from a crash"
                 );
                 tracing::error!(%run, %seq, "{reason}");
-                let mut summary = stored.summary;
+                let mut summary = match stored {
+                    Some(stored) => stored.summary,
+                    // A creation kept in memory: its whole commits' fold.
+                    None => self.summary_upto(run, end)?,
+                };
                 park(&mut summary, &reason);
                 let w = Writer::new(self);
-                w.put_summary(&summary, Prior::Unknown, next)?;
+                w.put_summary(&summary, Prior::Unknown, summary.next_seq)?;
                 w.unschedule(run)?;
                 trees.dirty.remove(run.as_bytes())?;
                 continue;
@@ -1390,12 +1436,17 @@ impl SledStore {
         }
         let marked = lock(&self.inner.dirty).clone();
         let mut gates = 0usize;
-        for item in trees.runs.iter() {
-            let (k, v) = item?;
-            let run = run_from_key(&k).ok_or_else(|| Error::Storage("malformed key in runs tree".into()))?;
+        for run in self.run_ids() {
+            let run = run?;
             let stored = match marked.get(&run).and_then(|m| m.summary.as_ref()) {
                 Some(kept) => kept.0.clone(),
-                None => decode_summary(run, &v)?,
+                None => match trees.runs.get(run.as_bytes())? {
+                    Some(v) => decode_summary(run, &v)?,
+                    None => {
+                        problems.push(format!("run {run} has no summary"));
+                        continue;
+                    }
+                },
             };
             let (events, records) = self.journal_prefix(run, None)?;
             let Some((mut derived, _)) = fold_records(None, &events, &records)? else {
@@ -1438,6 +1489,31 @@ impl SledStore {
             problems.push(format!("{pending} pending entries for {gates} open gates"));
         }
         Ok(problems)
+    }
+}
+
+/// Two ascending streams of run ids merged into one, each id once.
+struct MergedRunIds<S: Iterator<Item = Result<RunId>>> {
+    stored: std::iter::Peekable<S>,
+    kept: std::iter::Peekable<std::vec::IntoIter<RunId>>,
+}
+
+impl<S: Iterator<Item = Result<RunId>>> Iterator for MergedRunIds<S> {
+    type Item = Result<RunId>;
+
+    fn next(&mut self) -> Option<Result<RunId>> {
+        let kept = self.kept.peek().copied();
+        match (self.stored.peek(), kept) {
+            (Some(Ok(stored)), Some(kept)) if kept < *stored => self.kept.next().map(Ok),
+            (Some(Ok(stored)), Some(kept)) => {
+                if kept == *stored {
+                    self.kept.next();
+                }
+                self.stored.next()
+            }
+            (Some(Err(_)), _) | (Some(Ok(_)), None) => self.stored.next(),
+            (None, _) => self.kept.next().map(Ok),
+        }
     }
 }
 
@@ -1922,21 +1998,31 @@ impl Store for SledStore {
             match existing {
                 Some(existing) => Created::Existing(existing),
                 None => {
-                    if trees.runs.contains_key(run.id.as_bytes())? {
+                    if lock(&self.inner.dirty).contains_key(&run.id)
+                        || trees.runs.contains_key(run.id.as_bytes())?
+                    {
                         return Err(Error::Storage(format!("run {} already exists", run.id)));
                     }
                     let mut summary = RunSummary::start(&run);
                     summary.bytes = record.len() as u64;
                     let mut changes = summary.apply(&event, head);
                     self.mark_dirty(run.id, None, summary.status)?;
+                    let w = Writer::commit(self);
+                    hidden = w.queue_notifications(run.id, &mut changes)?;
+                    crate::failpoint::hit_after("create-before-record", || {
+                        let _ = self.inner.db.flush();
+                    });
+                    // Its record, which ends its commit, is the creation's commit point
+                    // (the open finishes a marked run whose `run-started` is there and
+                    // undoes one whose is not). Its summary stays with the mark, as a
+                    // commit's does, and its status key is written when the mark goes.
                     trees
                         .events
                         .insert(codec::record_key(run.id, Seq::ZERO), record)?;
-                    let w = Writer::commit(self);
-                    hidden = w.queue_notifications(run.id, &mut changes)?;
-                    // Its summary is written (the creation's commit point: the open
-                    // undoes a run without one), its status key when its mark goes.
-                    w.put_summary_only(&summary, Seq::ZERO)?;
+                    self.keep_summary(&w, &summary, Seq::ZERO)?;
+                    crate::failpoint::hit_after("create-before-indexes", || {
+                        let _ = self.inner.db.flush();
+                    });
                     if let Some(key) = &run.idempotency_key {
                         let mut v = run.id.as_bytes().to_vec();
                         v.extend_from_slice(&hash);
@@ -2164,24 +2250,12 @@ impl Store for SledStore {
                 }
             }
             None => {
-                let iter = match after {
-                    Some(a) => {
-                        let mut k = a.as_bytes().to_vec();
-                        k.push(0);
-                        self.inner.trees.runs.range(k..)
+                // The `runs` tree, merged in run order with the runs created since
+                // their marks were last cleared, whose summaries are in memory only.
+                for run in self.run_ids_after(after).take(limit) {
+                    if let Some(summary) = self.summary_now(run?)? {
+                        out.push(summary);
                     }
-                    None => self.inner.trees.runs.iter(),
-                };
-                for item in iter.take(limit) {
-                    let (k, v) = item?;
-                    let run = run_from_key(&k)
-                        .ok_or_else(|| Error::Storage("malformed key in runs tree".into()))?;
-                    // A marked run's latest summary may be in memory (every run has one
-                    // stored, from its creation on).
-                    out.push(match self.kept_summary(run) {
-                        Some(kept) => kept,
-                        None => decode_summary(run, &v)?,
-                    });
                 }
             }
         }

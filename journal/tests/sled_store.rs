@@ -282,7 +282,11 @@ async fn live_bytes_counts_keys_and_values_per_tree() {
     }
     assert_eq!(tree("events").entries, 3);
     assert_eq!(tree("events").bytes, record_bytes);
-    assert_eq!(tree("runs").entries, 2);
+    assert_eq!(
+        tree("runs").entries,
+        0,
+        "marked runs' summaries, their creations' too, are written when their marks go"
+    );
     assert_eq!(
         tree("by_status").entries,
         0,
@@ -469,10 +473,77 @@ async fn summaries_kept_in_memory_are_rebuilt_after_a_crash_and_damage_parks_the
     assert_eq!(store.count_runs(RunStatus::Waiting).unwrap(), 1);
 }
 
+/// A creation's summary stays with its mark until the mark goes, like a commit's:
+/// listing runs merges, in run order, those stored in `runs` with those only in memory,
+/// before and after the marks go, and after a crash.
+#[tokio::test]
+async fn runs_created_since_their_marks_went_are_listed_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        runs.push(store.create_run(new_run("w")).await.unwrap().run());
+    }
+    runs.sort();
+    let stored = |store: &SledStore| {
+        let trees = store.live_bytes().unwrap();
+        trees.into_iter().find(|t| t.tree == "runs").unwrap().entries
+    };
+    let listed = |store: SledStore, after: Option<RunId>, limit: usize| async move {
+        let ids: Vec<RunId> = store
+            .list_runs(None, after, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        (store, ids)
+    };
+    assert_eq!(stored(&store), 0, "no summary stored yet");
+    // The second and third runs' activations end: their marks go, their summaries are
+    // stored; the first and last stay in memory.
+    let leases = store
+        .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    for lease in leases.iter().filter(|l| l.run == runs[1] || l.run == runs[2]) {
+        store.release(lease, None).await.unwrap();
+    }
+    assert_eq!(stored(&store), 2);
+    let (store, all) = listed(store, None, 10).await;
+    assert_eq!(all, runs, "stored and kept, merged in order");
+    let (store, page) = listed(store, Some(runs[0]), 2).await;
+    assert_eq!(page, runs[1..3]);
+    let (store, page) = listed(store, Some(runs[2]), 10).await;
+    assert_eq!(page, runs[3..]);
+    let ids: Vec<RunId> = store.run_ids().map(|r| r.unwrap()).collect();
+    assert_eq!(ids, runs);
+    let running: Vec<RunId> = store
+        .list_runs(Some(RunStatus::Running), None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(running, runs);
+    assert_eq!(store.count_runs(RunStatus::Running).unwrap(), 4);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    // A crash: the kept summaries are gone from memory, the open derives them.
+    drop(store);
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(stored(&store), 4);
+    let (store, all) = listed(store, None, 10).await;
+    assert_eq!(all, runs);
+    assert_eq!(store.count_runs(RunStatus::Running).unwrap(), 4);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    store.close().unwrap();
+}
+
 /// Past `kept_summaries` marks a commit writes its summary as it goes (0: always), so
 /// `runs` holds the latest (here, with the gate it opened); with the default, a marked
-/// run's stored summary is its creation's until the mark goes. A crash recovers the
-/// same summary either way.
+/// run has no stored summary until the mark goes, not even its creation's (its
+/// `run-started` is the creation's commit point). A crash recovers the same summary
+/// either way.
 #[tokio::test]
 async fn kept_summaries_bounds_the_summaries_waiting_in_memory() {
     let mut stored_bytes = Vec::new();
@@ -513,9 +584,11 @@ async fn kept_summaries_bounds_the_summaries_waiting_in_memory() {
         panic!("{stored_bytes:?}")
     };
     assert!(through > created, "written through: {through} > {created}");
+    assert!(created > 0, "written through at its creation too");
     assert_eq!(
-        kept, created_again,
-        "kept in memory: still the creation's summary"
+        (created_again, kept),
+        (0, 0),
+        "kept in memory: no summary stored, from the creation on"
     );
 }
 
