@@ -703,15 +703,14 @@ impl SledStore {
             for (seq, value) in (first..next.0).zip(values) {
                 match value {
                     Some(value) if seq >= covered => {
-                        for (at, range) in codec::unpack(run, Seq(seq), &value)? {
-                            let record = value.subslice(range.start, range.len());
+                        each_record(run, Seq(seq), &value, |at, record| {
                             if from.0 > 0 && at.0 == first {
                                 before = Some(record);
                             } else if at >= from && at < next {
                                 records.push(Ok((at, record)));
                             }
                             covered = at.0 + 1;
-                        }
+                        })?;
                     }
                     None if seq < covered => {}
                     _ => {
@@ -760,12 +759,11 @@ impl SledStore {
         let mut out = Vec::new();
         for item in events.range((Bound::Included(start), end)) {
             let (key, value) = item?;
-            let at = seq_of_key(run, &key)?;
-            for (seq, range) in codec::unpack(run, at, &value)? {
+            each_record(run, seq_of_key(run, &key)?, &value, |seq, record| {
                 if seq >= from && to.is_none_or(|to| seq < to) {
-                    out.push((seq, value.subslice(range.start, range.len())));
+                    out.push((seq, record));
                 }
-            }
+            })?;
         }
         Ok(out)
     }
@@ -1920,6 +1918,19 @@ fn status_key(status: RunStatus, run: RunId) -> [u8; 17] {
     k[0] = status.code();
     k[1..].copy_from_slice(run.as_bytes());
     k
+}
+
+/// Hands `f` each record of the value stored under (`run`, `at`) with its seq: the value
+/// itself when it is one record (no allocation), else each of its packed commit's.
+fn each_record(run: RunId, at: Seq, value: &sled::IVec, mut f: impl FnMut(Seq, sled::IVec)) -> Result<()> {
+    if value.first() != Some(&codec::RECORD_FORMAT_PACKED) {
+        f(at, value.clone());
+        return Ok(());
+    }
+    for (seq, range) in codec::unpack(run, at, value)? {
+        f(seq, value.subslice(range.start, range.len()));
+    }
+    Ok(())
 }
 
 /// The seq of a record key of `run` (as the `events` tree holds them).
