@@ -183,6 +183,12 @@ async fn a_commit_cut_between_its_events_is_undone_on_open() {
     let dir = tempfile::tempdir().unwrap();
     crash_unpacked_at(dir.path(), TEST, "commit-between-events", 1);
     let store = open(dir.path());
+    neither_gate_is_there(store).await;
+}
+
+/// After the two gates' commit was undone: the run's first three events, no gate
+/// pending, and the acknowledged commits' notifications once each.
+async fn neither_gate_is_there(store: SledStore) {
     let (run, events) = the_run(&store).await;
     assert_eq!(events, 3, "neither gate of the cut commit is there");
     assert!(store.pending(None, 10).await.unwrap().is_empty());
@@ -282,17 +288,7 @@ async fn a_packed_commit_cut_before_its_value_is_undone_on_open() {
     let dir = tempfile::tempdir().unwrap();
     crash_at(dir.path(), TEST, "commit-before-last-event", 3);
     let store = open(dir.path());
-    let (run, events) = the_run(&store).await;
-    assert_eq!(events, 3, "neither gate of the cut commit is there");
-    assert!(store.pending(None, 10).await.unwrap().is_empty());
-    let summary = store.summary(run).await.unwrap().unwrap();
-    assert_eq!((summary.next_seq, summary.open_gates.len()), (Seq(3), 0));
-    assert_eq!(
-        queued(&store).await,
-        ["gate.opened@1", "gate.decided@2"],
-        "the acknowledged commits' notifications, once each"
-    );
-    store.close().unwrap();
+    neither_gate_is_there(store).await;
 }
 
 #[tokio::test]

@@ -62,6 +62,16 @@ fn edit(dir: &Path, f: impl FnOnce(&sled::Tree)) {
     common::release_sled(db, dir);
 }
 
+/// How many bit flips (`HOLDPOINT_BITFLIPS`, default 10,000) and from which seed
+/// (`HOLDPOINT_SEED`).
+fn flips_and_seed() -> (u64, u64) {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    (
+        var("HOLDPOINT_BITFLIPS").unwrap_or(10_000),
+        var("HOLDPOINT_SEED").unwrap_or(0x5eed),
+    )
+}
+
 async fn read_error(dir: &Path, run: RunId, other: RunId) -> Error {
     let store = SledStore::open(dir).unwrap();
     let err = store.read(run, Seq::ZERO).await.err();
@@ -103,14 +113,7 @@ async fn sampled_bit_flips_are_all_caught_at_their_seq() {
         prev = codec::decode(run, Seq(i as u64), r, &prev).unwrap().1;
         hashes.push(prev);
     }
-    let flips: u64 = std::env::var("HOLDPOINT_BITFLIPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    let seed = std::env::var("HOLDPOINT_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5eed_u64);
+    let (flips, seed) = flips_and_seed();
     println!("bit flips: {flips}, seed {seed} (HOLDPOINT_SEED reproduces)");
     let (mut caught, mut accepted) = (0u64, 0u64);
     for i in 0..flips {
@@ -289,14 +292,7 @@ async fn short_and_long_journals_report_the_same_corruption() {
 /// point reads or read by a scan; the other run goes on.
 #[tokio::test]
 async fn damaged_packed_commits_are_typed_errors_at_their_commit() {
-    let flips: u64 = std::env::var("HOLDPOINT_BITFLIPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    let seed = std::env::var("HOLDPOINT_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5eed_u64);
+    let (flips, seed) = flips_and_seed();
     // End to end only (each on a fresh copy), as many as the record-level test's.
     let per_journal = (flips / 300).max(1);
     println!("packed: {per_journal} flips per journal, seed {seed} (HOLDPOINT_SEED reproduces)");

@@ -40,6 +40,21 @@ async fn first_bad(dir: &Path, run: RunId, other: RunId) -> Option<u64> {
     }
 }
 
+/// Replaces `from` with `to` in the JSON of `record` (format 2: header 37 bytes,
+/// envelope 14, then the event kind's JSON), stored at (`run`, `seq`), and fixes its
+/// checksum, which covers that place too, as a careful tamperer would.
+fn rewrite(record: &mut Vec<u8>, run: RunId, seq: u64, from: &str, to: &str) {
+    let body = String::from_utf8(record[51..].to_vec())
+        .unwrap()
+        .replace(from, to);
+    record.truncate(51);
+    record.extend_from_slice(body.as_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&common::event_key(run, seq));
+    crc.update(&record[5..]);
+    record[1..5].copy_from_slice(&crc.finalize().to_be_bytes());
+}
+
 fn fresh(base: &Path, name: &str) -> PathBuf {
     let dir = base.join(name);
     common::copy_dir(&base.join("pristine"), &dir);
@@ -61,17 +76,7 @@ async fn modified_deleted_inserted_and_reordered_events_are_found() {
             .unwrap()
             .unwrap()
             .to_vec();
-        // Record format 2: header (37), envelope (14), then the event kind's JSON.
-        let body = String::from_utf8(v[51..].to_vec())
-            .unwrap()
-            .replace("\"n\":4321", "\"n\":9999");
-        v.truncate(51);
-        v.extend_from_slice(body.as_bytes());
-        // The checksum covers the key too.
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&common::event_key(run, 4321));
-        crc.update(&v[5..]);
-        v[1..5].copy_from_slice(&crc.finalize().to_be_bytes());
+        rewrite(&mut v, run, 4321, "\"n\":4321", "\"n\":9999");
         events.insert(common::event_key(run, 4321), v).unwrap();
     });
     assert_eq!(first_bad(&dir, run, other).await, Some(4322));
@@ -85,17 +90,7 @@ async fn modified_deleted_inserted_and_reordered_events_are_found() {
             .unwrap()
             .unwrap()
             .to_vec();
-        // Record format 2: header (37), envelope (14), then the event kind's JSON.
-        let body = String::from_utf8(v[51..].to_vec())
-            .unwrap()
-            .replace(&format!("\"n\":{last}"), "\"n\":0");
-        v.truncate(51);
-        v.extend_from_slice(body.as_bytes());
-        // The checksum covers the key too.
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&common::event_key(run, last));
-        crc.update(&v[5..]);
-        v[1..5].copy_from_slice(&crc.finalize().to_be_bytes());
+        rewrite(&mut v, run, last, &format!("\"n\":{last}"), "\"n\":0");
         events.insert(common::event_key(run, last), v).unwrap();
     });
     assert_eq!(first_bad(&dir, run, other).await, Some(last));
@@ -156,16 +151,7 @@ async fn tampering_inside_packed_commits_is_found() {
 
     // Modified and re-checksummed: the next event's link breaks.
     let dir = repack("modified", 4321, &|records, i| {
-        let v = &mut records[i];
-        let body = String::from_utf8(v[51..].to_vec())
-            .unwrap()
-            .replace("\"n\":4321", "\"n\":9999");
-        v.truncate(51);
-        v.extend_from_slice(body.as_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&common::event_key(run, 4321));
-        crc.update(&v[5..]);
-        v[1..5].copy_from_slice(&crc.finalize().to_be_bytes());
+        rewrite(&mut records[i], run, 4321, "\"n\":4321", "\"n\":9999");
     });
     assert_eq!(first_bad(&dir, run, other).await, Some(4322));
 
