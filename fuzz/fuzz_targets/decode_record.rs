@@ -1,5 +1,5 @@
-//! Any bytes, read as a stored journal record (and as an event), must give a typed
-//! error or an event — never a panic.
+//! Any bytes, read as a stored journal record (and as an event), or as a stored value
+//! that may be a packed commit, must give a typed error or an event — never a panic.
 #![no_main]
 
 use holdpoint_journal::codec::{self, ChainHash};
@@ -13,4 +13,9 @@ fuzz_target!(|data: &[u8]| {
         let _ = checked.hash();
     }
     let _ = serde_json::from_slice::<Event>(data);
+    if let Ok(records) = codec::unpack(run, Seq(3), data) {
+        for (seq, range) in records {
+            let _ = codec::decode(run, seq, &data[range], &ChainHash::GENESIS);
+        }
+    }
 });
