@@ -87,6 +87,11 @@ pub struct BenchReport {
     pub events_per_s: f64,
     /// Known for sled (its group commit counts them); PostgreSQL's are its own.
     pub fsyncs_per_run: Option<f64>,
+    /// Keys sled wrote per run in each phase (inserts and removes that changed a key,
+    /// in every tree): the store's main cost (ARCHITECTURE.md, "Where the time goes").
+    /// sled only.
+    pub phase1_sled_writes_per_run: Option<f64>,
+    pub phase2_sled_writes_per_run: Option<f64>,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
@@ -468,17 +473,20 @@ async fn run_on<St: Measured>(
         WORKFLOW
     };
     let t = Instant::now();
+    let writes0 = engine.store().key_writes();
     let cpu0 = process_cpu();
     let runs = start_many(&driver, workflow, 0..opts.runs as u64, opts.concurrency).await?;
     settle_all(&engine, &runs, RunStatus::Waiting).await?;
     let phase1 = t.elapsed();
     let cpu1 = process_cpu();
+    let writes1 = engine.store().key_writes();
 
     let t = Instant::now();
     approve_many(&driver, &runs, opts.concurrency).await?;
     settle_all(&engine, &runs, RunStatus::Completed).await?;
     let phase2 = t.elapsed();
     let cpu2 = process_cpu();
+    let writes2 = engine.store().key_writes();
     let syncs = engine.store().syncs().zip(syncs_before).map(|(a, b)| a - b);
 
     let mut events = 0;
@@ -535,6 +543,8 @@ async fn run_on<St: Measured>(
         events,
         events_per_s: events as f64 / total,
         fsyncs_per_run: syncs.map(|s| s as f64 / n),
+        phase1_sled_writes_per_run: writes1.zip(writes0).map(|(b, a)| (b - a) as f64 / n),
+        phase2_sled_writes_per_run: writes2.zip(writes1).map(|(b, a)| (b - a) as f64 / n),
         latency_p50_ms: percentile(&latencies, 0.50),
         latency_p99_ms: percentile(&latencies, 0.99),
         latency_max_ms: latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
@@ -698,6 +708,8 @@ fn registry() -> Registry {
 /// What the report needs from a store beyond the trait.
 trait Measured: Store + Clone {
     fn syncs(&self) -> Option<u64>;
+    /// Keys written since the store was opened, where the store counts them.
+    fn key_writes(&self) -> Option<u64>;
     fn disk_bytes(&self) -> impl std::future::Future<Output = Result<u64, String>> + Send;
     /// Bytes of keys and values held, where the store can tell cheaply.
     fn live_bytes(&self) -> Result<Option<u64>, String>;
@@ -706,6 +718,9 @@ trait Measured: Store + Clone {
 impl Measured for SledStore {
     fn syncs(&self) -> Option<u64> {
         Some(self.sync_count())
+    }
+    fn key_writes(&self) -> Option<u64> {
+        Some(SledStore::key_writes(self))
     }
     async fn disk_bytes(&self) -> Result<u64, String> {
         self.size_on_disk().map_err(|e| e.to_string())
@@ -718,6 +733,9 @@ impl Measured for SledStore {
 
 impl Measured for PgStore {
     fn syncs(&self) -> Option<u64> {
+        None
+    }
+    fn key_writes(&self) -> Option<u64> {
         None
     }
     async fn disk_bytes(&self) -> Result<u64, String> {
@@ -795,6 +813,12 @@ pub async fn run_median(opts: &BenchOptions, repeat: usize) -> Result<BenchRepor
     out.fsyncs_per_run = out
         .fsyncs_per_run
         .map(|_| median(|r| r.fsyncs_per_run.unwrap_or(0.0)));
+    out.phase1_sled_writes_per_run = out
+        .phase1_sled_writes_per_run
+        .map(|_| median(|r| r.phase1_sled_writes_per_run.unwrap_or(0.0)));
+    out.phase2_sled_writes_per_run = out
+        .phase2_sled_writes_per_run
+        .map(|_| median(|r| r.phase2_sled_writes_per_run.unwrap_or(0.0)));
     out.latency_p50_ms = median(|r| r.latency_p50_ms);
     out.latency_p99_ms = median(|r| r.latency_p99_ms);
     out.latency_max_ms = median(|r| r.latency_max_ms);
@@ -858,6 +882,12 @@ impl std::fmt::Display for BenchReport {
                 f,
                 "  fsyncs per run:                            n/a (the database's own)"
             )?,
+        }
+        if let (Some(p1), Some(p2)) = (self.phase1_sled_writes_per_run, self.phase2_sled_writes_per_run) {
+            writeln!(
+                f,
+                "  sled writes per run:                {p1:>10.2} in phase 1, {p2:.2} in phase 2"
+            )?;
         }
         writeln!(
             f,

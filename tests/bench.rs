@@ -23,6 +23,17 @@ async fn the_standard_workload_runs_and_reports() {
     );
     assert!(r.phase1_runs_per_s > 0.0 && r.phase2_runs_per_s > 0.0);
     assert!(r.fsyncs_per_run.unwrap() > 0.0, "acknowledgements are durable");
+    // Phase 1: the creation's mark and `run-started`; `plan`'s `step-started`; its
+    // `step-completed` and the gate's `approval-requested` in one packed commit; the
+    // pending entry; at the release the summary, the status key and the mark's removal.
+    // Phase 2: the decision's mark and record, the pending entry's removal; `notify`'s
+    // `step-started`; its `step-completed` and `run-completed` in one commit; at the end
+    // the summary, the status key moved (a remove and an insert) and the mark's removal.
+    assert_eq!(
+        (r.phase1_sled_writes_per_run, r.phase2_sled_writes_per_run),
+        (Some(8.0), Some(9.0)),
+        "sled writes per run"
+    );
     assert!(r.latency_p50_ms <= r.latency_p99_ms && r.latency_p99_ms <= r.latency_max_ms);
     assert!(r.bytes_on_disk_per_run > 0.0);
     // Read from /proc in ticks of 10 ms: a phase this short may round to none.
@@ -35,7 +46,8 @@ async fn the_standard_workload_runs_and_reports() {
     assert!(
         text.contains("phase 1")
             && text.contains("decision -> completed")
-            && text.contains("process CPU per run"),
+            && text.contains("process CPU per run")
+            && text.contains("sled writes per run"),
         "{text}"
     );
 }

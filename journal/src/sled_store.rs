@@ -562,6 +562,12 @@ impl SledStore {
         &self.inner.dir
     }
 
+    /// How many keys the store has written (inserts and removes that changed a key, in
+    /// every tree) since it was opened: what `holdpoint bench` reports per run.
+    pub fn key_writes(&self) -> u64 {
+        self.inner.db.key_writes()
+    }
+
     /// How many group commits (flush + fsync) have run since open.
     pub fn sync_count(&self) -> u64 {
         self.inner.flusher.shared.syncs.load(Ordering::Relaxed)

@@ -27,6 +27,9 @@ pub struct Context {
     pub(crate) flusher: Arc<Mutex<Option<flusher::Flusher>>>,
     #[doc(hidden)]
     pub pagecache: Arc<PageCache>,
+    /// Holdpoint: keys written (inserts, removes, compare-and-swaps and merges that
+    /// changed a key) through every tree of this database since it was opened.
+    pub(crate) key_writes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::ops::Deref for Context {
@@ -38,6 +41,11 @@ impl std::ops::Deref for Context {
 }
 
 impl Context {
+    /// Holdpoint: counts one key written ([`Db::key_writes`]).
+    pub(crate) fn count_key_write(&self) {
+        self.key_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub(crate) fn start(config: RunningConfig) -> Result<Self> {
         trace!("starting context");
 
@@ -46,6 +54,7 @@ impl Context {
         Ok(Self {
             config,
             pagecache,
+            key_writes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             #[cfg(all(
                 not(miri),
                 any(

@@ -421,6 +421,13 @@ impl Db {
         Ok(hasher.finalize())
     }
 
+    /// Holdpoint: how many keys were written (inserts, removes, compare-and-swaps and
+    /// merges that changed a key; a no-op set or remove is not counted) through every
+    /// tree of this database since it was opened.
+    pub fn key_writes(&self) -> u64 {
+        self.context.key_writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Returns the on-disk size of the storage files
     /// for this database.
     pub fn size_on_disk(&self) -> Result<u64> {

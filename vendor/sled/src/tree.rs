@@ -206,6 +206,7 @@ impl Tree {
         )?;
 
         if link.is_ok() {
+            self.context.count_key_write();
             // success
             if let Some(res) = subscriber_reservation.take() {
                 let event = if let Some(value) = value.take() {
@@ -606,6 +607,7 @@ impl Tree {
                 self.context.pagecache.link(pid, node_view.0, frag, &guard)?;
 
             if link.is_ok() {
+                self.context.count_key_write();
                 if let Some(res) = subscriber_reservation.take() {
                     let event = if let Some(new) = new {
                         subscriber::Event::Insert {
@@ -1084,6 +1086,7 @@ impl Tree {
                 self.context.pagecache.link(pid, node_view.0, frag, &guard)?;
 
             if link.is_ok() {
+                self.context.count_key_write();
                 if let Some(res) = subscriber_reservation.take() {
                     let event = if let Some(new) = &new {
                         subscriber::Event::Insert {
