@@ -795,39 +795,36 @@ pub async fn run_median(opts: &BenchOptions, repeat: usize) -> Result<BenchRepor
         reports.push(run(opts).await?);
     }
     let mut out = reports[reports.len() / 2].clone();
-    let median = |f: fn(&BenchReport) -> f64| {
+    let median = |f: &dyn Fn(&BenchReport) -> f64| {
         let mut v: Vec<f64> = reports.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    // A figure the store may not give: the median of the runs' where this one has it.
+    let median_of_some =
+        |f: fn(&BenchReport) -> Option<f64>| f(&out).map(|_| median(&|r| f(r).unwrap_or(0.0)));
+    let phase1_cpu = median_of_some(|r| r.phase1_cpu_us_per_run);
+    let phase2_cpu = median_of_some(|r| r.phase2_cpu_us_per_run);
+    let fsyncs = median_of_some(|r| r.fsyncs_per_run);
+    let phase1_writes = median_of_some(|r| r.phase1_sled_writes_per_run);
+    let phase2_writes = median_of_some(|r| r.phase2_sled_writes_per_run);
+    let live = median_of_some(|r| r.live_bytes_per_run);
     out.repeats = reports.len();
-    out.phase1_runs_per_s = median(|r| r.phase1_runs_per_s);
-    out.phase2_runs_per_s = median(|r| r.phase2_runs_per_s);
-    out.phase1_cpu_us_per_run = out
-        .phase1_cpu_us_per_run
-        .map(|_| median(|r| r.phase1_cpu_us_per_run.unwrap_or(0.0)));
-    out.phase2_cpu_us_per_run = out
-        .phase2_cpu_us_per_run
-        .map(|_| median(|r| r.phase2_cpu_us_per_run.unwrap_or(0.0)));
-    out.events_per_s = median(|r| r.events_per_s);
-    out.fsyncs_per_run = out
-        .fsyncs_per_run
-        .map(|_| median(|r| r.fsyncs_per_run.unwrap_or(0.0)));
-    out.phase1_sled_writes_per_run = out
-        .phase1_sled_writes_per_run
-        .map(|_| median(|r| r.phase1_sled_writes_per_run.unwrap_or(0.0)));
-    out.phase2_sled_writes_per_run = out
-        .phase2_sled_writes_per_run
-        .map(|_| median(|r| r.phase2_sled_writes_per_run.unwrap_or(0.0)));
-    out.latency_p50_ms = median(|r| r.latency_p50_ms);
-    out.latency_p99_ms = median(|r| r.latency_p99_ms);
-    out.latency_max_ms = median(|r| r.latency_max_ms);
-    out.peak_rss_mib = median(|r| r.peak_rss_mib);
-    out.bytes_on_disk_per_run = median(|r| r.bytes_on_disk_per_run);
-    out.size_on_disk_bytes = median(|r| r.size_on_disk_bytes as f64) as u64;
-    out.live_bytes_per_run = out
-        .live_bytes_per_run
-        .map(|_| median(|r| r.live_bytes_per_run.unwrap_or(0.0)));
+    out.phase1_runs_per_s = median(&|r| r.phase1_runs_per_s);
+    out.phase2_runs_per_s = median(&|r| r.phase2_runs_per_s);
+    out.phase1_cpu_us_per_run = phase1_cpu;
+    out.phase2_cpu_us_per_run = phase2_cpu;
+    out.events_per_s = median(&|r| r.events_per_s);
+    out.fsyncs_per_run = fsyncs;
+    out.phase1_sled_writes_per_run = phase1_writes;
+    out.phase2_sled_writes_per_run = phase2_writes;
+    out.live_bytes_per_run = live;
+    out.latency_p50_ms = median(&|r| r.latency_p50_ms);
+    out.latency_p99_ms = median(&|r| r.latency_p99_ms);
+    out.latency_max_ms = median(&|r| r.latency_max_ms);
+    out.peak_rss_mib = median(&|r| r.peak_rss_mib);
+    out.bytes_on_disk_per_run = median(&|r| r.bytes_on_disk_per_run);
+    out.size_on_disk_bytes = median(&|r| r.size_on_disk_bytes as f64) as u64;
     Ok(out)
 }
 

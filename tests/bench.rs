@@ -87,6 +87,13 @@ async fn the_http_variant_decides_through_real_requests() {
         .expect("runs started and approved over HTTP all complete");
     assert_eq!((r.api, r.repeats), ("http", 2));
     assert_eq!(r.events, 40 * 8);
+    // The medians of figures only some stores give are kept.
+    assert_eq!(
+        (r.phase1_sled_writes_per_run, r.phase2_sled_writes_per_run),
+        (Some(8.0), Some(9.0)),
+        "the same writes as through the engine API"
+    );
+    assert!(r.fsyncs_per_run.is_some() && r.live_bytes_per_run.is_some());
     assert!(r.to_string().contains("http API") && r.to_string().contains("median of 2"));
 }
 
