@@ -746,18 +746,13 @@ impl SledStore {
     /// left for the caller to find (the seqs say where they are).
     fn records_between(&self, run: RunId, from: Seq, to: Option<Seq>) -> Result<Vec<(Seq, sled::IVec)>> {
         let events = &self.inner.trees.events;
-        let mut start = codec::record_key(run, from);
-        if from > Seq::ZERO {
-            if let Some(item) = events
-                .range(codec::record_key(run, Seq::ZERO)..=start)
-                .next_back()
-            {
-                let (key, _) = item?;
-                if let Ok(key) = <[u8; 24]>::try_from(key.as_ref()) {
-                    start = key;
-                }
-            }
-        }
+        let held = match from {
+            Seq::ZERO => None,
+            _ => self.value_holding(run, from)?,
+        };
+        let start = held
+            .and_then(|(key, _)| <[u8; 24]>::try_from(key.as_ref()).ok())
+            .unwrap_or(codec::record_key(run, from));
         let end = match to {
             Some(to) => Bound::Excluded(codec::record_key(run, to)),
             None => Bound::Included(codec::record_key(run, Seq(u64::MAX))),
@@ -772,6 +767,25 @@ impl SledStore {
             })?;
         }
         Ok(out)
+    }
+
+    /// The stored value of `run` that may hold its record at `seq`, with its key: the
+    /// last one stored at or below `seq` (the record itself, or a packed commit that
+    /// began earlier).
+    fn value_holding(&self, run: RunId, seq: Seq) -> Result<Option<(sled::IVec, sled::IVec)>> {
+        let range = codec::record_key(run, Seq::ZERO)..=codec::record_key(run, seq);
+        Ok(self.inner.trees.events.range(range).next_back().transpose()?)
+    }
+
+    /// The stored records of `run` from `from` up to `to` (to the end with `None`) that
+    /// follow on from `from` without a gap.
+    fn contiguous_records(&self, run: RunId, from: Seq, to: Option<Seq>) -> Result<Vec<sled::IVec>> {
+        let found = self.records_between(run, from, to)?;
+        Ok(found
+            .into_iter()
+            .zip(from.0..)
+            .map_while(|((seq, record), expected)| (seq == Seq(expected)).then_some(record))
+            .collect())
     }
 
     /// Verifies a whole journal strictly, for offline checks (no writer running): every
@@ -826,11 +840,7 @@ impl SledStore {
     #[doc(hidden)]
     pub fn overwrite_record(&self, run: RunId, seq: Seq, record: &[u8]) -> Result<()> {
         let events = &self.inner.trees.events;
-        let holder = events
-            .range(codec::record_key(run, Seq::ZERO)..=codec::record_key(run, seq))
-            .next_back()
-            .transpose()?;
-        if let Some((key, value)) = holder {
+        if let Some((key, value)) = self.value_holding(run, seq)? {
             let at = seq_of_key(run, &key)?;
             let ranges = codec::unpack(run, at, &value)?;
             if ranges.len() > 1 && ranges.iter().any(|(s, _)| *s == seq) {
@@ -1221,17 +1231,7 @@ impl SledStore {
     /// A run's stored events below `upto` (all of them with `None`), each verified from
     /// the first, with the records they were decoded from.
     fn journal_prefix(&self, run: RunId, upto: Option<Seq>) -> Result<VerifiedPrefix> {
-        let mut records = Vec::new();
-        for (i, (seq, record)) in self
-            .records_between(run, Seq::ZERO, upto)?
-            .into_iter()
-            .enumerate()
-        {
-            if seq != Seq(i as u64) {
-                break;
-            }
-            records.push(record);
-        }
+        let records = self.contiguous_records(run, Seq::ZERO, upto)?;
         let found = records.len() as u64;
         if upto.is_some_and(|upto| found < upto.0) {
             return Err(Error::Corrupt {
@@ -1277,17 +1277,7 @@ impl SledStore {
             Before::Journal(upto) => Some(self.summary_upto(run, *upto)?),
         };
         let from = old.as_ref().map_or(Seq::ZERO, |s| s.next_seq);
-        let mut records = Vec::new();
-        for (i, (seq, record)) in self
-            .records_between(run, from, Some(intent.target))?
-            .into_iter()
-            .enumerate()
-        {
-            if seq != Seq(from.0 + i as u64) {
-                break;
-            }
-            records.push(record);
-        }
+        let records = self.contiguous_records(run, from, Some(intent.target))?;
         // Decoded again (their hashes chain from the old head); a record that does not
         // decode counts as missing.
         let mut prev = old.as_ref().map_or(ChainHash::GENESIS, |s| s.head);
@@ -2132,23 +2122,19 @@ impl Store for SledStore {
             // commit: a crash keeps the commit only if its last record is on disk, and
             // then its notifications are queued too.
             let mut queued = None;
-            let last = records.len().checked_sub(1);
-            if self.inner.options.pack_commits && records.len() > 1 {
-                // One value: the commit is whole or absent after a crash.
-                queued = Some(w.queue_notifications(run, &mut changes)?);
-                crate::failpoint::hit_after("commit-before-last-event", || {
-                    let _ = self.inner.db.flush();
-                });
-                let first = events.first().map_or(commit_from, |(e, _)| e.seq);
-                if let (Some((event, _)), Some(record)) = (events.last(), records.last_mut()) {
-                    codec::end_commit(run, event.seq, record);
-                }
-                trees.events.insert(
-                    codec::record_key(run, first),
-                    codec::pack(std::mem::take(&mut records)),
-                )?;
+            // The last record ends the commit: its commit point.
+            if let (Some((event, _)), Some(record)) = (events.last(), records.last_mut()) {
+                codec::end_commit(run, event.seq, record);
             }
-            for (i, ((event, _), record)) in events.iter().zip(records.iter_mut()).enumerate() {
+            // One value for the whole commit (whole or absent after a crash), or a
+            // record per key.
+            let values: Vec<(Seq, Vec<u8>)> = if self.inner.options.pack_commits && records.len() > 1 {
+                vec![(commit_from, codec::pack(records))]
+            } else {
+                events.iter().map(|(e, _)| e.seq).zip(records).collect()
+            };
+            let last = values.len().checked_sub(1);
+            for (i, (seq, value)) in values.into_iter().enumerate() {
                 if i > 0 {
                     crate::failpoint::hit_after("commit-between-events", || {
                         let _ = self.inner.db.flush();
@@ -2159,11 +2145,8 @@ impl Store for SledStore {
                     crate::failpoint::hit_after("commit-before-last-event", || {
                         let _ = self.inner.db.flush();
                     });
-                    codec::end_commit(run, event.seq, record);
                 }
-                trees
-                    .events
-                    .insert(codec::record_key(run, event.seq), std::mem::take(record))?;
+                trees.events.insert(codec::record_key(run, seq), value)?;
             }
             hidden = match queued {
                 Some(hidden) => hidden,
