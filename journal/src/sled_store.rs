@@ -1960,23 +1960,7 @@ fn lease_ttl(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
 
 impl Store for SledStore {
     async fn create_run(&self, run: NewRun) -> Result<Created> {
-        let event = Event {
-            run: run.id,
-            seq: Seq::ZERO,
-            at: run.at,
-            v: 1,
-            event: EventKind::RunStarted {
-                workflow: run.workflow.clone(),
-                version: run.version,
-                input: run.input.clone(),
-                idempotency_key: run.idempotency_key.clone(),
-                started_by: run.started_by.clone(),
-            },
-        };
-        let event = Event {
-            v: event.event.format(),
-            ..event
-        };
+        let event = run.first_event();
         let (mut record, head) =
             codec::encode(&event, &ChainHash::GENESIS, self.inner.options.max_event_bytes)?;
         codec::end_commit(run.id, Seq::ZERO, &mut record);

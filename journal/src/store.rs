@@ -110,6 +110,24 @@ impl NewRun {
         h.update(serde_json::to_vec(&self.input)?);
         Ok(h.finalize().into())
     }
+
+    /// The run's first event, `run-started`, as every store records it.
+    pub fn first_event(&self) -> Event {
+        let kind = EventKind::RunStarted {
+            workflow: self.workflow.clone(),
+            version: self.version,
+            input: self.input.clone(),
+            idempotency_key: self.idempotency_key.clone(),
+            started_by: self.started_by.clone(),
+        };
+        Event {
+            run: self.id,
+            seq: Seq::ZERO,
+            at: self.at,
+            v: kind.format(),
+            event: kind,
+        }
+    }
 }
 
 /// Result of [`Store::create_run`].

@@ -26,9 +26,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::StreamExt;
 use holdpoint_journal::codec::{self, ChainHash};
 use holdpoint_journal::{
-    check_append_limits, Append, AppendConflict, Appended, Created, DueDeadline, Error, Event, EventKind,
-    GateId, IndexChange, Lease, LeaseToken, NewRun, Outgoing, PendingGate, Result, RuleDecision, RunId,
-    RunStatus, RunSummary, Seq, Store, WorkerId, DEFAULT_MAX_EVENT_BYTES,
+    check_append_limits, Append, AppendConflict, Appended, Created, DueDeadline, Error, Event, GateId,
+    IndexChange, Lease, LeaseToken, NewRun, Outgoing, PendingGate, Result, RuleDecision, RunId, RunStatus,
+    RunSummary, Seq, Store, WorkerId, DEFAULT_MAX_EVENT_BYTES,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -630,20 +630,7 @@ async fn listen(config: tokio_postgres::Config, channel: String, changes: watch:
 
 impl Store for PgStore {
     async fn create_run(&self, run: NewRun) -> Result<Created> {
-        let kind = EventKind::RunStarted {
-            workflow: run.workflow.clone(),
-            version: run.version,
-            input: run.input.clone(),
-            idempotency_key: run.idempotency_key.clone(),
-            started_by: run.started_by.clone(),
-        };
-        let event = Event {
-            run: run.id,
-            seq: Seq::ZERO,
-            at: run.at,
-            v: kind.format(),
-            event: kind,
-        };
+        let event = run.first_event();
         let (record, head) = codec::encode(&event, &ChainHash::GENESIS, self.inner.options.max_event_bytes)?;
         let hash = run.request_hash()?;
         let created = retrying(|| async {
