@@ -64,6 +64,16 @@ pub enum Error {
     #[error("storage failure: {0}")]
     Storage(String),
 
+    /// The write-ahead log is damaged somewhere other than a torn tail: a bad record
+    /// before the last segment's end, a segment with the wrong header, or records
+    /// missing between segments or before the checkpoint. Nothing was cut.
+    #[error("write-ahead log segment {} is corrupt at offset {offset}: {reason}", segment.display())]
+    WalCorrupt {
+        segment: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+
     /// A fault injected by a test harness (crash simulation).
     #[error("injected fault: {0}")]
     Injected(String),

@@ -12,6 +12,7 @@ pub mod ids;
 pub mod sled_store;
 pub mod store;
 pub mod stored_summary;
+pub mod wal;
 
 pub use codec::{hex, ChainHash};
 pub use error::{Error, Result};
