@@ -14,8 +14,11 @@ fn payload(i: usize) -> Vec<u8> {
     (0..len).map(|j| (i * 31 + j) as u8).collect()
 }
 
+/// Every record an open replayed, with its LSN.
+type Replayed = Vec<(Lsn, Vec<u8>)>;
+
 /// Opens `dir` from `from`, returning the log, what it found and every record replayed.
-fn open(dir: &Path, options: WalOptions, from: Lsn) -> Result<(Wal, Recovered, Vec<(Lsn, Vec<u8>)>), Error> {
+fn open(dir: &Path, options: WalOptions, from: Lsn) -> Result<(Wal, Recovered, Replayed), Error> {
     let mut seen = Vec::new();
     let (wal, recovered) = Wal::open(dir, options, from, |lsn, p| {
         seen.push((lsn, p.to_vec()));
