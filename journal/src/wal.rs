@@ -75,12 +75,18 @@ impl std::fmt::Display for Lsn {
 pub struct WalOptions {
     /// A new segment starts once a write would take the current one past this size.
     pub segment_bytes: u64,
+    /// Tests (feature `failpoints`): the log's `n`-th sync (counting from 1) fails as an
+    /// `fdatasync` error would, after its write.
+    #[cfg(feature = "failpoints")]
+    pub fail_sync: Option<u64>,
 }
 
 impl Default for WalOptions {
     fn default() -> Self {
         WalOptions {
             segment_bytes: 64 << 20,
+            #[cfg(feature = "failpoints")]
+            fail_sync: None,
         }
     }
 }
@@ -640,6 +646,10 @@ impl Writer {
         self.file
             .sync_data()
             .map_err(|e| format!("fdatasync failed: {e}"))?;
+        #[cfg(feature = "failpoints")]
+        if self.shared.options.fail_sync == Some(self.shared.syncs.load(Ordering::Relaxed) + 1) {
+            return Err("fdatasync failed: injected (WalOptions::fail_sync)".into());
+        }
         self.at = Lsn(from.0 + buf.len() as u64);
         Ok(())
     }
