@@ -476,3 +476,16 @@ async fn a_failed_sync_fails_its_waiters_and_every_append_after_it() {
     let next = append_each(&wal, &[b"after the reopen".to_vec()]).await;
     assert_eq!(next[0].lsn, recovered.end);
 }
+
+/// Dropping the log writes and syncs what was appended but not yet waited for.
+#[test]
+fn dropping_the_log_writes_what_was_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _, _) = open(dir.path(), WalOptions::default(), Lsn(0)).unwrap();
+    let appended: Vec<Appended> = (0..500).map(|i| wal.append(&payload(i)).unwrap()).collect();
+    drop(wal);
+    let (_wal, recovered, seen) = open(dir.path(), WalOptions::default(), Lsn(0)).unwrap();
+    assert_eq!(recovered.records, 500);
+    assert_eq!(recovered.end, appended[499].end);
+    assert_eq!(seen[499], (appended[499].lsn, payload(499)));
+}
