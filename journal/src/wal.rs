@@ -334,6 +334,15 @@ impl Wal {
             ..Recovered::default()
         };
         let file = match segments.last_key_value().map(|(k, _)| *k) {
+            None if from > Lsn(0) => {
+                // A log that reached a checkpoint keeps the segment holding it: none at
+                // all means the log was lost, and with it whatever followed.
+                return Err(corrupt(
+                    dir,
+                    0,
+                    format!("no log segments, but a checkpoint at LSN {from}: the log is missing"),
+                ));
+            }
             None => {
                 let (file, path) = create_segment(dir, from)?;
                 segments.insert(from.0, path);

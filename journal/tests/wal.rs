@@ -389,6 +389,13 @@ async fn segments_before_a_checkpoint_go_and_an_open_from_it_reads_only_what_fol
         open(dir.path(), small_segments(), checkpoint).unwrap().1.records,
         50
     );
+    // And one from a checkpoint with no log at all: the log was lost.
+    let empty = tempfile::tempdir().unwrap();
+    match open(empty.path(), small_segments(), checkpoint) {
+        Err(Error::WalCorrupt { reason, .. }) => assert!(reason.contains("missing"), "{reason}"),
+        other => panic!("expected WalCorrupt, got {:?}", other.map(|(_, r, _)| r)),
+    }
+    assert!(segment_files(empty.path()).is_empty(), "nothing was created");
 }
 
 #[test]
