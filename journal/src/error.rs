@@ -66,7 +66,8 @@ pub enum Error {
 
     /// The write-ahead log is damaged somewhere other than a torn tail: a bad record
     /// before the last segment's end, a segment with the wrong header, or records
-    /// missing between segments or before the checkpoint. Nothing was cut.
+    /// missing between segments, before the checkpoint or after it (a log with no
+    /// segments). Nothing was cut.
     #[error("write-ahead log segment {} is corrupt at offset {offset}: {reason}", segment.display())]
     WalCorrupt {
         segment: PathBuf,

@@ -35,8 +35,9 @@
 //! is a write a crash cut short, never acknowledged (every acknowledged record was
 //! synced, and a write only follows a completed sync), so it and everything after it
 //! are cut off and the log goes on from there. Anywhere else a bad record, a segment
-//! whose header or first LSN is wrong, or a gap between segments is
-//! [`Error::WalCorrupt`]: nothing is cut and the open fails.
+//! whose header or first LSN is wrong, a gap between segments, or a checkpoint the log
+//! does not hold (before its first segment, past its end, or with no segments at all)
+//! is [`Error::WalCorrupt`]: nothing is cut and the open fails.
 //!
 //! **Truncation.** [`Wal::remove_before`] deletes the segments that hold only records
 //! before an LSN, once the caller has made them durable elsewhere.
