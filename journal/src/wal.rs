@@ -276,10 +276,10 @@ fn read_segment(
     let mut reader = BufReader::with_capacity(256 << 10, file);
     std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(start))?;
     let mut at = from;
-    let mut offset = start;
     let mut count = 0;
     let mut payload = Vec::new();
     loop {
+        let offset = SEGMENT_HEADER_LEN + (at.0 - first.0);
         if offset == file_len {
             return Ok((at, count, Ended::Clean));
         }
@@ -311,7 +311,6 @@ fn read_segment(
         }
         replay(at, &payload)?;
         count += 1;
-        offset += RECORD_HEADER_LEN + u64::from(len);
         at = Lsn(at.0 + RECORD_HEADER_LEN + u64::from(len));
     }
 }
@@ -334,7 +333,8 @@ impl Wal {
             end: from,
             ..Recovered::default()
         };
-        let file = match segments.last_key_value().map(|(k, _)| *k) {
+        // The segment the writer goes on in, and its first LSN.
+        let (file, first) = match segments.last_key_value().map(|(k, _)| *k) {
             None if from > Lsn(0) => {
                 // A log that reached a checkpoint keeps the segment holding it: none at
                 // all means the log was lost, and with it whatever followed.
@@ -347,7 +347,7 @@ impl Wal {
             None => {
                 let (file, path) = create_segment(dir, from)?;
                 segments.insert(from.0, path);
-                file
+                (file, from)
             }
             Some(last) => {
                 // The segment holding `from`, and those after it, are read; the ones
@@ -412,10 +412,8 @@ impl Wal {
                     }
                 }
                 recovered.end = at;
-                let (_, path) = segments
-                    .last_key_value()
-                    .ok_or_else(|| corrupt(dir, 0, "no segment"))?;
-                OpenOptions::new().read(true).write(true).open(path)?
+                let path = dir.join(segment_name(Lsn(last)));
+                (OpenOptions::new().read(true).write(true).open(path)?, Lsn(last))
             }
         };
         let end = recovered.end;
@@ -434,7 +432,11 @@ impl Wal {
             wake: Condvar::new(),
             syncs: AtomicU64::new(0),
         });
-        let writer = Writer::new(shared.clone(), file, end)?;
+        let writer = Writer {
+            shared: shared.clone(),
+            file,
+            first,
+        };
         let thread = std::thread::Builder::new()
             .name("holdpoint-wal".into())
             .spawn(move || writer.run())?;
@@ -521,7 +523,7 @@ impl Wal {
     /// Deletes every segment that holds only records before `lsn` (never the one being
     /// written), once the caller holds them durably elsewhere. Returns how many went.
     pub fn remove_before(&self, lsn: Lsn) -> Result<usize> {
-        let doomed: Vec<(u64, PathBuf)> = {
+        let doomed: Vec<PathBuf> = {
             let mut state = lock(&self.shared.state);
             // A segment holds records up to the next one's first LSN.
             let firsts: Vec<u64> = state.segments.keys().copied().collect();
@@ -529,13 +531,13 @@ impl Wal {
             for pair in firsts.windows(2) {
                 if pair[1] <= lsn.0 {
                     if let Some(path) = state.segments.remove(&pair[0]) {
-                        doomed.push((pair[0], path));
+                        doomed.push(path);
                     }
                 }
             }
             doomed
         };
-        for (_, path) in &doomed {
+        for path in &doomed {
             std::fs::remove_file(path)?;
         }
         if !doomed.is_empty() {
@@ -564,29 +566,15 @@ impl Drop for Wal {
     }
 }
 
-/// The writer thread's own state: the segment it writes.
+/// The writer thread's own state: the segment it writes, and that segment's first LSN.
+/// Each write goes where the last one ended, the `pending_from` it took.
 struct Writer {
     shared: Arc<Shared>,
     file: File,
-    /// The segment's first LSN, and where the next write goes.
     first: Lsn,
-    at: Lsn,
 }
 
 impl Writer {
-    fn new(shared: Arc<Shared>, file: File, at: Lsn) -> Result<Writer> {
-        let first = {
-            let state = lock(&shared.state);
-            Lsn(state.segments.last_key_value().map_or(at.0, |(k, _)| *k))
-        };
-        Ok(Writer {
-            shared,
-            file,
-            first,
-            at,
-        })
-    }
-
     fn run(mut self) {
         let mut buf = Vec::new();
         loop {
@@ -641,8 +629,7 @@ impl Writer {
     }
 
     fn write(&mut self, from: Lsn, buf: &[u8]) -> std::result::Result<(), String> {
-        debug_assert_eq!(from, self.at);
-        let used = self.at.0 - self.first.0;
+        let used = from.0 - self.first.0;
         if used > 0 && used + buf.len() as u64 > self.shared.options.segment_bytes {
             let (file, path) = create_segment(&self.shared.dir, from).map_err(|e| e.to_string())?;
             lock(&self.shared.state).segments.insert(from.0, path);
@@ -660,7 +647,6 @@ impl Writer {
         if self.shared.options.fail_sync == Some(self.shared.syncs.load(Ordering::Relaxed) + 1) {
             return Err("fdatasync failed: injected (WalOptions::fail_sync)".into());
         }
-        self.at = Lsn(from.0 + buf.len() as u64);
         Ok(())
     }
 }
