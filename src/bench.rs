@@ -42,6 +42,8 @@ pub struct BenchOptions {
     /// Declare the workflow's two steps [`crate::Step::idempotent`]: each step's start
     /// is journaled with its result, two commits fewer per run.
     pub idempotent_steps: bool,
+    /// Commits durable in the store's write-ahead log ([`SledOptions::wal`]).
+    pub sled_wal: bool,
 }
 
 impl Default for BenchOptions {
@@ -56,6 +58,7 @@ impl Default for BenchOptions {
             sled_flush_every_ms: SledOptions::default().flush_every_ms,
             sled_compression: SledOptions::default().compression,
             idempotent_steps: false,
+            sled_wal: false,
         }
     }
 }
@@ -415,6 +418,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, String> {
             let options = SledOptions {
                 flush_every_ms: opts.sled_flush_every_ms,
                 compression: opts.sled_compression,
+                wal: opts.sled_wal,
                 ..SledOptions::default()
             };
             let store = SledStore::open_with(dir.path(), options).map_err(|e| e.to_string())?;

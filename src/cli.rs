@@ -191,6 +191,10 @@ pub enum Command {
         /// with its result instead of durably before its body (two commits fewer per run)
         #[arg(long, conflicts_with_all = ["fill_waiting", "restart"])]
         idempotent_steps: bool,
+        /// Make commits durable in the store's write-ahead log instead of by flushing
+        /// sled (`SledOptions::wal`), for comparing the two
+        #[arg(long, conflicts_with_all = ["pg", "fill_waiting", "restart"])]
+        sled_wal: bool,
         #[arg(long)]
         json: bool,
     },
@@ -604,6 +608,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
             sled_flush_every_ms,
             sled_compression,
             idempotent_steps,
+            sled_wal,
             json,
         } => {
             if let Some(dir) = fill_waiting {
@@ -631,6 +636,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
                 sled_flush_every_ms,
                 sled_compression: sled_compression.0,
                 idempotent_steps,
+                sled_wal,
                 ..Default::default()
             };
             let report = runtime()?

@@ -44,6 +44,9 @@ use common::pick;
 
 /// Set for a child that writes a commit's records under keys of their own.
 const UNPACKED: &str = "HOLDPOINT_KILL9_UNPACKED";
+/// Set for a child (and a parent) whose store makes commits durable in its write-ahead
+/// log, checkpointing every 256 KiB of it (`SledOptions::wal`).
+const WAL: &str = "HOLDPOINT_KILL9_WAL";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Payment {
@@ -135,6 +138,8 @@ fn engine(dir: &Path) -> Engine<SledStore> {
     // commits did.
     let options = SledOptions {
         pack_commits: std::env::var_os(UNPACKED).is_none(),
+        wal: std::env::var_os(WAL).is_some(),
+        checkpoint_bytes: 256 << 10,
         ..SledOptions::default()
     };
     Engine::builder(
@@ -350,18 +355,33 @@ fn parent() -> Result<(), String> {
     );
     let cycles = env_u64("HOLDPOINT_KILL9_CYCLES", 20);
     let runs = env_u64("HOLDPOINT_KILL9_RUNS", 10_000);
-    println!("kill9: seed {seed} (HOLDPOINT_KILL9_SEED={seed} reproduces the choices), {cycles} cycles, {runs} runs");
+    let store = match std::env::var_os(WAL) {
+        Some(_) => "the write-ahead log",
+        None => "dirty marks and sled's flush",
+    };
+    println!("kill9: seed {seed} (HOLDPOINT_KILL9_SEED={seed} reproduces the choices), {cycles} cycles, {runs} runs, commits durable by {store}");
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let failpoints = [
-        "append-before-flush",
-        "group-commit-before-fsync",
-        "step-after-effect",
-        "commit-between-events",
-        "commit-before-last-event",
-        "commit-before-indexes",
-    ];
+    let wal = std::env::var_os(WAL).is_some();
+    let failpoints: &[&str] = if wal {
+        &[
+            "wal-before-apply",
+            "wal-apply-before-indexes",
+            "checkpoint-before-flush",
+            "checkpoint-before-remove",
+            "step-after-effect",
+        ]
+    } else {
+        &[
+            "append-before-flush",
+            "group-commit-before-fsync",
+            "step-after-effect",
+            "commit-between-events",
+            "commit-before-last-event",
+            "commit-before-indexes",
+        ]
+    };
     let (mut kills, mut aborts, mut finished_early) = (0, 0, 0);
     let gated = runs.div_ceil(3);
     for cycle in 0..cycles {
@@ -376,7 +396,7 @@ fn parent() -> Result<(), String> {
         // Every fourth cycle the child writes a commit's records under keys of their own,
         // as builds before packed commits did: the directory holds both layouts, as one
         // upgraded in place does, and a commit can be cut between its events.
-        let unpacked = cycle % 4 == 3;
+        let unpacked = cycle % 4 == 3 && !wal;
         if unpacked {
             cmd.env(UNPACKED, "1");
         }
@@ -490,12 +510,22 @@ fn main() {
         rt.block_on(child(&PathBuf::from(dir), seed, runs, cycle));
         return;
     }
-    match parent() {
-        Ok(()) => println!("kill9: 1 passed, 0 failed"),
-        Err(e) => {
-            eprintln!("kill9: FAILED: {e}");
-            println!("kill9: 0 passed, 1 failed");
-            std::process::exit(1);
+    // Both ways a commit is made durable, each on a directory of its own (a directory
+    // with a log keeps it); the children inherit the mode.
+    let mut failed = 0;
+    for wal in [false, true] {
+        if wal {
+            std::env::set_var(WAL, "1");
+        } else {
+            std::env::remove_var(WAL);
         }
+        if let Err(e) = parent() {
+            eprintln!("kill9: FAILED: {e}");
+            failed += 1;
+        }
+    }
+    println!("kill9: {} passed, {failed} failed", 2 - failed);
+    if failed > 0 {
+        std::process::exit(1);
     }
 }

@@ -111,6 +111,7 @@ use crate::store::{
     Notification, Outgoing, PendingGate, RuleDecision, RunStatus, RunSummary, Store,
 };
 use crate::stored_summary::decode as decode_summary;
+use crate::wal::{Lsn, Wal, WalOptions};
 use chrono::{DateTime, TimeZone, Utc};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -168,6 +169,16 @@ pub struct SledOptions {
     /// each record under its own key, the layout of builds before 2026-12-07, which
     /// every build still reads and recovers (tests of that recovery use it).
     pub pack_commits: bool,
+    /// Make commits durable in the store's own write-ahead log (`<dir>/wal`,
+    /// [`crate::wal`]) instead of by flushing sled: a commit is logged under its run's
+    /// lock, and written to sled once the log has synced it; sled is flushed only at
+    /// checkpoints, and no dirty marks are written (the log's records past the last
+    /// checkpoint name every run recovery must finish). Default `false` while the
+    /// mode is new. A directory that has a log is opened with it whatever this says.
+    pub wal: bool,
+    /// With `wal`: a checkpoint (sled flushed, the log's segments before it removed)
+    /// follows once the log has grown this much since the last (default 64 MiB).
+    pub checkpoint_bytes: u64,
 }
 
 /// zstd level used for a compressed directory opened with `compression: None`.
@@ -212,6 +223,8 @@ impl Default for SledOptions {
             compression: Some(DEFAULT_COMPRESSION_LEVEL),
             kept_summaries: 16_384,
             pack_commits: true,
+            wal: false,
+            checkpoint_bytes: 64 << 20,
         }
     }
 }
@@ -246,8 +259,37 @@ struct Inner {
     /// an idempotency key by the key's); commits to other runs go on at once.
     stripes: Box<[Mutex<()>]>,
     /// The runs `dirty` holds (written under the run's commit lock), with what their
-    /// commits left for the mark's removal to write ([`Marked`]).
+    /// commits left for the mark's removal to write ([`Marked`]). With the log, the
+    /// runs with commits not yet written to sled or summaries kept in memory (no
+    /// mark is written).
     dirty: Mutex<HashMap<RunId, Marked>>,
+    /// The write-ahead log, when the directory uses one ([`SledOptions::wal`]).
+    wal: Option<Wal>,
+    /// LSNs of logged commits not yet written to sled: a checkpoint goes no further
+    /// than the first. Appends to the log are made under this lock, so a checkpoint
+    /// reading it and the log's end sees every logged commit on one side or the other.
+    unapplied: Mutex<BTreeSet<u64>>,
+    /// Idempotency keys of logged creations not yet written to sled: key -> what
+    /// `starts` will hold.
+    starting: Mutex<HashMap<String, Vec<u8>>>,
+    /// Held by the one checkpoint running; the LSN of the last.
+    checkpoint: Mutex<u64>,
+}
+
+/// A commit in the log, not yet written to sled: what its writing needs.
+#[derive(Clone, Debug)]
+struct Logged {
+    lsn: u64,
+    end: u64,
+    /// The values it stores in `events`, by the seq they are stored under.
+    values: Vec<(Seq, Vec<u8>)>,
+    /// Its notifications' outbox entries.
+    notes: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A creation's idempotency key, and what `starts` holds for it.
+    start: Option<(String, Vec<u8>)>,
+    summary: RunSummary,
+    commit_from: Seq,
+    changes: Vec<IndexChange>,
 }
 
 /// What a marked run's commits left in memory for the mark's removal to write: its
@@ -264,7 +306,14 @@ struct Marked {
     status: RunStatus,
     /// The run's summary and the seq its commit began at, while `runs` holds an older
     /// one (recovery finds a commit's end by its last record, [`codec::ends_commit`]).
+    /// With the log: the summary of the commits written to sled, what readers see.
     summary: Option<Box<(RunSummary, Seq)>>,
+    /// With the log: the summary after the last commit logged, while some are not
+    /// written to sled yet (what the next commit builds on), and those commits in order.
+    latest: Option<Box<(RunSummary, Seq)>>,
+    pending: std::collections::VecDeque<Logged>,
+    /// Whether readers know the run: false for a logged creation not yet written.
+    visible: bool,
 }
 
 impl Marked {
@@ -276,6 +325,9 @@ impl Marked {
     /// Whether `by_status` shows the run under `status` though it is not, or does not
     /// though it is.
     fn stale_for(&self, status: RunStatus) -> Option<bool> {
+        if !self.visible {
+            return None;
+        }
         let listed = self.stored == Some(status);
         let is = self.status == status;
         (listed != is).then_some(is)
@@ -321,9 +373,14 @@ struct Trees {
     /// Commits in progress: run -> [`Intent`] (`mark_stuck`, and earlier versions).
     intents: sled::Tree,
     /// Runs written since their activation last ended: run -> empty. Recovery checks
-    /// their last commit.
+    /// their last commit. (Not written by a store with the log.)
     dirty: sled::Tree,
+    /// `wal_checkpoint` -> the log's checkpoint LSN (8 bytes), in a directory with a log.
+    meta: sled::Tree,
 }
+
+/// The key in `meta` of the log's checkpoint.
+const WAL_CHECKPOINT: &[u8] = b"wal_checkpoint";
 
 /// What the writers share: the leases and the ready queue's mirror.
 #[derive(Default)]
@@ -486,7 +543,33 @@ impl SledStore {
             outbox: db.open_tree("outbox")?,
             intents: db.open_tree("intents")?,
             dirty: db.open_tree("dirty")?,
+            meta: db.open_tree("meta")?,
         };
+        // A directory with a log keeps it, whatever the options say.
+        let checkpoint = match trees.meta.get(WAL_CHECKPOINT)? {
+            Some(v) => Some(u64::from_be_bytes(<[u8; 8]>::try_from(v.as_ref()).map_err(
+                |_| Error::Storage("the write-ahead log's checkpoint is malformed".into()),
+            )?)),
+            None => None,
+        };
+        let mut logged = Vec::new();
+        let wal = match (checkpoint, options.wal) {
+            (None, false) => None,
+            (checkpoint, _) => {
+                if checkpoint.is_none() {
+                    // Known to be a directory with a log before the log exists.
+                    trees.meta.insert(WAL_CHECKPOINT, &0u64.to_be_bytes())?;
+                    db.flush()?;
+                }
+                let from = Lsn(checkpoint.unwrap_or(0));
+                let (wal, _) = Wal::open(&dir.join("wal"), WalOptions::default(), from, |lsn, payload| {
+                    logged.push(decode_logged(lsn, payload)?);
+                    Ok(())
+                })?;
+                Some(wal)
+            }
+        };
+        let last_checkpoint = checkpoint.unwrap_or(0);
         // sled keeps its log in `<dir>/db`; we fsync it ourselves (see module docs).
         let data_file = File::open(dir.join("db"))?;
         let flusher = GroupCommit::start(db.clone(), data_file);
@@ -508,12 +591,20 @@ impl SledStore {
                 state: Mutex::new(state),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 dirty: Mutex::new(HashMap::new()),
+                wal,
+                unapplied: Mutex::new(BTreeSet::new()),
+                starting: Mutex::new(HashMap::new()),
+                checkpoint: Mutex::new(last_checkpoint),
             }),
         };
         store.open_outboxes()?;
         store.load_ready()?;
         store.finish_intents()?;
         store.finish_dirty()?;
+        store.redo_logged(logged)?;
+        // What the log replayed is in sled now: a checkpoint, so a crash from here on
+        // replays from the end.
+        store.checkpoint()?;
         store.recover_leases()?;
         Ok(store)
     }
@@ -526,6 +617,15 @@ impl SledStore {
     /// immediate reopen after a plain drop may see [`Error::Locked`]. `close` waits on
     /// that lock (a blocking `flock`, no polling). Fails if other clones are alive.
     pub fn close(self) -> Result<()> {
+        if self.inner.wal.is_some() {
+            if Arc::strong_count(&self.inner) > 1 {
+                return Err(Error::Storage(
+                    "cannot close the store: other handles to it are still alive".into(),
+                ));
+            }
+            // Everything the log holds goes to sled; the log restarts from its end.
+            self.checkpoint()?;
+        }
         let inner = Arc::try_unwrap(self.inner).map_err(|_| {
             Error::Storage("cannot close the store: other handles to it are still alive".into())
         })?;
@@ -540,8 +640,8 @@ impl SledStore {
         }
         {
             let w = Writer::of(&inner);
-            for (run, marked) in lock(&inner.dirty).iter() {
-                write_marked(&w, *run, marked)?;
+            for (run, marked) in lock(&inner.dirty).iter().filter(|(_, m)| m.visible) {
+                write_marked(&w, *run, marked.stored, marked.status, marked.summary.as_deref())?;
             }
         }
         // Every commit is whole (no other handle is alive): no run needs checking.
@@ -568,9 +668,11 @@ impl SledStore {
         self.inner.db.key_writes()
     }
 
-    /// How many group commits (flush + fsync) have run since open.
+    /// How many group commits (flush + fsync, and with the log its syncs) have run
+    /// since open.
     pub fn sync_count(&self) -> u64 {
-        self.inner.flusher.shared.syncs.load(Ordering::Relaxed)
+        let log = self.inner.wal.as_ref().map_or(0, Wal::syncs);
+        self.inner.flusher.shared.syncs.load(Ordering::Relaxed) + log
     }
 
     /// sled's own estimate of its files' size.
@@ -583,7 +685,7 @@ impl SledStore {
     /// space amplification. Reads every entry.
     pub fn live_bytes(&self) -> Result<Vec<TreeBytes>> {
         let t = &self.inner.trees;
-        let trees: [(&'static str, &sled::Tree); 12] = [
+        let trees: [(&'static str, &sled::Tree); 13] = [
             ("events", &t.events),
             ("runs", &t.runs),
             ("by_status", &t.by_status),
@@ -596,6 +698,7 @@ impl SledStore {
             ("outbox", &t.outbox),
             ("intents", &t.intents),
             ("dirty", &t.dirty),
+            ("meta", &t.meta),
         ];
         let mut out = Vec::new();
         for (name, tree) in trees {
@@ -864,7 +967,15 @@ impl SledStore {
 
     /// Waits until everything written so far is durable.
     pub async fn sync(&self) -> Result<()> {
+        if let Some(wal) = &self.inner.wal {
+            wal.wait(wal.end()).await?;
+        }
         self.inner.flusher.wait().await
+    }
+
+    /// Whether the store makes its commits durable in its write-ahead log.
+    pub fn has_wal(&self) -> bool {
+        self.inner.wal.is_some()
     }
 
     /// Leases left in the `leases` tree by an earlier version belong to a process that
@@ -1180,11 +1291,18 @@ impl SledStore {
         if lock(&self.inner.dirty).contains_key(&run) {
             return Ok(());
         }
-        self.inner.trees.dirty.insert(run.as_bytes(), &[])?;
+        // With the log, its records past the checkpoint name the run instead.
+        if self.inner.wal.is_none() {
+            self.inner.trees.dirty.insert(run.as_bytes(), &[])?;
+        }
         let marked = Marked {
             stored,
             status,
             summary: None,
+            latest: None,
+            pending: Default::default(),
+            // With the log, a creation is seen once it is written to sled.
+            visible: stored.is_some() || self.inner.wal.is_none(),
         };
         lock(&self.inner.dirty).insert(run, marked);
         Ok(())
@@ -1219,13 +1337,338 @@ impl SledStore {
     /// Removes `run`'s mark, once its commits so far are whole, after writing the summary
     /// and the status key its commits left in memory. Under its commit lock.
     fn clear_dirty(&self, run: RunId) -> Result<()> {
-        let Some(marked) = lock(&self.inner.dirty).get(&run).cloned() else {
+        let Some((stored, status, summary, pending)) = lock(&self.inner.dirty)
+            .get(&run)
+            .map(|m| (m.stored, m.status, m.summary.clone(), !m.pending.is_empty()))
+        else {
             return Ok(());
         };
-        write_marked(&Writer::new(self), run, &marked)?;
+        write_marked(&Writer::new(self), run, stored, status, summary.as_deref())?;
+        if pending {
+            // With the log: commits logged since wait to be written to sled; the entry
+            // stays for them, with what sled now holds.
+            if let Some(m) = lock(&self.inner.dirty).get_mut(&run) {
+                m.stored = Some(status);
+                m.summary = None;
+            }
+            return Ok(());
+        }
         lock(&self.inner.dirty).remove(&run);
-        self.inner.trees.dirty.remove(run.as_bytes())?;
+        if self.inner.wal.is_none() {
+            self.inner.trees.dirty.remove(run.as_bytes())?;
+        }
         Ok(())
+    }
+
+    /// The summary the next commit of `run` builds on, if its entry keeps one: that of
+    /// its last logged commit, else the one readers see.
+    fn kept_for_commit(&self, run: RunId) -> Option<RunSummary> {
+        let marks = lock(&self.inner.dirty);
+        let marked = marks.get(&run)?;
+        marked
+            .latest
+            .as_ref()
+            .or(marked.summary.as_ref())
+            .map(|kept| kept.0.clone())
+    }
+
+    /// Appends a commit of `run` (marked, under its commit lock) to the log and keeps it
+    /// in the run's entry until [`SledStore::apply_logged`] writes it to sled. Returns
+    /// the log's end after it: the commit is durable once the log is synced that far.
+    fn log_commit(&self, wal: &Wal, run: RunId, to: Seq, mut logged: Logged) -> Result<Lsn> {
+        let payload = encode_logged(run, logged.commit_from, to, &logged.values, &logged.notes);
+        let appended = {
+            let mut unapplied = lock(&self.inner.unapplied);
+            let appended = wal.append(&payload)?;
+            unapplied.insert(appended.lsn.0);
+            appended
+        };
+        logged.lsn = appended.lsn.0;
+        logged.end = appended.end.0;
+        if let Some((key, value)) = &logged.start {
+            lock(&self.inner.starting).insert(key.clone(), value.clone());
+        }
+        let mut marks = lock(&self.inner.dirty);
+        let marked = marks
+            .get_mut(&run)
+            .ok_or_else(|| Error::Storage(format!("run {run} has no entry for its logged commit")))?;
+        marked.latest = Some(Box::new((logged.summary.clone(), logged.commit_from)));
+        marked.pending.push_back(logged);
+        Ok(appended.end)
+    }
+
+    /// The end of a logged commit of `run`: waits for the log to sync it, writes it to
+    /// sled, shows its notifications, wakes the watchers, and checkpoints if the log
+    /// has grown enough. A failed sync leaves the commit's notifications hidden: the
+    /// next open decides from the log whether the commit happened.
+    async fn finish_logged(&self, wal: &Wal, end: Lsn, run: RunId, hidden: &[u64]) -> Result<()> {
+        wal.wait(end).await?;
+        crate::failpoint::hit("wal-before-apply");
+        self.apply_logged(run)?;
+        self.deliverable(hidden);
+        self.bump();
+        self.maybe_checkpoint();
+        Ok(())
+    }
+
+    /// Before a conflict is answered: waits until the commits of `run` logged so far are
+    /// written to sled, so that the caller, reading the run again to catch up, finds
+    /// the commit it conflicted with (readers see a logged commit once it is written).
+    async fn settle_logged(&self, run: RunId) -> Result<()> {
+        let Some(wal) = &self.inner.wal else {
+            return Ok(());
+        };
+        let end = lock(&self.inner.dirty)
+            .get(&run)
+            .and_then(|m| m.pending.back().map(|p| Lsn(p.end)));
+        if let Some(end) = end {
+            wal.wait(end).await?;
+            self.apply_logged(run)?;
+        }
+        Ok(())
+    }
+
+    /// [`SledStore::apply_logged_locked`] under the run's commit lock.
+    fn apply_logged(&self, run: RunId) -> Result<()> {
+        let _run = self.run_lock(run);
+        self.apply_logged_locked(run)
+    }
+
+    /// Writes to sled, in order, the logged commits of `run` the log has synced: their
+    /// records, notifications and idempotency key, then (as a commit without the log
+    /// does) the summary kept with the entry and the index changes. Under the run's
+    /// commit lock. Whichever of a run's committers gets here first writes every synced
+    /// one, so they reach sled in the order they were logged.
+    fn apply_logged_locked(&self, run: RunId) -> Result<()> {
+        let Some(wal) = &self.inner.wal else {
+            return Ok(());
+        };
+        let durable = wal.durable().0;
+        let trees = &self.inner.trees;
+        loop {
+            let next = {
+                let mut marks = lock(&self.inner.dirty);
+                match marks.get_mut(&run) {
+                    Some(m) if m.pending.front().is_some_and(|p| p.end <= durable) => m.pending.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some(logged) = next else { return Ok(()) };
+            for (seq, value) in logged.values {
+                trees.events.insert(codec::record_key(run, seq), value)?;
+            }
+            crate::failpoint::hit_after("wal-apply-before-indexes", || {
+                let _ = self.inner.db.flush();
+            });
+            for (key, value) in logged.notes {
+                trees.outbox.insert(key, value)?;
+            }
+            if let Some((key, value)) = logged.start {
+                trees.starts.insert(key.as_bytes(), value)?;
+                lock(&self.inner.starting).remove(&key);
+            }
+            let w = Writer::commit(self);
+            if let Some(m) = lock(&self.inner.dirty).get_mut(&run) {
+                m.visible = true;
+            }
+            self.keep_summary(&w, &logged.summary, logged.commit_from)?;
+            w.apply_changes(&logged.summary, logged.changes)?;
+            lock(&self.inner.unapplied).remove(&logged.lsn);
+            let rest = match lock(&self.inner.dirty).get_mut(&run) {
+                Some(m) => {
+                    if m.pending.is_empty() {
+                        m.latest = None;
+                    }
+                    m.pending.len()
+                }
+                None => 0,
+            };
+            if rest == 0 && logged.summary.status.is_terminal() {
+                // Nothing writes to an ended run again.
+                self.clear_dirty(run)?;
+            }
+        }
+    }
+
+    /// A checkpoint, if the log has grown [`SledOptions::checkpoint_bytes`] since the
+    /// last and none is running. Its failure is logged, not returned: the commit that
+    /// called it is durable either way, and the log keeps what sled may lack.
+    fn maybe_checkpoint(&self) {
+        let Some(wal) = &self.inner.wal else { return };
+        let mut last = match self.inner.checkpoint.try_lock() {
+            Ok(last) => last,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        if wal.end().0.saturating_sub(*last) < self.inner.options.checkpoint_bytes {
+            return;
+        }
+        if let Err(e) = self.checkpoint_locked(wal, &mut last) {
+            tracing::error!(error = %e, "checkpoint failed; the log keeps every commit since the last");
+        }
+    }
+
+    /// Makes sled hold everything the log holds before some LSN, durably, and lets the
+    /// log drop it (see the module docs). Nothing if the store has no log.
+    pub fn checkpoint(&self) -> Result<()> {
+        let Some(wal) = &self.inner.wal else {
+            return Ok(());
+        };
+        let mut last = lock(&self.inner.checkpoint);
+        self.checkpoint_locked(wal, &mut last)
+    }
+
+    fn checkpoint_locked(&self, wal: &Wal, last: &mut u64) -> Result<()> {
+        // Every commit logged before `at` is in sled's memory: none is waiting to be
+        // written (appends are made under the same lock).
+        let at = {
+            let unapplied = lock(&self.inner.unapplied);
+            unapplied.first().copied().unwrap_or(wal.end().0)
+        };
+        // What runs' entries keep in memory goes to sled: their summaries and status
+        // keys, then the wake-ups only memory holds. A commit after `at` may have
+        // changed them already; the log replays it anyway.
+        let runs: Vec<RunId> = lock(&self.inner.dirty).keys().copied().collect();
+        let w = Writer::new(self);
+        for run in runs {
+            let _run = self.run_lock(run);
+            self.apply_logged_locked(run)?;
+            let kept = lock(&self.inner.dirty)
+                .get(&run)
+                .filter(|m| m.visible)
+                .map(|m| (m.stored, m.status, m.summary.clone()));
+            if let Some((stored, status, summary)) = kept {
+                write_marked(&w, run, stored, status, summary.as_deref())?;
+                if let Some(m) = lock(&self.inner.dirty).get_mut(&run) {
+                    m.stored = Some(status);
+                    m.summary = None;
+                }
+            }
+        }
+        {
+            let mut st = self.state();
+            for (run, wake) in st.wake.iter_mut().filter(|(_, w)| !w.stored) {
+                self.inner.trees.ready.insert(ready_key(wake.ms, *run), &[])?;
+                wake.stored = true;
+            }
+        }
+        crate::failpoint::hit("checkpoint-before-flush");
+        // Written last and flushed with the rest: sled recovers a prefix of its log, so
+        // a checkpoint it recovers comes with everything written before it.
+        self.inner.trees.meta.insert(WAL_CHECKPOINT, &at.to_be_bytes())?;
+        self.inner.db.flush()?;
+        crate::failpoint::hit("checkpoint-before-remove");
+        wal.remove_before(Lsn(at))?;
+        *last = at;
+        Ok(())
+    }
+
+    /// Writes to sled every commit the log holds past the checkpoint (the open's
+    /// recovery): their records, notifications and idempotency keys, then, for each
+    /// run, the summary and index changes derived again from its journal (as
+    /// `finish_intent` does for one commit), its status key, and a wake-up at once.
+    fn redo_logged(&self, logged: Vec<LoggedRecord>) -> Result<()> {
+        if logged.is_empty() {
+            return Ok(());
+        }
+        let trees = &self.inner.trees;
+        let named = &self.inner.options.outbox_endpoints;
+        let mut order = Vec::new();
+        // run -> (first commit's from, last commit's from, end)
+        let mut spans: HashMap<RunId, (Seq, Seq, Seq)> = HashMap::new();
+        let mut next_id = 0u64;
+        let commits = logged.len();
+        for commit in logged {
+            for (seq, value) in &commit.values {
+                trees
+                    .events
+                    .insert(codec::record_key(commit.run, *seq), value.as_slice())?;
+            }
+            for (key, value) in &commit.notes {
+                let endpoint = key.split(|b| *b == 0).next().unwrap_or_default();
+                if named.iter().any(|n| n.as_bytes() == endpoint) {
+                    trees.outbox.insert(key.as_slice(), value.as_slice())?;
+                    if let Some(id) = key.len().checked_sub(8).and_then(|at| key.get(at..)) {
+                        let id = u64::from_be_bytes(id.try_into().unwrap_or([0; 8]));
+                        next_id = next_id.max(id.saturating_add(1));
+                    }
+                }
+            }
+            let span = spans.entry(commit.run).or_insert_with(|| {
+                order.push(commit.run);
+                (commit.from, commit.from, commit.to)
+            });
+            span.1 = commit.from;
+            span.2 = commit.to;
+        }
+        {
+            let mut ids = lock(&self.inner.outbox_ids);
+            ids.next = ids.next.max(next_id);
+        }
+        let mut damaged = 0usize;
+        for run in &order {
+            let (from, last_from, to) = spans[run];
+            if let Err(e) = self.redo_run(*run, from, last_from, to) {
+                damaged += 1;
+                let reason = format!("journal damaged, found when replaying the write-ahead log: {e}");
+                tracing::error!(%run, "{reason}");
+                if let Some(bytes) = trees.runs.get(run.as_bytes())? {
+                    let mut summary = decode_summary(*run, &bytes)?;
+                    park(&mut summary, &reason);
+                    let w = Writer::new(self);
+                    w.put_summary(&summary, Prior::Unknown, summary.next_seq)?;
+                    w.unschedule(*run)?;
+                }
+            }
+        }
+        tracing::info!(
+            commits,
+            runs = order.len(),
+            damaged,
+            "replayed the write-ahead log past the last checkpoint"
+        );
+        Ok(())
+    }
+
+    /// Derives the summary and index changes of `run`'s commits from `from` to `to`
+    /// again from its journal and writes them, with its status key and a wake-up.
+    fn redo_run(&self, run: RunId, from: Seq, last_from: Seq, to: Seq) -> Result<()> {
+        let old = match from {
+            Seq::ZERO => None,
+            _ => Some(self.summary_upto(run, from)?),
+        };
+        let records = self.contiguous_records(run, from, Some(to))?;
+        let mut prev = old.as_ref().map_or(ChainHash::GENESIS, |s| s.head);
+        let mut events = Vec::with_capacity(records.len());
+        for (i, record) in records.iter().enumerate() {
+            let (event, head) = codec::decode(run, Seq(from.0 + i as u64), record, &prev)?;
+            prev = head;
+            events.push((event, head));
+        }
+        if (events.len() as u64) < to.0 - from.0 {
+            return Err(Error::Corrupt {
+                run,
+                seq: Seq(from.0 + events.len() as u64),
+                reason: "a logged event is missing".into(),
+            });
+        }
+        if let (None, Some((first, _))) = (&old, events.first()) {
+            let new = new_run_from(first)?;
+            if let Some(key) = &new.idempotency_key {
+                let mut v = run.as_bytes().to_vec();
+                v.extend_from_slice(&new.request_hash()?);
+                self.inner.trees.starts.insert(key.as_bytes(), v)?;
+            }
+        }
+        let Some((summary, mut changes)) = fold_records(old, &events, &records)? else {
+            return Ok(());
+        };
+        // Their notifications came back from the log with their queue ids.
+        changes.retain(|c| !matches!(c, IndexChange::Notify(_)));
+        let w = Writer::new(self);
+        w.put_summary(&summary, Prior::Unknown, last_from)?;
+        w.apply_changes(&summary, changes)?;
+        self.make_ready_at_once(run)
     }
 
     /// A run's stored events below `upto` (all of them with `None`), each verified from
@@ -1684,6 +2127,17 @@ impl<'a> Writer<'a> {
     /// [`Store::outbox`] until the commit is durable and the caller passes them to
     /// [`SledStore::deliverable`].
     fn queue_notifications(&self, run: RunId, changes: &mut Vec<IndexChange>) -> Result<Vec<u64>> {
+        self.notifications(run, changes, None)
+    }
+
+    /// [`Writer::queue_notifications`], but the outbox entries go to `notes` instead of
+    /// sled (a logged commit writes them once the log has synced it).
+    fn notifications(
+        &self,
+        run: RunId,
+        changes: &mut Vec<IndexChange>,
+        mut notes: Option<&mut Vec<(Vec<u8>, Vec<u8>)>>,
+    ) -> Result<Vec<u64>> {
         let mut hidden = Vec::new();
         if !changes.iter().any(|c| matches!(c, IndexChange::Notify(_))) {
             return Ok(hidden);
@@ -1691,7 +2145,9 @@ impl<'a> Writer<'a> {
         let all = std::mem::take(changes);
         for change in all {
             match change {
-                IndexChange::Notify(n) => self.queue(run, n, changes, Some(&mut hidden))?,
+                IndexChange::Notify(n) => {
+                    self.queue(run, n, changes, Some(&mut hidden), notes.as_deref_mut())?
+                }
                 other => changes.push(other),
             }
         }
@@ -1708,6 +2164,7 @@ impl<'a> Writer<'a> {
         mut n: Box<Notification>,
         earlier: &[IndexChange],
         mut hidden: Option<&mut Vec<u64>>,
+        mut notes: Option<&mut Vec<(Vec<u8>, Vec<u8>)>>,
     ) -> Result<()> {
         if self.endpoints.is_empty() {
             return Ok(());
@@ -1741,9 +2198,14 @@ impl<'a> Writer<'a> {
                 }
                 id
             };
-            self.trees
-                .outbox
-                .insert(outbox_key(endpoint, id), value.clone())?;
+            match notes.as_deref_mut() {
+                Some(notes) => notes.push((outbox_key(endpoint, id), value.clone())),
+                None => {
+                    self.trees
+                        .outbox
+                        .insert(outbox_key(endpoint, id), value.clone())?;
+                }
+            }
         }
         Ok(())
     }
@@ -1756,7 +2218,7 @@ impl<'a> Writer<'a> {
         let run = summary.id;
         for change in changes {
             match change {
-                IndexChange::Notify(n) => self.queue(run, n, &[], None)?,
+                IndexChange::Notify(n) => self.queue(run, n, &[], None, None)?,
                 IndexChange::GateOpened(gate) => {
                     t.pending
                         .insert(gate_key(gate.run, gate.gate), serde_json::to_vec(&*gate)?)?;
@@ -1832,11 +2294,17 @@ impl<'a> Writer<'a> {
 /// Writes what a marked run's commits left in memory: its summary, then its status key
 /// moved to the summary's status (the run is still marked meanwhile, so after a crash
 /// the open writes both again).
-fn write_marked(w: &Writer<'_>, run: RunId, marked: &Marked) -> Result<()> {
-    if let Some(kept) = &marked.summary {
+fn write_marked(
+    w: &Writer<'_>,
+    run: RunId,
+    stored: Option<RunStatus>,
+    status: RunStatus,
+    summary: Option<&(RunSummary, Seq)>,
+) -> Result<()> {
+    if let Some(kept) = summary {
         w.put_summary_only(&kept.0, kept.1)?;
     }
-    w.put_status(run, marked.status, marked.prior())
+    w.put_status(run, status, stored.map_or(Prior::Nothing, Prior::Was))
 }
 
 /// Sets the run's one wake-up (earlier or later than before), or removes it. With
@@ -1967,10 +2435,15 @@ impl Store for SledStore {
         let hash = run.request_hash()?;
         let trees = &self.inner.trees;
         let mut hidden = Vec::new();
-        let created = {
+        let mut logged_end = None;
+        let created = 'created: {
             let _key = run.idempotency_key.as_deref().map(|k| self.key_lock(k));
             let existing = match &run.idempotency_key {
-                Some(key) => match trees.starts.get(key.as_bytes())? {
+                Some(key) => match lock(&self.inner.starting)
+                    .get(key)
+                    .map(|v| sled::IVec::from(v.as_slice()))
+                    .map_or_else(|| trees.starts.get(key.as_bytes()), |v| Ok(Some(v)))?
+                {
                     Some(existing) => {
                         let existing_run = run_from_key(&existing)
                             .ok_or_else(|| Error::Storage("malformed starts entry".into()))?;
@@ -1999,6 +2472,28 @@ impl Store for SledStore {
                     let mut changes = summary.apply(&event, head);
                     self.mark_dirty(run.id, None, summary.status)?;
                     let w = Writer::commit(self);
+                    if let Some(wal) = &self.inner.wal {
+                        // Logged now, written to sled once the log has synced it.
+                        let mut notes = Vec::new();
+                        hidden = w.notifications(run.id, &mut changes, Some(&mut notes))?;
+                        let start = run.idempotency_key.as_ref().map(|key| {
+                            let mut v = run.id.as_bytes().to_vec();
+                            v.extend_from_slice(&hash);
+                            (key.clone(), v)
+                        });
+                        let logged = Logged {
+                            lsn: 0,
+                            end: 0,
+                            values: vec![(Seq::ZERO, record)],
+                            notes,
+                            start,
+                            summary,
+                            commit_from: Seq::ZERO,
+                            changes,
+                        };
+                        logged_end = Some(self.log_commit(wal, run.id, Seq(1), logged)?);
+                        break 'created Created::New(run.id);
+                    }
                     hidden = w.queue_notifications(run.id, &mut changes)?;
                     crate::failpoint::hit_after("create-before-record", || {
                         let _ = self.inner.db.flush();
@@ -2026,6 +2521,14 @@ impl Store for SledStore {
         };
         // Even an existing run is synced before answering: its start may have been
         // acknowledged to nobody yet (a crash right after the first attempt's write).
+        if let Some(wal) = &self.inner.wal {
+            let id = match created {
+                Created::New(id) | Created::Existing(id) => id,
+            };
+            let end = logged_end.unwrap_or_else(|| wal.end());
+            self.finish_logged(wal, end, id, &hidden).await?;
+            return Ok(created);
+        }
         self.inner.flusher.wait().await?;
         self.deliverable(&hidden);
         self.bump();
@@ -2038,7 +2541,7 @@ impl Store for SledStore {
         let lease = append.lease;
         // Encoded here, outside the lock, against the summary the run's mark keeps or
         // the stored one.
-        let kept = self.kept_summary(run);
+        let kept = self.kept_for_commit(run);
         let seen = match kept {
             Some(_) => None,
             None => self.inner.trees.runs.get(run.as_bytes())?,
@@ -2051,13 +2554,18 @@ impl Store for SledStore {
         let prepared = codec::prepare_append(current, append, self.inner.options.max_event_bytes)?;
         let (current, codec::Encoded { mut records, events }) = match prepared {
             Ok(p) => p,
-            Err(conflict) => return Ok(Err(conflict)),
+            Err(conflict) => {
+                self.settle_logged(run).await?;
+                return Ok(Err(conflict));
+            }
         };
         let trees = &self.inner.trees;
-        let hidden;
-        let outcome = {
+        let mut hidden = Vec::new();
+        // With the log: where the log must be synced to before the commit is written.
+        let mut logged_end = None;
+        let outcome = 'commit: {
             let _run = self.run_lock(run);
-            let mut summary = match self.kept_summary(run) {
+            let mut summary = match self.kept_for_commit(run) {
                 Some(kept) => kept,
                 None => {
                     let Some(old_bytes) = trees.runs.get(run.as_bytes())? else {
@@ -2072,11 +2580,11 @@ impl Store for SledStore {
                 }
             };
             if summary.next_seq != expected || summary.head != current.head {
-                return Ok(Err(AppendConflict {
+                break 'commit Err(AppendConflict {
                     run,
                     expected,
                     found: summary.next_seq,
-                }));
+                });
             }
             if summary.status.is_terminal() {
                 return Err(Error::RunEnded(run));
@@ -2117,6 +2625,27 @@ impl Store for SledStore {
             } else {
                 events.iter().map(|(e, _)| e.seq).zip(records).collect()
             };
+            if let Some(wal) = &self.inner.wal {
+                // Logged now, written to sled once the log has synced it.
+                let mut notes = Vec::new();
+                hidden = w.notifications(run, &mut changes, Some(&mut notes))?;
+                let next = summary.next_seq;
+                let logged = Logged {
+                    lsn: 0,
+                    end: 0,
+                    values,
+                    notes,
+                    start: None,
+                    summary: summary.clone(),
+                    commit_from,
+                    changes,
+                };
+                logged_end = Some(self.log_commit(wal, run, next, logged)?);
+                break 'commit Ok(Appended {
+                    next: summary.next_seq,
+                    head: summary.head,
+                });
+            }
             let last = values.len().checked_sub(1);
             for (i, (seq, value)) in values.into_iter().enumerate() {
                 if i > 0 {
@@ -2146,11 +2675,22 @@ impl Store for SledStore {
                 // Nothing writes to an ended run again.
                 self.clear_dirty(run)?;
             }
-            Appended {
+            Ok(Appended {
                 next: summary.next_seq,
                 head: summary.head,
+            })
+        };
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(conflict) => {
+                self.settle_logged(run).await?;
+                return Ok(Err(conflict));
             }
         };
+        if let (Some(wal), Some(end)) = (&self.inner.wal, logged_end) {
+            self.finish_logged(wal, end, run, &hidden).await?;
+            return Ok(Ok(outcome));
+        }
         crate::failpoint::hit("append-before-flush");
         // A failed flush leaves the commit's notifications hidden: recovery decides on
         // the next open whether the commit happened.
@@ -2379,6 +2919,17 @@ impl Store for SledStore {
             if !self.state().leased(run, lease.token) {
                 return Err(Error::LeaseLost(run));
             }
+            // With the log: the commits it has synced go to sled first, and those still
+            // waiting for it (a decision, say) will write their summaries parked too.
+            self.apply_logged_locked(run)?;
+            if let Some(m) = lock(&self.inner.dirty).get_mut(&run) {
+                for logged in m.pending.iter_mut() {
+                    park(&mut logged.summary, &reason);
+                }
+                if let Some(latest) = m.latest.as_mut() {
+                    park(&mut latest.0, &reason);
+                }
+            }
             let Some(mut summary) = self.summary_now(run)? else {
                 return Err(Error::UnknownRun(run));
             };
@@ -2526,6 +3077,114 @@ impl Store for SledStore {
     fn max_event_bytes(&self) -> usize {
         self.inner.options.max_event_bytes
     }
+}
+
+/// A commit as the log holds it (see [`encode_logged`]).
+struct LoggedRecord {
+    run: RunId,
+    from: Seq,
+    to: Seq,
+    values: Vec<(Seq, Vec<u8>)>,
+    notes: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The kind byte of a commit's log record.
+const LOGGED_COMMIT: u8 = 1;
+
+/// A commit's log record: kind (1), run (16), first seq and end (8 each), its values
+/// (count (4), then seq (8), length (4) and bytes each, as stored in `events`) and its
+/// outbox entries (count (4), then key length (4), key, value length (4), value each);
+/// big endian.
+fn encode_logged(
+    run: RunId,
+    from: Seq,
+    to: Seq,
+    values: &[(Seq, Vec<u8>)],
+    notes: &[(Vec<u8>, Vec<u8>)],
+) -> Vec<u8> {
+    let size = 41
+        + values.iter().map(|(_, v)| 12 + v.len()).sum::<usize>()
+        + 4
+        + notes.iter().map(|(k, v)| 8 + k.len() + v.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.push(LOGGED_COMMIT);
+    out.extend_from_slice(run.as_bytes());
+    out.extend_from_slice(&from.0.to_be_bytes());
+    out.extend_from_slice(&to.0.to_be_bytes());
+    out.extend_from_slice(&(values.len() as u32).to_be_bytes());
+    for (seq, value) in values {
+        out.extend_from_slice(&seq.0.to_be_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        out.extend_from_slice(value);
+    }
+    out.extend_from_slice(&(notes.len() as u32).to_be_bytes());
+    for (key, value) in notes {
+        out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        out.extend_from_slice(key);
+        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        out.extend_from_slice(value);
+    }
+    out
+}
+
+/// Reads a commit's log record back ([`encode_logged`]). The log checked its checksum,
+/// so a record that does not parse was written by something else: an error.
+fn decode_logged(lsn: Lsn, payload: &[u8]) -> Result<LoggedRecord> {
+    struct Reader<'a>(&'a [u8], Lsn);
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+            if self.0.len() < n {
+                return Err(Error::Storage(format!(
+                    "the write-ahead log's record at LSN {} is malformed",
+                    self.1
+                )));
+            }
+            let (head, rest) = self.0.split_at(n);
+            self.0 = rest;
+            Ok(head)
+        }
+        fn u32(&mut self) -> Result<u32> {
+            Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap_or_default()))
+        }
+        fn u64(&mut self) -> Result<u64> {
+            Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap_or_default()))
+        }
+        fn bytes(&mut self) -> Result<Vec<u8>> {
+            let n = self.u32()? as usize;
+            Ok(self.take(n)?.to_vec())
+        }
+    }
+    let mut r = Reader(payload, lsn);
+    if r.take(1)?[0] != LOGGED_COMMIT {
+        return Err(Error::Storage(format!(
+            "the write-ahead log's record at LSN {lsn} is of an unknown kind"
+        )));
+    }
+    let run = RunId::from_bytes(r.take(16)?.try_into().unwrap_or_default());
+    let from = Seq(r.u64()?);
+    let to = Seq(r.u64()?);
+    let mut values = Vec::new();
+    for _ in 0..r.u32()? {
+        let seq = Seq(r.u64()?);
+        values.push((seq, r.bytes()?));
+    }
+    let mut notes = Vec::new();
+    for _ in 0..r.u32()? {
+        let key = r.bytes()?;
+        notes.push((key, r.bytes()?));
+    }
+    if !r.0.is_empty() || from > to {
+        return Err(Error::Storage(format!(
+            "the write-ahead log's record at LSN {lsn} is malformed"
+        )));
+    }
+    Ok(LoggedRecord {
+        run,
+        from,
+        to,
+        values,
+        notes,
+    })
 }
 
 /// Group commit: appenders that finished their transaction wait here; one thread
