@@ -16,6 +16,12 @@
 //! disk, its `run-started` not yet: recovery must undo it), `create-before-indexes` (a
 //! creation's `run-started` written and handed to the disk, its summary only in memory,
 //! its idempotency key and index changes not yet: recovery must finish it).
+//! With the write-ahead log ([`crate::SledOptions::wal`]): `wal-before-apply` (a
+//! commit synced in the log, nothing of it in sled: the open must write it from the
+//! log), `wal-apply-before-indexes` (its records written to sled and flushed, its
+//! summary and index changes not: the open must finish it), `checkpoint-before-flush`
+//! and `checkpoint-before-remove` (a checkpoint before sled's flush, and after it but
+//! before the log's old segments go).
 
 #[cfg(feature = "failpoints")]
 mod imp {

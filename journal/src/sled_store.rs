@@ -89,6 +89,29 @@
 //! *intent* (the seq before and after, the reason), and intents left by earlier
 //! versions are still finished the same way.
 //!
+//! **With the write-ahead log** ([`SledOptions::wal`], off by default; a directory
+//! that has a log keeps it): a commit's records, outbox entries and idempotency key are
+//! appended to the log ([`crate::wal`]) under the run's commit lock and kept with the
+//! run's entry in memory (`Marked::pending`); once the log has synced it, whichever
+//! of the run's committers gets the lock first writes every synced commit of the run
+//! to sled in log order (records, notifications, key, then the summary kept and the
+//! index changes, as above), and only then is it acknowledged and readable. No dirty
+//! mark is written: the log's records past the last checkpoint name every run the
+//! open must finish. A commit that conflicts with one logged but not yet written waits
+//! for it first, so the caller's re-read finds it. A **checkpoint** (once the log has
+//! grown [`SledOptions::checkpoint_bytes`], and at open and close) takes the first LSN
+//! not yet written to sled (the log's end if none), writes every entry's summary and
+//! status key and the wake-ups only memory holds, stores the LSN in `meta` and flushes
+//! sled (sled recovers a prefix of its log, so a stored checkpoint comes with all
+//! written before it), then removes the segments before it. The **open** replays the
+//! log from the checkpoint: the records and outbox entries (with their queue ids:
+//! a delivered notification may go out again, at least once as before) are written
+//! again, and each run's summary and index changes are derived again from its journal
+//! from its first logged commit on, its status key written and the run made ready;
+//! every step is idempotent, so a crash during the open only repeats it. The mode
+//! exists for the store issue 6 needs; measured so far it is slower (ARCHITECTURE.md,
+//! "The write-ahead log, and the store it is for").
+//!
 //! **Leases** live in memory (sled allows one process per directory, so a lease dies
 //! with its process anyway). A claimed run keeps its wake-up until its release, so a
 //! run whose activation a crash interrupted is driven again after the restart.
