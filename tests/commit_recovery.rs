@@ -11,52 +11,17 @@
 
 use chrono::Utc;
 use holdpoint::journal::*;
-use serde_json::json;
 use std::path::Path;
-use std::process::Command;
 
 mod common;
 
-use common::{approve, gate_with};
+use common::{gate_with, queued, the_creation};
 
 const CHILD: &str = "HOLDPOINT_COMMIT_CHILD";
 
-/// The child: one run, a gate with a deadline, its decision, then two gates in one
-/// commit. The failpoint fires at the `n`-th commit that passes it.
+/// The child (see [`common::write_four_commits`]).
 async fn write_until_crash(dir: &Path) {
-    let store = open(dir);
-    let run = RunId::new();
-    store
-        .create_run(NewRun {
-            id: run,
-            started_by: None,
-            workflow: "pay".into(),
-            version: 1,
-            input: json!({}),
-            idempotency_key: Some("k1".into()),
-            at: Utc::now(),
-        })
-        .await
-        .unwrap();
-    let deadline = Utc::now() + chrono::Duration::hours(1);
-    for (expected, events) in [
-        (1, vec![gate_with(0, Some(deadline), Some("payments"))]),
-        (2, vec![approve(0, "alice")]),
-        (3, vec![gate_with(1, None, None), gate_with(2, None, None)]),
-    ] {
-        store
-            .append(Append {
-                run,
-                expected: Seq(expected),
-                at: Utc::now(),
-                events,
-                lease: None,
-            })
-            .await
-            .unwrap()
-            .unwrap();
-    }
-    println!("no crash");
+    common::write_four_commits(&open(dir)).await;
 }
 
 /// Set for a child that writes a commit's records under keys of their own, as builds
@@ -76,17 +41,6 @@ fn open(dir: &Path) -> SledStore {
     .unwrap()
 }
 
-/// The notifications queued, as `type@seq`.
-async fn queued(store: &SledStore) -> Vec<String> {
-    store
-        .outbox("ops", 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| format!("{}@{}", o.notification.kind.as_str(), o.notification.seq.0))
-        .collect()
-}
-
 /// Runs the test `test` as a child writing into `dir` until `point` aborts it at its
 /// `pass`-th pass.
 fn crash_at(dir: &Path, test: &str, point: &str, pass: u32) {
@@ -99,20 +53,8 @@ fn crash_unpacked_at(dir: &Path, test: &str, point: &str, pass: u32) {
 }
 
 fn crash_child(dir: &Path, test: &str, point: &str, pass: u32, packed: bool) {
-    let mut child = Command::new(std::env::current_exe().unwrap());
-    child
-        .args(["--exact", test, "--nocapture"])
-        .env(CHILD, dir)
-        .env("HOLDPOINT_FAILPOINT", format!("{point}:{pass}"));
-    if !packed {
-        child.env(UNPACKED, "1");
-    }
-    let out = child.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains(&format!("failpoint {point}")),
-        "the child was to abort at the failpoint: {stderr}"
-    );
+    let env: &[(&str, &str)] = if packed { &[] } else { &[(UNPACKED, "1")] };
+    common::crash_child(CHILD, dir, test, point, pass, env);
 }
 
 /// The one run in `store` and its journal's length, after checking the indexes.
@@ -200,19 +142,6 @@ async fn neither_gate_is_there(store: SledStore) {
         "the acknowledged commits' notifications, once each"
     );
     store.close().unwrap();
-}
-
-/// A creation with the run's idempotency key, as the child makes it.
-fn the_creation() -> NewRun {
-    NewRun {
-        id: RunId::new(),
-        started_by: None,
-        workflow: "pay".into(),
-        version: 1,
-        input: json!({}),
-        idempotency_key: Some("k1".into()),
-        at: Utc::now(),
-    }
 }
 
 #[tokio::test]

@@ -10,13 +10,11 @@
 
 use chrono::Utc;
 use holdpoint::journal::*;
-use serde_json::json;
 use std::path::Path;
-use std::process::Command;
 
 mod common;
 
-use common::{approve, gate_with};
+use common::{gate_with, queued, the_creation};
 
 const CHILD: &str = "HOLDPOINT_WAL_CHILD";
 /// Set for a child whose store checkpoints after every commit.
@@ -39,69 +37,14 @@ fn open(dir: &Path) -> SledStore {
     .unwrap()
 }
 
-fn the_creation() -> NewRun {
-    NewRun {
-        id: RunId::new(),
-        started_by: None,
-        workflow: "pay".into(),
-        version: 1,
-        input: json!({}),
-        idempotency_key: Some("k1".into()),
-        at: Utc::now(),
-    }
-}
-
-/// The child: one run, a gate with a deadline, its decision, then two gates in one
-/// commit: four commits.
+/// The child (see [`common::write_four_commits`]).
 async fn write_until_crash(dir: &Path) {
-    let store = open(dir);
-    let run = store.create_run(the_creation()).await.unwrap().run();
-    let deadline = Utc::now() + chrono::Duration::hours(1);
-    for (expected, events) in [
-        (1, vec![gate_with(0, Some(deadline), Some("payments"))]),
-        (2, vec![approve(0, "alice")]),
-        (3, vec![gate_with(1, None, None), gate_with(2, None, None)]),
-    ] {
-        store
-            .append(Append {
-                run,
-                expected: Seq(expected),
-                at: Utc::now(),
-                events,
-                lease: None,
-            })
-            .await
-            .unwrap()
-            .unwrap();
-    }
-    println!("no crash");
+    common::write_four_commits(&open(dir)).await;
 }
 
 fn crash_at(dir: &Path, test: &str, point: &str, pass: u32, every_commit: bool) {
-    let mut child = Command::new(std::env::current_exe().unwrap());
-    child
-        .args(["--exact", test, "--nocapture"])
-        .env(CHILD, dir)
-        .env("HOLDPOINT_FAILPOINT", format!("{point}:{pass}"));
-    if every_commit {
-        child.env(EVERY_COMMIT, "1");
-    }
-    let out = child.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains(&format!("failpoint {point}")),
-        "the child was to abort at the failpoint: {stderr}"
-    );
-}
-
-async fn queued(store: &SledStore) -> Vec<String> {
-    store
-        .outbox("ops", 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| format!("{}@{}", o.notification.kind.as_str(), o.notification.seq.0))
-        .collect()
+    let env: &[(&str, &str)] = if every_commit { &[(EVERY_COMMIT, "1")] } else { &[] };
+    common::crash_child(CHILD, dir, test, point, pass, env);
 }
 
 /// What the store holds once the child's first `commits` commits are durable: checked

@@ -331,9 +331,8 @@ struct Marked {
     /// one (recovery finds a commit's end by its last record, [`codec::ends_commit`]).
     /// With the log: the summary of the commits written to sled, what readers see.
     summary: Option<Box<(RunSummary, Seq)>>,
-    /// With the log: the summary after the last commit logged, while some are not
-    /// written to sled yet (what the next commit builds on), and those commits in order.
-    latest: Option<Box<(RunSummary, Seq)>>,
+    /// With the log: the commits logged and not yet written to sled, in order (the
+    /// last one's summary is what the next commit builds on).
     pending: std::collections::VecDeque<Logged>,
     /// Whether readers know the run: false for a logged creation not yet written.
     visible: bool,
@@ -620,11 +619,12 @@ impl SledStore {
                 checkpoint: Mutex::new(last_checkpoint),
             }),
         };
+        let spans = store.replay_logged(logged)?;
         store.open_outboxes()?;
         store.load_ready()?;
         store.finish_intents()?;
         store.finish_dirty()?;
-        store.redo_logged(logged)?;
+        store.redo_logged(spans)?;
         // What the log replayed is in sled now: a checkpoint, so a crash from here on
         // replays from the end.
         store.checkpoint()?;
@@ -640,31 +640,21 @@ impl SledStore {
     /// immediate reopen after a plain drop may see [`Error::Locked`]. `close` waits on
     /// that lock (a blocking `flock`, no polling). Fails if other clones are alive.
     pub fn close(self) -> Result<()> {
-        if self.inner.wal.is_some() {
-            if Arc::strong_count(&self.inner) > 1 {
-                return Err(Error::Storage(
-                    "cannot close the store: other handles to it are still alive".into(),
-                ));
-            }
-            // Everything the log holds goes to sled; the log restarts from its end.
-            self.checkpoint()?;
+        let still_held =
+            || Error::Storage("cannot close the store: other handles to it are still alive".into());
+        if Arc::strong_count(&self.inner) > 1 {
+            return Err(still_held());
         }
-        let inner = Arc::try_unwrap(self.inner).map_err(|_| {
-            Error::Storage("cannot close the store: other handles to it are still alive".into())
-        })?;
+        // With the log: everything it holds goes to sled; the log restarts from its end.
+        self.checkpoint()?;
+        let inner = Arc::try_unwrap(self.inner).map_err(|_| still_held())?;
         // The marks are about to go: store the wake-ups they covered first, and the
         // summaries and status keys their commits left.
-        {
-            let mut st = lock(&inner.state);
-            for (run, wake) in st.wake.iter_mut().filter(|(_, w)| !w.stored) {
-                inner.trees.ready.insert(ready_key(wake.ms, *run), &[])?;
-                wake.stored = true;
-            }
-        }
+        store_wakes(&inner)?;
         {
             let w = Writer::of(&inner);
             for (run, marked) in lock(&inner.dirty).iter().filter(|(_, m)| m.visible) {
-                write_marked(&w, *run, marked.stored, marked.status, marked.summary.as_deref())?;
+                write_marked(&w, *run, marked.prior(), marked.status, marked.summary.as_deref())?;
             }
         }
         // Every commit is whole (no other handle is alive): no run needs checking.
@@ -1196,15 +1186,12 @@ impl SledStore {
                     "journal damaged at seq {seq}, past the summary, found when recovering from a crash"
                 );
                 tracing::error!(%run, %seq, "{reason}");
-                let mut summary = match stored {
+                let summary = match stored {
                     Some(stored) => stored.summary,
                     // A creation kept in memory: its whole commits' fold.
                     None => self.summary_upto(run, end)?,
                 };
-                park(&mut summary, &reason);
-                let w = Writer::new(self);
-                w.put_summary(&summary, Prior::Unknown, summary.next_seq)?;
-                w.unschedule(run)?;
+                self.write_parked(summary, &reason)?;
                 trees.dirty.remove(run.as_bytes())?;
                 continue;
             }
@@ -1322,7 +1309,6 @@ impl SledStore {
             stored,
             status,
             summary: None,
-            latest: None,
             pending: Default::default(),
             // With the log, a creation is seen once it is written to sled.
             visible: stored.is_some() || self.inner.wal.is_none(),
@@ -1360,20 +1346,9 @@ impl SledStore {
     /// Removes `run`'s mark, once its commits so far are whole, after writing the summary
     /// and the status key its commits left in memory. Under its commit lock.
     fn clear_dirty(&self, run: RunId) -> Result<()> {
-        let Some((stored, status, summary, pending)) = lock(&self.inner.dirty)
-            .get(&run)
-            .map(|m| (m.stored, m.status, m.summary.clone(), !m.pending.is_empty()))
-        else {
-            return Ok(());
-        };
-        write_marked(&Writer::new(self), run, stored, status, summary.as_deref())?;
-        if pending {
-            // With the log: commits logged since wait to be written to sled; the entry
-            // stays for them, with what sled now holds.
-            if let Some(m) = lock(&self.inner.dirty).get_mut(&run) {
-                m.stored = Some(status);
-                m.summary = None;
-            }
+        // With the log, commits logged since may wait to be written to sled: the entry
+        // stays for them, with what sled now holds.
+        if self.write_kept(run)? != Some(false) {
             return Ok(());
         }
         lock(&self.inner.dirty).remove(&run);
@@ -1383,22 +1358,44 @@ impl SledStore {
         Ok(())
     }
 
+    /// Writes the summary and status key the entry of `run` keeps in memory (unless
+    /// readers do not know the run yet) and notes that sled holds them. Under its
+    /// commit lock. Returns whether logged commits still wait in the entry (`None`: no
+    /// entry, or one not visible).
+    fn write_kept(&self, run: RunId) -> Result<Option<bool>> {
+        let Some((prior, status, summary)) = lock(&self.inner.dirty)
+            .get(&run)
+            .filter(|m| m.visible)
+            .map(|m| (m.prior(), m.status, m.summary.clone()))
+        else {
+            return Ok(None);
+        };
+        write_marked(&Writer::new(self), run, prior, status, summary.as_deref())?;
+        let mut marks = lock(&self.inner.dirty);
+        let Some(m) = marks.get_mut(&run) else {
+            return Ok(Some(false));
+        };
+        m.stored = Some(status);
+        m.summary = None;
+        Ok(Some(!m.pending.is_empty()))
+    }
+
     /// The summary the next commit of `run` builds on, if its entry keeps one: that of
     /// its last logged commit, else the one readers see.
     fn kept_for_commit(&self, run: RunId) -> Option<RunSummary> {
         let marks = lock(&self.inner.dirty);
         let marked = marks.get(&run)?;
-        marked
-            .latest
-            .as_ref()
-            .or(marked.summary.as_ref())
-            .map(|kept| kept.0.clone())
+        match marked.pending.back() {
+            Some(logged) => Some(logged.summary.clone()),
+            None => marked.summary.as_ref().map(|kept| kept.0.clone()),
+        }
     }
 
-    /// Appends a commit of `run` (marked, under its commit lock) to the log and keeps it
+    /// Appends a commit of its run (marked, under its commit lock) to the log and keeps it
     /// in the run's entry until [`SledStore::apply_logged`] writes it to sled. Returns
     /// the log's end after it: the commit is durable once the log is synced that far.
-    fn log_commit(&self, wal: &Wal, run: RunId, to: Seq, mut logged: Logged) -> Result<Lsn> {
+    fn log_commit(&self, wal: &Wal, mut logged: Logged) -> Result<Lsn> {
+        let (run, to) = (logged.summary.id, logged.summary.next_seq);
         let payload = encode_logged(run, logged.commit_from, to, &logged.values, &logged.notes);
         let appended = {
             let mut unapplied = lock(&self.inner.unapplied);
@@ -1415,7 +1412,6 @@ impl SledStore {
         let marked = marks
             .get_mut(&run)
             .ok_or_else(|| Error::Storage(format!("run {run} has no entry for its logged commit")))?;
-        marked.latest = Some(Box::new((logged.summary.clone(), logged.commit_from)));
         marked.pending.push_back(logged);
         Ok(appended.end)
     }
@@ -1497,15 +1493,7 @@ impl SledStore {
             self.keep_summary(&w, &logged.summary, logged.commit_from)?;
             w.apply_changes(&logged.summary, logged.changes)?;
             lock(&self.inner.unapplied).remove(&logged.lsn);
-            let rest = match lock(&self.inner.dirty).get_mut(&run) {
-                Some(m) => {
-                    if m.pending.is_empty() {
-                        m.latest = None;
-                    }
-                    m.pending.len()
-                }
-                None => 0,
-            };
+            let rest = lock(&self.inner.dirty).get(&run).map_or(0, |m| m.pending.len());
             if rest == 0 && logged.summary.status.is_terminal() {
                 // Nothing writes to an ended run again.
                 self.clear_dirty(run)?;
@@ -1552,29 +1540,12 @@ impl SledStore {
         // keys, then the wake-ups only memory holds. A commit after `at` may have
         // changed them already; the log replays it anyway.
         let runs: Vec<RunId> = lock(&self.inner.dirty).keys().copied().collect();
-        let w = Writer::new(self);
         for run in runs {
             let _run = self.run_lock(run);
             self.apply_logged_locked(run)?;
-            let kept = lock(&self.inner.dirty)
-                .get(&run)
-                .filter(|m| m.visible)
-                .map(|m| (m.stored, m.status, m.summary.clone()));
-            if let Some((stored, status, summary)) = kept {
-                write_marked(&w, run, stored, status, summary.as_deref())?;
-                if let Some(m) = lock(&self.inner.dirty).get_mut(&run) {
-                    m.stored = Some(status);
-                    m.summary = None;
-                }
-            }
+            self.write_kept(run)?;
         }
-        {
-            let mut st = self.state();
-            for (run, wake) in st.wake.iter_mut().filter(|(_, w)| !w.stored) {
-                self.inner.trees.ready.insert(ready_key(wake.ms, *run), &[])?;
-                wake.stored = true;
-            }
-        }
+        store_wakes(&self.inner)?;
         crate::failpoint::hit("checkpoint-before-flush");
         // Written last and flushed with the rest: sled recovers a prefix of its log, so
         // a checkpoint it recovers comes with everything written before it.
@@ -1586,21 +1557,18 @@ impl SledStore {
         Ok(())
     }
 
-    /// Writes to sled every commit the log holds past the checkpoint (the open's
-    /// recovery): their records, notifications and idempotency keys, then, for each
-    /// run, the summary and index changes derived again from its journal (as
-    /// `finish_intent` does for one commit), its status key, and a wake-up at once.
-    fn redo_logged(&self, logged: Vec<LoggedRecord>) -> Result<()> {
-        if logged.is_empty() {
-            return Ok(());
-        }
+    /// Writes to sled what every commit the log holds past the checkpoint stored: its
+    /// records and its outbox entries (of every endpoint: [`SledStore::open_outboxes`],
+    /// which runs next, drops those no longer named and seeds the queue ids past the
+    /// rest). Returns each run's span, in the order the log first names them, for
+    /// [`SledStore::redo_logged`].
+    fn replay_logged(&self, logged: Vec<LoggedRecord>) -> Result<LoggedSpans> {
         let trees = &self.inner.trees;
-        let named = &self.inner.options.outbox_endpoints;
-        let mut order = Vec::new();
-        // run -> (first commit's from, last commit's from, end)
-        let mut spans: HashMap<RunId, (Seq, Seq, Seq)> = HashMap::new();
-        let mut next_id = 0u64;
-        let commits = logged.len();
+        let mut spans = LoggedSpans {
+            commits: logged.len(),
+            ..LoggedSpans::default()
+        };
+        let mut index: HashMap<RunId, usize> = HashMap::new();
         for commit in logged {
             for (seq, value) in &commit.values {
                 trees
@@ -1608,49 +1576,55 @@ impl SledStore {
                     .insert(codec::record_key(commit.run, *seq), value.as_slice())?;
             }
             for (key, value) in &commit.notes {
-                let endpoint = key.split(|b| *b == 0).next().unwrap_or_default();
-                if named.iter().any(|n| n.as_bytes() == endpoint) {
-                    trees.outbox.insert(key.as_slice(), value.as_slice())?;
-                    if let Some(id) = key.len().checked_sub(8).and_then(|at| key.get(at..)) {
-                        let id = u64::from_be_bytes(id.try_into().unwrap_or([0; 8]));
-                        next_id = next_id.max(id.saturating_add(1));
-                    }
+                trees.outbox.insert(key.as_slice(), value.as_slice())?;
+            }
+            // A run's commits are logged in seq order: the last one logged ends its span.
+            match index.get(&commit.run) {
+                Some(&i) => (spans.runs[i].2, spans.runs[i].3) = (commit.from, commit.to),
+                None => {
+                    index.insert(commit.run, spans.runs.len());
+                    spans.runs.push((commit.run, commit.from, commit.from, commit.to));
                 }
             }
-            let span = spans.entry(commit.run).or_insert_with(|| {
-                order.push(commit.run);
-                (commit.from, commit.from, commit.to)
-            });
-            span.1 = commit.from;
-            span.2 = commit.to;
         }
-        {
-            let mut ids = lock(&self.inner.outbox_ids);
-            ids.next = ids.next.max(next_id);
+        Ok(spans)
+    }
+
+    /// For each run the log named past the checkpoint ([`SledStore::replay_logged`]):
+    /// its summary and index changes derived again from its journal (as `finish_intent`
+    /// does for one commit), its status key, and a wake-up at once. A run whose journal
+    /// does not verify is parked.
+    fn redo_logged(&self, spans: LoggedSpans) -> Result<()> {
+        if spans.runs.is_empty() {
+            return Ok(());
         }
         let mut damaged = 0usize;
-        for run in &order {
-            let (from, last_from, to) = spans[run];
-            if let Err(e) = self.redo_run(*run, from, last_from, to) {
+        for &(run, from, last_from, to) in &spans.runs {
+            if let Err(e) = self.redo_run(run, from, last_from, to) {
                 damaged += 1;
                 let reason = format!("journal damaged, found when replaying the write-ahead log: {e}");
                 tracing::error!(%run, "{reason}");
-                if let Some(bytes) = trees.runs.get(run.as_bytes())? {
-                    let mut summary = decode_summary(*run, &bytes)?;
-                    park(&mut summary, &reason);
-                    let w = Writer::new(self);
-                    w.put_summary(&summary, Prior::Unknown, summary.next_seq)?;
-                    w.unschedule(*run)?;
+                if let Some(bytes) = self.inner.trees.runs.get(run.as_bytes())? {
+                    self.write_parked(decode_summary(run, &bytes)?, &reason)?;
                 }
             }
         }
         tracing::info!(
-            commits,
-            runs = order.len(),
+            commits = spans.commits,
+            runs = spans.runs.len(),
             damaged,
             "replayed the write-ahead log past the last checkpoint"
         );
         Ok(())
+    }
+
+    /// Parks `summary`'s run for an operator: the summary written parked, with its
+    /// status key, and the run taken off the ready queue.
+    fn write_parked(&self, mut summary: RunSummary, reason: &str) -> Result<()> {
+        park(&mut summary, reason);
+        let w = Writer::new(self);
+        w.put_summary(&summary, Prior::Unknown, summary.next_seq)?;
+        w.unschedule(summary.id)
     }
 
     /// Derives the summary and index changes of `run`'s commits from `from` to `to`
@@ -1661,12 +1635,10 @@ impl SledStore {
             _ => Some(self.summary_upto(run, from)?),
         };
         let records = self.contiguous_records(run, from, Some(to))?;
-        let mut prev = old.as_ref().map_or(ChainHash::GENESIS, |s| s.head);
-        let mut events = Vec::with_capacity(records.len());
-        for (i, record) in records.iter().enumerate() {
-            let (event, head) = codec::decode(run, Seq(from.0 + i as u64), record, &prev)?;
-            prev = head;
-            events.push((event, head));
+        let head = old.as_ref().map_or(ChainHash::GENESIS, |s| s.head);
+        let (events, bad) = decode_from(run, from, head, &records);
+        if let Some(e) = bad {
+            return Err(e);
         }
         if (events.len() as u64) < to.0 - from.0 {
             return Err(Error::Corrupt {
@@ -1675,6 +1647,27 @@ impl SledStore {
                 reason: "a logged event is missing".into(),
             });
         }
+        // Their notifications came back from the log with their queue ids.
+        self.rederive(run, old, &events, &records, Requeue::No, None, last_from)?;
+        self.make_ready_at_once(run)
+    }
+
+    /// Writes again what the events `events` (the run's from `old` on, decoded from
+    /// `records`) derive, for commits recovery finishes: a creation's idempotency key
+    /// (with no `old`), the summary of commits whose last began at `commit_from` (parked
+    /// with `stuck`, and then off the ready queue), its status key, and the index
+    /// changes, their notifications only with [`Requeue::Yes`].
+    #[allow(clippy::too_many_arguments)]
+    fn rederive(
+        &self,
+        run: RunId,
+        old: Option<RunSummary>,
+        events: &[(Event, ChainHash)],
+        records: &[sled::IVec],
+        requeue: Requeue,
+        stuck: Option<&str>,
+        commit_from: Seq,
+    ) -> Result<()> {
         if let (None, Some((first, _))) = (&old, events.first()) {
             let new = new_run_from(first)?;
             if let Some(key) = &new.idempotency_key {
@@ -1683,15 +1676,22 @@ impl SledStore {
                 self.inner.trees.starts.insert(key.as_bytes(), v)?;
             }
         }
-        let Some((summary, mut changes)) = fold_records(old, &events, &records)? else {
+        let Some((mut summary, mut changes)) = fold_records(old, events, records)? else {
             return Ok(());
         };
-        // Their notifications came back from the log with their queue ids.
-        changes.retain(|c| !matches!(c, IndexChange::Notify(_)));
+        if let Requeue::No = requeue {
+            changes.retain(|c| !matches!(c, IndexChange::Notify(_)));
+        }
+        if let Some(reason) = stuck {
+            park(&mut summary, reason);
+        }
         let w = Writer::new(self);
-        w.put_summary(&summary, Prior::Unknown, last_from)?;
+        w.put_summary(&summary, Prior::Unknown, commit_from)?;
         w.apply_changes(&summary, changes)?;
-        self.make_ready_at_once(run)
+        if stuck.is_some() {
+            w.unschedule(run)?;
+        }
+        Ok(())
     }
 
     /// A run's stored events below `upto` (all of them with `None`), each verified from
@@ -1706,12 +1706,9 @@ impl SledStore {
                 reason: "event is missing".into(),
             });
         }
-        let mut prev = ChainHash::GENESIS;
-        let mut events = Vec::with_capacity(records.len());
-        for (i, record) in records.iter().enumerate() {
-            let (event, head) = codec::decode(run, Seq(i as u64), record, &prev)?;
-            prev = head;
-            events.push((event, head));
+        let (events, bad) = decode_from(run, Seq::ZERO, ChainHash::GENESIS, &records);
+        if let Some(e) = bad {
+            return Err(e);
         }
         Ok((events, records))
     }
@@ -1746,19 +1743,10 @@ impl SledStore {
         let records = self.contiguous_records(run, from, Some(intent.target))?;
         // Decoded again (their hashes chain from the old head); a record that does not
         // decode counts as missing.
-        let mut prev = old.as_ref().map_or(ChainHash::GENESIS, |s| s.head);
-        let mut events = Vec::new();
-        for (i, record) in records.iter().enumerate() {
-            match codec::decode(run, Seq(from.0 + i as u64), record, &prev) {
-                Ok((event, head)) => {
-                    prev = head;
-                    events.push((event, head));
-                }
-                Err(e) => {
-                    tracing::error!(%run, error = %e, "an unacknowledged commit does not decode");
-                    break;
-                }
-            }
+        let head = old.as_ref().map_or(ChainHash::GENESIS, |s| s.head);
+        let (events, bad) = decode_from(run, from, head, &records);
+        if let Some(e) = bad {
+            tracing::error!(%run, error = %e, "an unacknowledged commit does not decode");
         }
         let w = Writer::new(self);
         if (events.len() as u64) < intent.target.0 - from.0 {
@@ -1785,28 +1773,15 @@ impl SledStore {
             return Ok(Finished::Undone);
         }
         // Complete: derive the summary and the index changes again and write them.
-        if let (None, Some((first, _))) = (&old, events.first()) {
-            let new = new_run_from(first)?;
-            if let Some(key) = &new.idempotency_key {
-                let mut v = run.as_bytes().to_vec();
-                v.extend_from_slice(&new.request_hash()?);
-                trees.starts.insert(key.as_bytes(), v)?;
-            }
-        }
-        let Some((mut summary, mut changes)) = fold_records(old, &events, &records)? else {
-            return Ok(Finished::Done);
-        };
-        if let Requeue::No = requeue {
-            changes.retain(|c| !matches!(c, IndexChange::Notify(_)));
-        }
-        if let Some(reason) = &intent.stuck {
-            park(&mut summary, reason);
-        }
-        w.put_summary(&summary, Prior::Unknown, from)?;
-        w.apply_changes(&summary, changes)?;
-        if intent.stuck.is_some() {
-            w.unschedule(run)?;
-        }
+        self.rederive(
+            run,
+            old,
+            &events,
+            &records,
+            requeue,
+            intent.stuck.as_deref(),
+            from,
+        )?;
         Ok(Finished::Done)
     }
 
@@ -2320,14 +2295,46 @@ impl<'a> Writer<'a> {
 fn write_marked(
     w: &Writer<'_>,
     run: RunId,
-    stored: Option<RunStatus>,
+    prior: Prior,
     status: RunStatus,
     summary: Option<&(RunSummary, Seq)>,
 ) -> Result<()> {
     if let Some(kept) = summary {
         w.put_summary_only(&kept.0, kept.1)?;
     }
-    w.put_status(run, status, stored.map_or(Prior::Nothing, Prior::Was))
+    w.put_status(run, status, prior)
+}
+
+/// The events of `records` (the run's from `from` on), decoded and chained from the
+/// hash `prev`, up to the first that does not decode, with its error.
+fn decode_from(
+    run: RunId,
+    from: Seq,
+    mut prev: ChainHash,
+    records: &[sled::IVec],
+) -> (Vec<(Event, ChainHash)>, Option<Error>) {
+    let mut events = Vec::with_capacity(records.len());
+    for (i, record) in records.iter().enumerate() {
+        match codec::decode(run, Seq(from.0 + i as u64), record, &prev) {
+            Ok((event, head)) => {
+                prev = head;
+                events.push((event, head));
+            }
+            Err(e) => return (events, Some(e)),
+        }
+    }
+    (events, None)
+}
+
+/// Writes to the `ready` tree every wake-up only memory holds (those a run's entry
+/// covered), before what covered them goes: a close, or a checkpoint.
+fn store_wakes(inner: &Inner) -> Result<()> {
+    let mut st = lock(&inner.state);
+    for (run, wake) in st.wake.iter_mut().filter(|(_, w)| !w.stored) {
+        inner.trees.ready.insert(ready_key(wake.ms, *run), &[])?;
+        wake.stored = true;
+    }
+    Ok(())
 }
 
 /// Sets the run's one wake-up (earlier or later than before), or removes it. With
@@ -2514,7 +2521,7 @@ impl Store for SledStore {
                             commit_from: Seq::ZERO,
                             changes,
                         };
-                        logged_end = Some(self.log_commit(wal, run.id, Seq(1), logged)?);
+                        logged_end = Some(self.log_commit(wal, logged)?);
                         break 'created Created::New(run.id);
                     }
                     hidden = w.queue_notifications(run.id, &mut changes)?;
@@ -2652,7 +2659,6 @@ impl Store for SledStore {
                 // Logged now, written to sled once the log has synced it.
                 let mut notes = Vec::new();
                 hidden = w.notifications(run, &mut changes, Some(&mut notes))?;
-                let next = summary.next_seq;
                 let logged = Logged {
                     lsn: 0,
                     end: 0,
@@ -2663,7 +2669,7 @@ impl Store for SledStore {
                     commit_from,
                     changes,
                 };
-                logged_end = Some(self.log_commit(wal, run, next, logged)?);
+                logged_end = Some(self.log_commit(wal, logged)?);
                 break 'commit Ok(Appended {
                     next: summary.next_seq,
                     head: summary.head,
@@ -2949,9 +2955,6 @@ impl Store for SledStore {
                 for logged in m.pending.iter_mut() {
                     park(&mut logged.summary, &reason);
                 }
-                if let Some(latest) = m.latest.as_mut() {
-                    park(&mut latest.0, &reason);
-                }
             }
             let Some(mut summary) = self.summary_now(run)? else {
                 return Err(Error::UnknownRun(run));
@@ -3102,6 +3105,15 @@ impl Store for SledStore {
     }
 }
 
+/// What the open's replay of the log found: how many commits, and each run's span
+/// (run, first commit's first seq, last commit's first seq, end), in the order the log
+/// first names the runs.
+#[derive(Default)]
+struct LoggedSpans {
+    commits: usize,
+    runs: Vec<(RunId, Seq, Seq, Seq)>,
+}
+
 /// A commit as the log holds it (see [`encode_logged`]).
 struct LoggedRecord {
     run: RunId,
@@ -3153,61 +3165,40 @@ fn encode_logged(
 /// Reads a commit's log record back ([`encode_logged`]). The log checked its checksum,
 /// so a record that does not parse was written by something else: an error.
 fn decode_logged(lsn: Lsn, payload: &[u8]) -> Result<LoggedRecord> {
-    struct Reader<'a>(&'a [u8], Lsn);
-    impl<'a> Reader<'a> {
-        fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-            if self.0.len() < n {
-                return Err(Error::Storage(format!(
-                    "the write-ahead log's record at LSN {} is malformed",
-                    self.1
-                )));
-            }
-            let (head, rest) = self.0.split_at(n);
-            self.0 = rest;
-            Ok(head)
-        }
-        fn u32(&mut self) -> Result<u32> {
-            Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap_or_default()))
-        }
-        fn u64(&mut self) -> Result<u64> {
-            Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap_or_default()))
-        }
-        fn bytes(&mut self) -> Result<Vec<u8>> {
-            let n = self.u32()? as usize;
-            Ok(self.take(n)?.to_vec())
-        }
-    }
-    let mut r = Reader(payload, lsn);
-    if r.take(1)?[0] != LOGGED_COMMIT {
+    let mut r = crate::stored_summary::Reader::new(payload);
+    if r.take::<1>() != Some([LOGGED_COMMIT]) {
         return Err(Error::Storage(format!(
             "the write-ahead log's record at LSN {lsn} is of an unknown kind"
         )));
     }
-    let run = RunId::from_bytes(r.take(16)?.try_into().unwrap_or_default());
-    let from = Seq(r.u64()?);
-    let to = Seq(r.u64()?);
-    let mut values = Vec::new();
-    for _ in 0..r.u32()? {
-        let seq = Seq(r.u64()?);
-        values.push((seq, r.bytes()?));
-    }
-    let mut notes = Vec::new();
-    for _ in 0..r.u32()? {
-        let key = r.bytes()?;
-        notes.push((key, r.bytes()?));
-    }
-    if !r.0.is_empty() || from > to {
-        return Err(Error::Storage(format!(
-            "the write-ahead log's record at LSN {lsn} is malformed"
-        )));
-    }
-    Ok(LoggedRecord {
-        run,
-        from,
-        to,
-        values,
-        notes,
-    })
+    let u32 = |r: &mut crate::stored_summary::Reader<'_>| r.take().map(u32::from_be_bytes);
+    let u64 = |r: &mut crate::stored_summary::Reader<'_>| r.take().map(u64::from_be_bytes);
+    let bytes = |r: &mut crate::stored_summary::Reader<'_>| {
+        let n = u32(r)? as usize;
+        r.slice(n).map(<[u8]>::to_vec)
+    };
+    let parsed = (|| {
+        let run = RunId::from_bytes(r.take()?);
+        let (from, to) = (Seq(u64(&mut r)?), Seq(u64(&mut r)?));
+        let mut values = Vec::new();
+        for _ in 0..u32(&mut r)? {
+            let seq = Seq(u64(&mut r)?);
+            values.push((seq, bytes(&mut r)?));
+        }
+        let mut notes = Vec::new();
+        for _ in 0..u32(&mut r)? {
+            let key = bytes(&mut r)?;
+            notes.push((key, bytes(&mut r)?));
+        }
+        (r.is_done() && from <= to).then_some(LoggedRecord {
+            run,
+            from,
+            to,
+            values,
+            notes,
+        })
+    })();
+    parsed.ok_or_else(|| Error::Storage(format!("the write-ahead log's record at LSN {lsn} is malformed")))
 }
 
 /// Group commit: appenders that finished their transaction wait here; one thread

@@ -200,20 +200,31 @@ pub fn decode_stored(run: RunId, bytes: &[u8]) -> Result<Stored> {
     Ok(Stored { summary, commit_from })
 }
 
-struct Reader<'a> {
+/// Reads fixed-size fields off the front of a byte string (also the sled store's log
+/// records).
+pub(crate) struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn slice(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Reader<'a> {
+        Reader { bytes, at: 0 }
+    }
+
+    pub(crate) fn slice(&mut self, n: usize) -> Option<&'a [u8]> {
         let s = self.bytes.get(self.at..self.at.checked_add(n)?)?;
         self.at += n;
         Some(s)
     }
 
-    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+    pub(crate) fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.slice(N)?.try_into().ok()
+    }
+
+    /// Whether every byte was read.
+    pub(crate) fn is_done(&self) -> bool {
+        self.at == self.bytes.len()
     }
 
     fn time(&mut self) -> Option<DateTime<Utc>> {

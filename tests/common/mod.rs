@@ -286,3 +286,80 @@ pub fn approve(p: u32, by: &str) -> EventKind {
         request_hash: None,
     }
 }
+
+/// The creation the crash tests' child makes (`commit_recovery`, `wal_recovery`): a run
+/// of `pay` with the idempotency key `k1`.
+pub fn the_creation() -> holdpoint::journal::NewRun {
+    holdpoint::journal::NewRun {
+        id: holdpoint::journal::RunId::new(),
+        started_by: None,
+        workflow: "pay".into(),
+        version: 1,
+        input: json!({}),
+        idempotency_key: Some("k1".into()),
+        at: chrono::Utc::now(),
+    }
+}
+
+/// The crash tests' child: one run ([`the_creation`]), a gate with a deadline under
+/// the rule `payments`, its decision, then two gates in one commit: four commits. A
+/// failpoint stops it at the `n`-th commit that passes it.
+pub async fn write_four_commits(store: &SledStore) {
+    use holdpoint::journal::{Append, Seq, Store};
+    let run = store.create_run(the_creation()).await.unwrap().run();
+    let deadline = chrono::Utc::now() + chrono::Duration::hours(1);
+    for (expected, events) in [
+        (1, vec![gate_with(0, Some(deadline), Some("payments"))]),
+        (2, vec![approve(0, "alice")]),
+        (3, vec![gate_with(1, None, None), gate_with(2, None, None)]),
+    ] {
+        store
+            .append(Append {
+                run,
+                expected: Seq(expected),
+                at: chrono::Utc::now(),
+                events,
+                lease: None,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    println!("no crash");
+}
+
+/// Runs the test `test` of this binary as a child (`dir` in its environment as
+/// `child_var`, and `env`) until the failpoint `point` aborts it at its `pass`-th pass.
+pub fn crash_child(
+    child_var: &str,
+    dir: &std::path::Path,
+    test: &str,
+    point: &str,
+    pass: u32,
+    env: &[(&str, &str)],
+) {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args(["--exact", test, "--nocapture"])
+        .env(child_var, dir)
+        .env("HOLDPOINT_FAILPOINT", format!("{point}:{pass}"))
+        .envs(env.iter().copied());
+    let out = child.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(&format!("failpoint {point}")),
+        "the child was to abort at the failpoint: {stderr}"
+    );
+}
+
+/// The notifications queued for the endpoint `ops`, as `type@seq`.
+pub async fn queued(store: &SledStore) -> Vec<String> {
+    use holdpoint::journal::Store;
+    store
+        .outbox("ops", 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| format!("{}@{}", o.notification.kind.as_str(), o.notification.seq.0))
+        .collect()
+}
