@@ -212,8 +212,10 @@ pub fn end_commit(run: RunId, seq: Seq, record: &mut [u8]) {
     record[1..5].copy_from_slice(&crc.to_be_bytes());
 }
 
-/// A store value holding a whole commit of several records (the sled store's layout
-/// since 2026-12-07): this byte, then each record (formats 2 and 3, as stored alone)
+/// A store value holding whole commits of several records in all (the sled store's
+/// layout since 2026-12-07: one commit's; with its write-ahead log, since 2026-12-07
+/// too, those of an activation, each commit's last record in format 3): this byte,
+/// then each record (formats 2 and 3, as stored alone)
 /// preceded by its length (u32, big-endian). It is kept under the key of its first
 /// record; the records' seqs follow on from there, and each record's checksum and chain
 /// hash cover its own place as if it were stored alone. A value that begins with any
@@ -226,10 +228,19 @@ pub fn pack(mut records: Vec<Vec<u8>>) -> Vec<u8> {
     if records.len() == 1 {
         return records.pop().unwrap_or_default();
     }
-    let len = 1 + records.iter().map(|r| 4 + r.len()).sum::<usize>();
+    pack_all(&records)
+}
+
+/// [`pack`] for records held elsewhere: the value that stores them, copied once. The
+/// records of several commits may share a value (the last of each ends its commit).
+pub fn pack_all<R: AsRef<[u8]>>(records: &[R]) -> Vec<u8> {
+    if let [one] = records {
+        return one.as_ref().to_vec();
+    }
+    let len = 1 + records.iter().map(|r| 4 + r.as_ref().len()).sum::<usize>();
     let mut out = Vec::with_capacity(len);
     out.push(RECORD_FORMAT_PACKED);
-    for record in &records {
+    for record in records.iter().map(AsRef::as_ref) {
         // Records are capped far below 4 GiB (`max_event_bytes`).
         out.extend_from_slice(&u32::try_from(record.len()).unwrap_or(u32::MAX).to_be_bytes());
         out.extend_from_slice(record);

@@ -94,8 +94,14 @@
 //! appended to the log ([`crate::wal`]) under the run's commit lock and kept with the
 //! run's entry in memory (`Marked::pending`); once the log has synced it, whichever
 //! of the run's committers gets the lock first writes every synced commit of the run
-//! to sled in log order (records, notifications, key, then the summary kept and the
-//! index changes, as above), and only then is it acknowledged and readable. No dirty
+//! to sled in log order (notifications, key, then the summary kept and the index
+//! changes, as above), and only then is it acknowledged and readable. Its records are
+//! not written then but *held* with the entry (`Marked::held`), where readers take them
+//! (`read_to` and `records_between` read sled up to the first held seq, then the held
+//! records), and stored as one value, the records of the run's creation or decision and
+//! of its whole activation together, when the entry's summary is written (a release,
+//! the run's end, a checkpoint, `close`, `mark_stuck`, past `kept_summaries`) or once
+//! they pass [`HOLD_BYTES`]: a standard run stores its journal in two values. No dirty
 //! mark is written: the log's records past the last checkpoint name every run the
 //! open must finish. A commit that conflicts with one logged but not yet written waits
 //! for it first, so the caller's re-read finds it. A **checkpoint** (once the log has
@@ -103,8 +109,11 @@
 //! not yet written to sled (the log's end if none), writes every entry's summary and
 //! status key and the wake-ups only memory holds, stores the LSN in `meta` and flushes
 //! sled (sled recovers a prefix of its log, so a stored checkpoint comes with all
-//! written before it), then removes the segments before it. The **open** replays the
-//! log from the checkpoint: the records and outbox entries (with their queue ids:
+//! written before it), then removes the segments before it. The records it stores
+//! may include a commit logged past its LSN (one synced while the checkpoint ran). The
+//! **open** replays the log from the checkpoint: the records (a stored value that began
+//! before a run's first logged commit is first cut back to the records before it, so
+//! none is stored twice) and outbox entries (with their queue ids:
 //! a delivered notification may go out again, at least once as before) are written
 //! again, and each run's summary and index changes are derived again from its journal
 //! from its first logged commit on, its status key written and the run made ready;
@@ -336,6 +345,11 @@ struct Marked {
     pending: std::collections::VecDeque<Logged>,
     /// Whether readers know the run: false for a logged creation not yet written.
     visible: bool,
+    /// With the log: the records of commits written to sled but for their records,
+    /// which wait here to be stored as one value ([`SledStore::store_held`]) when the
+    /// entry's summary is, or once they pass [`HOLD_BYTES`]. In seq order, following on
+    /// from what `events` holds; readers take them from here.
+    held: Vec<(Seq, sled::IVec)>,
 }
 
 impl Marked {
@@ -356,8 +370,14 @@ impl Marked {
     }
 }
 
+/// What [`SledStore::stored_to`] finds: the record before the range, and the range's.
+type StoredRecords = (Option<sled::IVec>, Vec<(Seq, sled::IVec)>);
+
 /// Journals up to this many records long are read with point reads (`read_to`).
 const POINT_READS_UP_TO: u64 = 16;
+/// With the log: a run's held records are stored once they are this many bytes, even
+/// if its summary stays in memory (a long activation's).
+const HOLD_BYTES: usize = 32 * 1024;
 const STRIPES: usize = 64;
 
 /// The outbox's queue ids: the next one, and those queued by commits not yet durable.
@@ -799,37 +819,64 @@ impl SledStore {
     /// read. (Reading to the end of the tree instead made a read racing an append see
     /// events "past the summary" and report a healthy journal as corrupt.)
     fn read_to(&self, run: RunId, from: Seq, summary: &RunSummary) -> Result<Vec<Event>> {
-        let events_tree = &self.inner.trees.events;
         let next = summary.next_seq;
+        // With the log, the latest records may still be held in memory: sled holds those
+        // below the first of them.
+        let held = self.held(run);
+        let stored_to = held.first().map_or(next, |&(seq, _)| seq.min(next));
+        let (mut before, mut records) = self.stored_to(run, from, stored_to)?;
+        for (seq, record) in held.into_iter().take_while(|&(seq, _)| seq < next) {
+            if from.0 > 0 && seq.0 == from.0 - 1 {
+                before = Some(record);
+            } else if seq >= from {
+                records.push((seq, record));
+            }
+        }
+        codec::verify_records(
+            run,
+            from,
+            before,
+            records.into_iter().map(Ok),
+            next,
+            &summary.head,
+        )
+    }
+
+    /// The records sled stores of `run` in `[from, to)`, and the one before `from` (whose
+    /// hash the first links to), as found: [`codec::verify_records`] finds what is
+    /// missing.
+    fn stored_to(&self, run: RunId, from: Seq, to: Seq) -> Result<StoredRecords> {
+        let first = from.0.saturating_sub(1);
+        if first >= to.0 {
+            return Ok((None, Vec::new()));
+        }
         // A short journal is read by key: a sled range scan copies the whole leaf it
         // starts in (up to 64 entries, a reference taken on each value) to hand out a
         // few, while `get_many` descends once and reads the neighbouring keys from the
         // leaf it found (the record before `from` too, whose hash the first one links
-        // to). A key inside a packed commit has no value of its own: the commit's value,
-        // under its first seq, holds it. Longer journals, and any read that finds a
-        // record missing (whose error the scan words, naming the next stored seq) or
-        // the record before `from` inside an earlier commit, go through the scan, as
-        // does a read from past the end.
-        let wanted = next.0.checked_sub(from.0);
-        let first = from.0.saturating_sub(1);
-        if let Some(wanted) = wanted.filter(|&n| n <= POINT_READS_UP_TO) {
-            let keys: Vec<_> = (first..next.0)
+        // to). A key inside a packed value has no value of its own: the value, under
+        // its first seq, holds it. Longer journals, and any read that finds a record
+        // missing (whose error the scan words, naming the next stored seq) or the
+        // record before `from` inside an earlier value, go through the scan.
+        let wanted = to.0.saturating_sub(from.0);
+        if wanted <= POINT_READS_UP_TO {
+            let keys: Vec<_> = (first..to.0)
                 .map(|seq| codec::record_key(run, Seq(seq)))
                 .collect();
-            let values = events_tree.get_many(&keys)?;
+            let values = self.inner.trees.events.get_many(&keys)?;
             let mut before = None;
             let mut records = Vec::with_capacity(wanted as usize);
-            // Seqs below `covered` were found, alone or in a packed commit.
+            // Seqs below `covered` were found, alone or in a packed value.
             let mut covered = first;
             let mut whole = true;
-            for (seq, value) in (first..next.0).zip(values) {
+            for (seq, value) in (first..to.0).zip(values) {
                 match value {
                     Some(value) if seq >= covered => {
                         each_record(run, Seq(seq), &value, |at, record| {
                             if from.0 > 0 && at.0 == first {
                                 before = Some(record);
-                            } else if at >= from && at < next {
-                                records.push(Ok((at, record)));
+                            } else if at >= from && at < to {
+                                records.push((at, record));
                             }
                             covered = at.0 + 1;
                         })?;
@@ -842,18 +889,15 @@ impl SledStore {
                 }
             }
             if whole && records.len() as u64 == wanted && (from.0 == 0 || before.is_some()) {
-                return codec::verify_records(run, from, before, records, next, &summary.head);
+                return Ok((before, records));
             }
         }
-        let mut records = self
-            .records_between(run, Seq(first), Some(next))?
-            .into_iter()
-            .peekable();
-        let before = match records.peek() {
-            Some((at, _)) if from.0 > 0 && at.0 == first => records.next().map(|(_, r)| r),
+        let mut records = self.stored_between(run, Seq(first), Some(to))?;
+        let before = match records.first() {
+            Some((at, _)) if from.0 > 0 && at.0 == first => Some(records.remove(0).1),
             _ => None,
         };
-        codec::verify_records(run, from, before, records.map(Ok), next, &summary.head)
+        Ok((before, records))
     }
 
     /// The stored records of `run` with seqs in `[from, to)` (to the end with `None`),
@@ -861,6 +905,26 @@ impl SledStore {
     /// that holds `from`, which a packed commit keeps under an earlier seq. Gaps are
     /// left for the caller to find (the seqs say where they are).
     fn records_between(&self, run: RunId, from: Seq, to: Option<Seq>) -> Result<Vec<(Seq, sled::IVec)>> {
+        // With the log, the latest records may still be held in memory.
+        let held = self.held(run);
+        let stored_to = match (held.first(), to) {
+            (Some(&(seq, _)), Some(to)) => Some(seq.min(to)),
+            (Some(&(seq, _)), None) => Some(seq),
+            (None, to) => to,
+        };
+        let mut out = match stored_to {
+            Some(stored_to) if stored_to <= from => Vec::new(),
+            _ => self.stored_between(run, from, stored_to)?,
+        };
+        out.extend(
+            held.into_iter()
+                .filter(|&(seq, _)| seq >= from && to.is_none_or(|to| seq < to)),
+        );
+        Ok(out)
+    }
+
+    /// [`SledStore::records_between`] in sled alone.
+    fn stored_between(&self, run: RunId, from: Seq, to: Option<Seq>) -> Result<Vec<(Seq, sled::IVec)>> {
         let events = &self.inner.trees.events;
         let held = match from {
             Seq::ZERO => None,
@@ -952,9 +1016,14 @@ impl SledStore {
     }
 
     /// Overwrites one stored record behind the store's back (corruption tests), in
-    /// place in its packed commit if it is in one.
+    /// place in its packed value if it is in one. Records held in memory are stored
+    /// first, so the damage is on disk, where it would be.
     #[doc(hidden)]
     pub fn overwrite_record(&self, run: RunId, seq: Seq, record: &[u8]) -> Result<()> {
+        {
+            let _run = self.run_lock(run);
+            self.store_held(run)?;
+        }
         let events = &self.inner.trees.events;
         if let Some((key, value)) = self.value_holding(run, seq)? {
             let at = seq_of_key(run, &key)?;
@@ -1312,6 +1381,7 @@ impl SledStore {
             pending: Default::default(),
             // With the log, a creation is seen once it is written to sled.
             visible: stored.is_some() || self.inner.wal.is_none(),
+            held: Vec::new(),
         };
         lock(&self.inner.dirty).insert(run, marked);
         Ok(())
@@ -1334,6 +1404,8 @@ impl SledStore {
                 marked.summary = None;
             }
         }
+        // Past the limit, what memory holds for the run goes to sled with its summary.
+        self.store_held(summary.id)?;
         w.put_summary_only(summary, commit_from)
     }
 
@@ -1341,6 +1413,41 @@ impl SledStore {
     fn kept_summary(&self, run: RunId) -> Option<RunSummary> {
         let marks = lock(&self.inner.dirty);
         marks.get(&run)?.summary.as_ref().map(|kept| kept.0.clone())
+    }
+
+    /// With the log: stores the records held with `run`'s entry as one value, under the
+    /// first one's key, then drops them from the entry. Under the run's commit lock, so
+    /// none is added meanwhile; a reader that took them from the entry before reads the
+    /// same records either way.
+    fn store_held(&self, run: RunId) -> Result<()> {
+        let held = match lock(&self.inner.dirty).get(&run) {
+            Some(m) => m.held.clone(),
+            None => return Ok(()),
+        };
+        let Some(&(first, _)) = held.first() else {
+            return Ok(());
+        };
+        let records: Vec<&[u8]> = held.iter().map(|(_, r)| r.as_ref()).collect();
+        self.inner
+            .trees
+            .events
+            .insert(codec::record_key(run, first), codec::pack_all(&records))?;
+        if let Some(m) = lock(&self.inner.dirty).get_mut(&run) {
+            m.held.clear();
+        }
+        Ok(())
+    }
+
+    /// With the log: the records held with `run`'s entry, in seq order (none without the
+    /// log). Taken after the summary a reader reads to: its records are held or stored.
+    fn held(&self, run: RunId) -> Vec<(Seq, sled::IVec)> {
+        if self.inner.wal.is_none() {
+            return Vec::new();
+        }
+        lock(&self.inner.dirty)
+            .get(&run)
+            .map(|m| m.held.clone())
+            .unwrap_or_default()
     }
 
     /// Removes `run`'s mark, once its commits so far are whole, after writing the summary
@@ -1370,6 +1477,7 @@ impl SledStore {
         else {
             return Ok(None);
         };
+        self.store_held(run)?;
         write_marked(&Writer::new(self), run, prior, status, summary.as_deref())?;
         let mut marks = lock(&self.inner.dirty);
         let Some(m) = marks.get_mut(&run) else {
@@ -1473,8 +1581,27 @@ impl SledStore {
                 }
             };
             let Some(logged) = next else { return Ok(()) };
+            // The records are held with the entry, to be stored as one value with the
+            // activation's others; before the summary, which readers read first.
+            let mut held = Vec::new();
             for (seq, value) in logged.values {
-                trees.events.insert(codec::record_key(run, seq), value)?;
+                each_record(run, seq, &sled::IVec::from(value), |seq, record| {
+                    held.push((seq, record))
+                })?;
+            }
+            let full = match lock(&self.inner.dirty).get_mut(&run) {
+                Some(m) => {
+                    m.held.extend(held);
+                    m.held.iter().map(|(_, r)| r.len()).sum::<usize>() >= HOLD_BYTES
+                }
+                None => {
+                    return Err(Error::Storage(format!(
+                        "run {run} has no entry for its logged commit"
+                    )))
+                }
+            };
+            if full {
+                self.store_held(run)?;
             }
             crate::failpoint::hit_after("wal-apply-before-indexes", || {
                 let _ = self.inner.db.flush();
@@ -1570,6 +1697,9 @@ impl SledStore {
         };
         let mut index: HashMap<RunId, usize> = HashMap::new();
         for commit in logged {
+            if !index.contains_key(&commit.run) {
+                self.cut_before(commit.run, commit.from)?;
+            }
             for (seq, value) in &commit.values {
                 trees
                     .events
@@ -1588,6 +1718,34 @@ impl SledStore {
             }
         }
         Ok(spans)
+    }
+
+    /// Cuts the stored value of `run` that began before `from` back to its records
+    /// before `from`, if it reaches past. Records held with an entry are stored as one
+    /// value when a checkpoint writes the entry, and a commit logged past the
+    /// checkpoint's LSN may be among them; the replay stores that commit again under its
+    /// own key, where a reader would find its records twice.
+    fn cut_before(&self, run: RunId, from: Seq) -> Result<()> {
+        let Some((key, value)) = self.value_holding(run, from)? else {
+            return Ok(());
+        };
+        let at = seq_of_key(run, &key)?;
+        if at >= from {
+            return Ok(());
+        }
+        let mut kept = Vec::new();
+        let mut past = false;
+        each_record(run, at, &value, |seq, record| {
+            if seq < from {
+                kept.push(record);
+            } else {
+                past = true;
+            }
+        })?;
+        if past {
+            self.inner.trees.events.insert(key, codec::pack_all(&kept))?;
+        }
+        Ok(())
     }
 
     /// For each run the log named past the checkpoint ([`SledStore::replay_logged`]):
@@ -2951,6 +3109,7 @@ impl Store for SledStore {
             // With the log: the commits it has synced go to sled first, and those still
             // waiting for it (a decision, say) will write their summaries parked too.
             self.apply_logged_locked(run)?;
+            self.store_held(run)?;
             if let Some(m) = lock(&self.inner.dirty).get_mut(&run) {
                 for logged in m.pending.iter_mut() {
                     park(&mut logged.summary, &reason);
@@ -3301,6 +3460,76 @@ impl Drop for GroupCommit {
 mod tests {
     use super::*;
     use crate::store::NotificationKind;
+
+    /// A checkpoint stores what an entry holds, and may store with it the records of a
+    /// commit logged past its LSN; the open replays that commit under its own key and
+    /// cuts it out of the value that held it, so no record is stored twice.
+    #[tokio::test]
+    async fn a_commit_replayed_from_the_log_is_cut_out_of_a_value_that_held_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = || SledOptions {
+            wal: true,
+            ..SledOptions::default()
+        };
+        let run = RunId::new();
+        let new = NewRun {
+            id: run,
+            started_by: None,
+            workflow: "w".into(),
+            version: 1,
+            input: serde_json::Value::Null,
+            idempotency_key: None,
+            at: Utc::now(),
+        };
+        let step = |p: u32| EventKind::StepCompleted {
+            position: crate::ids::Position(p),
+            output: serde_json::json!(p),
+        };
+        {
+            let store = SledStore::open_with(dir.path(), options()).unwrap();
+            store.create_run(new).await.unwrap();
+            // The creation is stored, and the log starts after it.
+            store.checkpoint().unwrap();
+            let append = Append {
+                run,
+                expected: Seq(1),
+                at: Utc::now(),
+                events: vec![step(0), step(1)],
+                lease: None,
+            };
+            store.append(append).await.unwrap().unwrap();
+            // What a checkpoint that took its LSN before this commit was written would
+            // store: the commit's records with the creation's, in one value.
+            {
+                let _run = store.run_lock(run);
+                let creation = store.stored_between(run, Seq::ZERO, Some(Seq(1))).unwrap();
+                let mut marks = lock(&store.inner.dirty);
+                let held = &mut marks.get_mut(&run).unwrap().held;
+                assert_eq!(held.len(), 2, "the commit's records are held");
+                held.splice(0..0, creation);
+            }
+            store.store_held(run).unwrap();
+            let stored = store.inner.trees.events.get(codec::record_key(run, Seq::ZERO));
+            let unpacked = codec::unpack(run, Seq::ZERO, &stored.unwrap().unwrap()).unwrap();
+            assert_eq!(unpacked.len(), 3, "one value holds all three records");
+            // Dropped without a close: the log still holds the commit.
+        }
+        let store = SledStore::open_with(dir.path(), options()).unwrap();
+        let events = store.read(run, Seq::ZERO).await.unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.seq.0).collect::<Vec<_>>(),
+            [0, 1, 2],
+            "each record once"
+        );
+        let first = store.inner.trees.events.get(codec::record_key(run, Seq::ZERO));
+        let first = first.unwrap().unwrap();
+        assert_eq!(
+            codec::unpack(run, Seq::ZERO, &first).unwrap().len(),
+            1,
+            "cut back to the creation"
+        );
+        assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    }
 
     /// A commit's notifications stay out of `outbox` until the commit is durable, and a
     /// later commit's wait for every earlier one's, so each queue is read in order.

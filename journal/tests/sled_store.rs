@@ -317,6 +317,83 @@ async fn live_bytes_counts_keys_and_values_per_tree() {
     assert_eq!(trees.len(), 13, "every tree is counted");
 }
 
+/// With the log, a run's records wait in memory from its creation to the end of its
+/// activation (readers find them there, from any seq) and are then stored as one value;
+/// a second activation's records make a second.
+#[tokio::test]
+async fn with_the_log_an_activations_records_are_stored_as_one_value_when_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open_with(
+        dir.path(),
+        SledOptions {
+            wal: true,
+            ..SledOptions::default()
+        },
+    )
+    .unwrap();
+    let events_stored = |store: &SledStore| {
+        let trees = store.live_bytes().unwrap();
+        trees.iter().find(|t| t.tree == "events").unwrap().entries
+    };
+    let kinds = |events: Vec<Event>| events.into_iter().map(|e| e.event).collect::<Vec<_>>();
+    let run = store.create_run(new_run("w")).await.unwrap().run();
+    let worker = WorkerId::new();
+    let lease = store
+        .claim(worker, Utc::now(), Duration::from_secs(30), 1)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let mut expected = vec![store.read(run, Seq::ZERO).await.unwrap()[0].event.clone()];
+    for (seq, events) in [(1, vec![step(0)]), (2, vec![step(1), gate(2)])] {
+        let mut a = append(run, seq, events.clone());
+        a.lease = Some(lease.token);
+        store.append(a).await.unwrap().unwrap();
+        expected.extend(events);
+    }
+    assert_eq!(
+        events_stored(&store),
+        0,
+        "the records are held while the activation goes on"
+    );
+    assert_eq!(kinds(store.read(run, Seq::ZERO).await.unwrap()), expected);
+    for from in 1..=4 {
+        assert_eq!(
+            kinds(store.read(run, Seq(from)).await.unwrap()),
+            expected[from as usize..],
+            "read from seq {from}"
+        );
+    }
+    store.release(&lease, None).await.unwrap();
+    assert_eq!(
+        events_stored(&store),
+        1,
+        "the creation and the activation in one value"
+    );
+    assert_eq!(kinds(store.read(run, Seq::ZERO).await.unwrap()), expected);
+    assert_eq!(
+        store.raw_record(run, Seq(2)).unwrap().map(|r| r[0]),
+        Some(codec::RECORD_FORMAT)
+    );
+    assert_eq!(
+        store.raw_record(run, Seq(3)).unwrap().map(|r| r[0]),
+        Some(codec::RECORD_FORMAT_COMMIT_END),
+        "each commit still ends in its marked record"
+    );
+    // A decision (held), read with the stored value before it.
+    assert!(append_now(&store, run, approve(2)).await);
+    expected.push(approve(2));
+    assert_eq!(events_stored(&store), 1);
+    assert_eq!(kinds(store.read(run, Seq(3)).await.unwrap()), expected[3..]);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    store.checkpoint().unwrap();
+    assert_eq!(events_stored(&store), 2, "a checkpoint stores what entries hold");
+    store.close().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(kinds(store.read(run, Seq::ZERO).await.unwrap()), expected);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+}
+
 /// Dirty marks (the runs recovery checks) come with a run's first commit, stay across
 /// its commits, and go when its activation ends, when it ends, and on close.
 #[tokio::test]
