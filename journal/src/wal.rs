@@ -23,6 +23,14 @@
 //! (a single larger write makes a larger segment), and the directory is synced after a
 //! segment file is created, so the file itself survives a crash.
 //!
+//! **Zeros written ahead.** The writer keeps the segment file
+//! [`WalOptions::preallocate_bytes`] longer than its records, in zeros written with the
+//! records they precede: a write into them changes no file size, so its `fdatasync`
+//! writes the data alone, not the inode as well. An all-zero record header is never a
+//! record (its checksum would have to be zero), so readers take it as the end. A
+//! segment the log moves on from, and the last one when the log is dropped, are cut
+//! back to their records.
+//!
 //! **A failed write or sync poisons the log.** After an `fdatasync` error the kernel
 //! may have dropped the dirty pages it could not write, and a retry would report
 //! success for data that is gone; so every waiter of that write, and every append
@@ -34,7 +42,10 @@
 //! the caller. Only the last segment may end in a record that does not check out: that
 //! is a write a crash cut short, never acknowledged (every acknowledged record was
 //! synced, and a write only follows a completed sync), so it and everything after it
-//! are cut off and the log goes on from there. Anywhere else a bad record, a segment
+//! are cut off and the log goes on from there. Zeros there are the space written ahead
+//! and are kept, unless anything but zeros follows them: a torn write can leave a hole
+//! with whole records after it, which name their own LSNs, and a later record as long
+//! as the lost one would end where the first of them begins; so they are cut off too. Anywhere else a bad record, a segment
 //! whose header or first LSN is wrong, a gap between segments, or a checkpoint the log
 //! does not hold (before its first segment, past its end, or with no segments at all)
 //! is [`Error::WalCorrupt`]: nothing is cut and the open fails.
@@ -76,6 +87,10 @@ impl std::fmt::Display for Lsn {
 pub struct WalOptions {
     /// A new segment starts once a write would take the current one past this size.
     pub segment_bytes: u64,
+    /// Zeros written ahead of the records (default 4 MiB; 0: none): a write into them
+    /// changes no file size, so its `fdatasync` writes the data and not the inode too
+    /// (one device write per group commit instead of two).
+    pub preallocate_bytes: u64,
     /// Tests (feature `failpoints`): the log's `n`-th sync (counting from 1) fails as an
     /// `fdatasync` error would, after its write.
     #[cfg(feature = "failpoints")]
@@ -86,6 +101,7 @@ impl Default for WalOptions {
     fn default() -> Self {
         WalOptions {
             segment_bytes: 64 << 20,
+            preallocate_bytes: 4 << 20,
             #[cfg(feature = "failpoints")]
             fail_sync: None,
         }
@@ -178,6 +194,22 @@ fn frame(out: &mut Vec<u8>, lsn: Lsn, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Whether the file at `path` holds any byte other than zero from `offset` on.
+fn stale_after(path: &Path, offset: u64) -> Result<bool> {
+    let mut reader = BufReader::with_capacity(256 << 10, File::open(path)?);
+    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(offset))?;
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = reader.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        if chunk[..n].iter().any(|&b| b != 0) {
+            return Ok(true);
+        }
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)?.sync_all()?;
     Ok(())
@@ -223,6 +255,8 @@ fn list_segments(dir: &Path) -> Result<BTreeMap<u64, PathBuf>> {
 enum Ended {
     /// At the end of the file, after an intact record (or none).
     Clean,
+    /// At zeros written ahead ([`WalOptions::preallocate_bytes`]), at this offset.
+    Zeros { offset: u64 },
     /// At a record that does not check out, at this offset of the file.
     Bad { offset: u64, reason: String },
 }
@@ -284,14 +318,25 @@ fn read_segment(
             return Ok((at, count, Ended::Clean));
         }
         let bad = |reason: String| Ok((at, count, Ended::Bad { offset, reason }));
-        if file_len - offset < RECORD_HEADER_LEN {
+        let mut head = [0u8; RECORD_HEADER_LEN as usize];
+        let short = file_len - offset < RECORD_HEADER_LEN;
+        let head_len = if short {
+            (file_len - offset) as usize
+        } else {
+            head.len()
+        };
+        reader.read_exact(&mut head[..head_len])?;
+        if head.iter().all(|&b| b == 0) {
+            // Zeros written ahead of the records: no record has an all-zero header (its
+            // checksum would be that of a zero length and LSN 0, which is not 0).
+            return Ok((at, count, Ended::Zeros { offset }));
+        }
+        if short {
             return bad(format!(
                 "{} bytes at the end, too few for a record header",
                 file_len - offset
             ));
         }
-        let mut head = [0u8; RECORD_HEADER_LEN as usize];
-        reader.read_exact(&mut head)?;
         let crc = u32::from_be_bytes(head[0..4].try_into().unwrap_or_default());
         let len = u32::from_be_bytes(head[4..8].try_into().unwrap_or_default());
         let lsn = Lsn(u64::from_be_bytes(head[8..16].try_into().unwrap_or_default()));
@@ -388,28 +433,41 @@ impl Wal {
                     let (end, count, ended) = read_segment(path, first, at, &mut replay)?;
                     recovered.records += count;
                     at = end;
-                    if let Ended::Bad { offset, reason } = ended {
-                        if first.0 != last {
+                    let (offset, reason) = match ended {
+                        Ended::Clean => continue,
+                        // A segment the log moved on from ends at its last record; the
+                        // next one must begin there (checked above, on the next turn).
+                        Ended::Zeros { .. } if first.0 != last => continue,
+                        // The zeros written ahead of the last segment's records are
+                        // kept, unless a torn write left bytes anywhere after them: a
+                        // later record could end exactly where a stale one begins, at
+                        // the LSN it names, and that one would pass for the next.
+                        Ended::Zeros { offset } => match stale_after(path, offset)? {
+                            false => continue,
+                            true => (offset, "bytes after the zeros written ahead".to_string()),
+                        },
+                        Ended::Bad { offset, reason } if first.0 != last => {
                             return Err(corrupt(path, offset, reason));
                         }
-                        let len = std::fs::metadata(path)?.len();
-                        recovered.torn_bytes = len.saturating_sub(offset);
-                        if offset < SEGMENT_HEADER_LEN {
-                            // Created, but its header never reached the disk.
-                            create_segment(dir, first)?;
-                        } else {
-                            let f = OpenOptions::new().write(true).open(path)?;
-                            f.set_len(offset)?;
-                            f.sync_all()?;
-                        }
-                        tracing::warn!(
-                            segment = %path.display(),
-                            offset,
-                            bytes = recovered.torn_bytes,
-                            %reason,
-                            "cut off a write-ahead log tail a crash left unfinished"
-                        );
+                        Ended::Bad { offset, reason } => (offset, reason),
+                    };
+                    let len = std::fs::metadata(path)?.len();
+                    recovered.torn_bytes = len.saturating_sub(offset);
+                    if offset < SEGMENT_HEADER_LEN {
+                        // Created, but its header never reached the disk.
+                        create_segment(dir, first)?;
+                    } else {
+                        let f = OpenOptions::new().write(true).open(path)?;
+                        f.set_len(offset)?;
+                        f.sync_all()?;
                     }
+                    tracing::warn!(
+                        segment = %path.display(),
+                        offset,
+                        bytes = recovered.torn_bytes,
+                        %reason,
+                        "cut off a write-ahead log tail a crash left unfinished"
+                    );
                 }
                 recovered.end = at;
                 let path = dir.join(segment_name(Lsn(last)));
@@ -432,10 +490,12 @@ impl Wal {
             wake: Condvar::new(),
             syncs: AtomicU64::new(0),
         });
+        let allocated = file.metadata()?.len();
         let writer = Writer {
             shared: shared.clone(),
             file,
             first,
+            allocated,
         };
         let thread = std::thread::Builder::new()
             .name("holdpoint-wal".into())
@@ -572,6 +632,8 @@ struct Writer {
     shared: Arc<Shared>,
     file: File,
     first: Lsn,
+    /// The segment file's length: its records, then zeros written ahead.
+    allocated: u64,
 }
 
 impl Writer {
@@ -584,7 +646,14 @@ impl Writer {
                     state = self.shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
                 if state.pending.is_empty() {
-                    // Shut down with nothing left to write.
+                    // Shut down with nothing left to write: the zeros written ahead go,
+                    // so a closed log's files hold its records and nothing else.
+                    let end = SEGMENT_HEADER_LEN + (state.pending_from.0 - self.first.0);
+                    if state.failed.is_none() && self.allocated > end {
+                        if let Err(e) = self.file.set_len(end).and_then(|()| self.file.sync_all()) {
+                            tracing::warn!(error = %e, "could not trim the log's last segment");
+                        }
+                    }
                     let waiters = std::mem::take(&mut state.waiters);
                     drop(state);
                     for (_, w) in waiters {
@@ -631,15 +700,33 @@ impl Writer {
     fn write(&mut self, from: Lsn, buf: &[u8]) -> std::result::Result<(), String> {
         let used = from.0 - self.first.0;
         if used > 0 && used + buf.len() as u64 > self.shared.options.segment_bytes {
+            // The segment it leaves ends at its last record: its zeros go (a crash before
+            // that reaches the disk leaves them, which an open reads as its end too).
+            self.file
+                .set_len(SEGMENT_HEADER_LEN + used)
+                .map_err(|e| format!("trimming the full segment failed: {e}"))?;
             let (file, path) = create_segment(&self.shared.dir, from).map_err(|e| e.to_string())?;
             lock(&self.shared.state).segments.insert(from.0, path);
             self.file = file;
             self.first = from;
+            self.allocated = SEGMENT_HEADER_LEN;
         }
         let offset = SEGMENT_HEADER_LEN + (from.0 - self.first.0);
+        let needed = offset + buf.len() as u64;
+        let ahead = self.shared.options.preallocate_bytes;
+        if needed > self.allocated && ahead > 0 {
+            // Zeros, not `fallocate`: writing into an unwritten extent converts it, a
+            // metadata change each sync would write. Synced with the records below.
+            let zeros = vec![0u8; (needed + ahead - self.allocated) as usize];
+            self.file
+                .write_all_at(&zeros, self.allocated)
+                .map_err(|e| format!("writing zeros ahead failed: {e}"))?;
+            self.allocated = needed + ahead;
+        }
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| format!("write failed: {e}"))?;
+        self.allocated = self.allocated.max(needed);
         self.file
             .sync_data()
             .map_err(|e| format!("fdatasync failed: {e}"))?;

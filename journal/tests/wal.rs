@@ -244,7 +244,9 @@ fn garbage_after_the_last_record_is_cut_off() {
     let copy = clean
         [(SEGMENT_HEADER_LEN + second.lsn.0) as usize..(SEGMENT_HEADER_LEN + second.end.0) as usize]
         .to_vec();
-    for tail in [vec![0u8; 100], vec![0xff; 7], (0..=255u8).collect(), copy] {
+    // Zeros then anything else: bytes a torn write left past a hole.
+    let after_zeros = [vec![0u8; 40], vec![0xff; 3]].concat();
+    for tail in [vec![0xff; 7], (0..=255u8).collect(), copy, after_zeros] {
         std::fs::write(&file, [clean.clone(), tail.clone()].concat()).unwrap();
         let (_wal, recovered, seen) = open(dir.path(), WalOptions::default(), Lsn(0)).unwrap();
         assert_eq!(recovered.records, 10);
@@ -256,6 +258,139 @@ fn garbage_after_the_last_record_is_cut_off() {
             "the tail is cut off, the records kept"
         );
     }
+}
+
+/// Zeros after the last record are the space written ahead of the records
+/// (`WalOptions::preallocate_bytes`): kept, read as the log's end, and written over.
+#[test]
+fn zeros_after_the_last_record_are_the_logs_end_and_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = written(dir.path(), WalOptions::default(), 10, |i| 10 + i);
+    let file = segment_files(dir.path()).pop().unwrap();
+    let clean = std::fs::read(&file).unwrap();
+    let end = records[9].0.end;
+    assert_eq!(
+        clean.len() as u64,
+        SEGMENT_HEADER_LEN + end.0,
+        "a closed log holds its records only"
+    );
+    // Down to fewer zeros than a record header.
+    for zeros in [1usize << 20, 100, 5] {
+        std::fs::write(&file, [clean.clone(), vec![0u8; zeros]].concat()).unwrap();
+        let (wal, recovered, seen) = open(dir.path(), WalOptions::default(), Lsn(0)).unwrap();
+        assert_eq!(
+            (recovered.records, recovered.end, recovered.torn_bytes),
+            (10, end, 0)
+        );
+        assert_eq!(seen.len(), 10);
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().len(),
+            clean.len() as u64 + zeros as u64
+        );
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let next = rt.block_on(append_all(&wal, &[b"over the zeros".to_vec()]));
+        assert_eq!(next[0].lsn, end);
+        drop(wal);
+        let (wal, recovered, seen) = open(dir.path(), WalOptions::default(), Lsn(0)).unwrap();
+        assert_eq!((recovered.records, recovered.torn_bytes), (11, 0));
+        assert_eq!(seen[10].1, b"over the zeros");
+        drop(wal);
+        std::fs::write(&file, &clean).unwrap();
+    }
+}
+
+/// While the log is open its segment runs ahead of its records in zeros, so a group
+/// commit's sync changes no file size; a segment it moves on from and a closed log's
+/// last end at their last record.
+#[tokio::test]
+// With the `failpoints` feature the options have one more field.
+#[allow(clippy::needless_update)]
+async fn segments_are_written_ahead_in_zeros_and_trimmed_when_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WalOptions {
+        segment_bytes: 64 << 10,
+        preallocate_bytes: 32 << 10,
+        ..WalOptions::default()
+    };
+    let (wal, _, _) = open(dir.path(), options.clone(), Lsn(0)).unwrap();
+    let first = append_all(&wal, &[payload(1)]).await;
+    let file = segment_files(dir.path()).pop().unwrap();
+    let len = std::fs::metadata(&file).unwrap().len();
+    assert_eq!(
+        len,
+        SEGMENT_HEADER_LEN + first[0].end.0 + (32 << 10),
+        "written ahead"
+    );
+    // Within the zeros, the file does not grow.
+    let more = append_all(&wal, &[payload(2), payload(3)]).await;
+    assert!(SEGMENT_HEADER_LEN + more[1].end.0 < len);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), len);
+    // Past the segment's size the log moves on; the segment it left is trimmed.
+    let many: Vec<Vec<u8>> = (4..80).map(payload).collect();
+    let appended = append_each(&wal, &many).await;
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 2, "{} segments", files.len());
+    let second_first: u64 = files[1]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches(".wal")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().len(),
+        SEGMENT_HEADER_LEN + second_first
+    );
+    drop(wal);
+    let last = files.last().unwrap();
+    let last_first: u64 = last
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches(".wal")
+        .parse()
+        .unwrap();
+    let end = appended.last().unwrap().end.0;
+    assert_eq!(
+        std::fs::metadata(last).unwrap().len(),
+        SEGMENT_HEADER_LEN + end - last_first
+    );
+    let (_wal, recovered, _) = open(dir.path(), options, Lsn(0)).unwrap();
+    assert_eq!((recovered.records, recovered.torn_bytes), (79, 0));
+}
+
+/// A torn write can leave a hole of zeros with intact records after it. Those records
+/// were never acknowledged, and they name their own LSNs: were they kept, a later record
+/// of the same length as the lost one would end where the first of them begins, and
+/// the next open would read it as the record after. The open clears them.
+#[test]
+fn records_after_a_hole_are_cleared_so_none_can_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = written(dir.path(), WalOptions::default(), 3, |_| 50);
+    let file = segment_files(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let (second, _) = &records[1];
+    let hole = (SEGMENT_HEADER_LEN + second.lsn.0) as usize..(SEGMENT_HEADER_LEN + second.end.0) as usize;
+    bytes[hole].fill(0);
+    std::fs::write(&file, &bytes).unwrap();
+    let (wal, recovered, seen) = open(dir.path(), WalOptions::default(), Lsn(0)).unwrap();
+    assert_eq!(recovered.records, 1);
+    assert_eq!(recovered.end, second.lsn);
+    assert_eq!(
+        recovered.torn_bytes,
+        bytes.len() as u64 - SEGMENT_HEADER_LEN - second.lsn.0
+    );
+    assert_eq!(seen.len(), 1);
+    // A record as long as the lost one, so it ends where the stale third began.
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let next = rt.block_on(append_all(&wal, &[vec![7u8; 50]]));
+    assert_eq!(next[0].end, records[2].0.lsn);
+    drop(wal);
+    let (_wal, recovered, seen) = open(dir.path(), WalOptions::default(), Lsn(0)).unwrap();
+    assert_eq!(recovered.records, 2, "the stale third record does not come back");
+    assert_eq!(seen[1].1, vec![7u8; 50]);
 }
 
 #[test]
