@@ -708,9 +708,21 @@ impl SledStore {
         self.inner.flusher.shared.syncs.load(Ordering::Relaxed) + log
     }
 
-    /// sled's own estimate of its files' size.
+    /// sled's own estimate of its files' size, plus the write-ahead log's segments (with
+    /// the zeros written ahead of its records), if it has one.
     pub fn size_on_disk(&self) -> Result<u64> {
-        Ok(self.inner.db.size_on_disk()?)
+        let mut bytes = self.inner.db.size_on_disk()?;
+        if let Some(wal) = &self.inner.wal {
+            for (_, path) in wal.segments() {
+                match std::fs::metadata(path) {
+                    Ok(m) => bytes += m.len(),
+                    // Removed by a checkpoint meanwhile.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(bytes)
     }
 
     /// Entries and bytes of keys and values held now, per tree (what sled's files would
