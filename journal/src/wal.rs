@@ -87,7 +87,7 @@ impl std::fmt::Display for Lsn {
 pub struct WalOptions {
     /// A new segment starts once a write would take the current one past this size.
     pub segment_bytes: u64,
-    /// Zeros written ahead of the records (default 4 MiB; 0: none): a write into them
+    /// Zeros written ahead of the records (default 1 MiB; 0: none): a write into them
     /// changes no file size, so its `fdatasync` writes the data and not the inode too
     /// (one device write per group commit instead of two).
     pub preallocate_bytes: u64,
@@ -101,7 +101,7 @@ impl Default for WalOptions {
     fn default() -> Self {
         WalOptions {
             segment_bytes: 64 << 20,
-            preallocate_bytes: 4 << 20,
+            preallocate_bytes: 1 << 20,
             #[cfg(feature = "failpoints")]
             fail_sync: None,
         }

@@ -36,6 +36,15 @@ fn small_segments() -> WalOptions {
     }
 }
 
+/// A few KiB written ahead instead of the default, for tests that make many logs.
+#[allow(clippy::needless_update)]
+fn little_ahead() -> WalOptions {
+    WalOptions {
+        preallocate_bytes: 4096,
+        ..WalOptions::default()
+    }
+}
+
 /// Appends `payloads` and waits for the last; returns where each went.
 async fn append_all(wal: &Wal, payloads: &[Vec<u8>]) -> Vec<Appended> {
     let out: Vec<Appended> = payloads.iter().map(|p| wal.append(p).unwrap()).collect();
@@ -202,7 +211,7 @@ proptest! {
         cut_at in 0.0f64..1.0,
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let records = written(dir.path(), WalOptions::default(), sizes.len(), |i| sizes[i]);
+        let records = written(dir.path(), little_ahead(), sizes.len(), |i| sizes[i]);
         let file = segment_files(dir.path()).pop().unwrap();
         let len = std::fs::metadata(&file).unwrap().len();
         let cut = SEGMENT_HEADER_LEN + ((len - SEGMENT_HEADER_LEN) as f64 * cut_at) as u64;
@@ -213,7 +222,7 @@ proptest! {
             .filter(|(a, _)| SEGMENT_HEADER_LEN + a.end.0 <= cut)
             .collect();
         let end = whole.last().map_or(Lsn(0), |(a, _)| a.end);
-        let (wal, recovered, seen) = open(dir.path(), WalOptions::default(), Lsn(0)).unwrap();
+        let (wal, recovered, seen) = open(dir.path(), little_ahead(), Lsn(0)).unwrap();
         prop_assert_eq!(recovered.records, whole.len() as u64);
         prop_assert_eq!(recovered.end, end);
         prop_assert_eq!(recovered.torn_bytes, cut - (SEGMENT_HEADER_LEN + end.0));
@@ -225,7 +234,7 @@ proptest! {
         let next = rt.block_on(append_all(&wal, &[b"after the cut".to_vec()]));
         prop_assert_eq!(next[0].lsn, end);
         drop(wal);
-        let (_wal, recovered, seen) = open(dir.path(), WalOptions::default(), Lsn(0)).unwrap();
+        let (_wal, recovered, seen) = open(dir.path(), little_ahead(), Lsn(0)).unwrap();
         prop_assert_eq!(recovered.torn_bytes, 0);
         prop_assert_eq!(seen.len(), whole.len() + 1);
         prop_assert_eq!(&seen.last().unwrap().1, &b"after the cut".to_vec());
