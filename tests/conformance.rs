@@ -1,4 +1,5 @@
-//! One suite, every store: the `Store` contract checked on sled (temp directories) and on
+//! One suite, every store: the `Store` contract checked on sled (temp directories; with
+//! dirty marks, writing summaries through, and with its write-ahead log) and on
 //! PostgreSQL (a fresh schema per test in the database named by `HOLDPOINT_PG_URL`,
 //! default `postgres://postgres@127.0.0.1:5432/test`). A missing PostgreSQL is a
 //! failure, never a skip. Sled-only behaviour (directory locks, reopen, group commit)
@@ -36,16 +37,22 @@ struct SledSubject {
 }
 
 async fn sled(opts: Opts) -> SledSubject {
-    sled_keeping(opts, SledOptions::default().kept_summaries)
+    sled_keeping(opts, SledOptions::default().kept_summaries, false)
+}
+
+/// The sled store with commits durable in its write-ahead log (`SledOptions::wal`), its
+/// records held in memory until a release.
+async fn sled_with_the_log(opts: Opts) -> SledSubject {
+    sled_keeping(opts, SledOptions::default().kept_summaries, true)
 }
 
 /// The sled store with no summary kept in memory: every commit writes its summary, as
 /// past `SledOptions::kept_summaries` marks.
 async fn sled_writing_through(opts: Opts) -> SledSubject {
-    sled_keeping(opts, 0)
+    sled_keeping(opts, 0, false)
 }
 
-fn sled_keeping(opts: Opts, kept_summaries: usize) -> SledSubject {
+fn sled_keeping(opts: Opts, kept_summaries: usize, wal: bool) -> SledSubject {
     let dir = tempfile::tempdir().unwrap();
     let d = SledOptions::default();
     let store = SledStore::open_with(
@@ -55,6 +62,7 @@ fn sled_keeping(opts: Opts, kept_summaries: usize) -> SledSubject {
             max_run_events: opts.max_run_events.unwrap_or(d.max_run_events),
             outbox_endpoints: opts.outbox,
             kept_summaries,
+            wal,
             ..d
         },
     )
@@ -180,6 +188,7 @@ async fn close_pg(s: PgStore) {
 
 suite!(sled_store, sled, close_sled);
 suite!(sled_store_writing_through, sled_writing_through, close_sled);
+suite!(sled_store_with_the_log, sled_with_the_log, close_sled);
 suite!(pg_store, pg, close_pg);
 
 // ----------------------------------------------------------------------------- helpers
