@@ -3473,6 +3473,18 @@ mod tests {
     use super::*;
     use crate::store::NotificationKind;
 
+    fn new_run(id: RunId) -> NewRun {
+        NewRun {
+            id,
+            started_by: None,
+            workflow: "w".into(),
+            version: 1,
+            input: serde_json::Value::Null,
+            idempotency_key: None,
+            at: Utc::now(),
+        }
+    }
+
     /// A checkpoint stores what an entry holds, and may store with it the records of a
     /// commit logged past its LSN; the open replays that commit under its own key and
     /// cuts it out of the value that held it, so no record is stored twice.
@@ -3484,15 +3496,7 @@ mod tests {
             ..SledOptions::default()
         };
         let run = RunId::new();
-        let new = NewRun {
-            id: run,
-            started_by: None,
-            workflow: "w".into(),
-            version: 1,
-            input: serde_json::Value::Null,
-            idempotency_key: None,
-            at: Utc::now(),
-        };
+        let new = new_run(run);
         let step = |p: u32| EventKind::StepCompleted {
             position: crate::ids::Position(p),
             output: serde_json::json!(p),
@@ -3598,19 +3602,8 @@ mod tests {
         store.deliverable(&first_ids);
         assert_eq!(shown(&store).await, [1, 2]);
         // Recovery's (events already on disk) are shown at once.
-        w.apply_changes(
-            &RunSummary::start(&NewRun {
-                id: run,
-                started_by: None,
-                workflow: "w".into(),
-                version: 1,
-                input: serde_json::Value::Null,
-                idempotency_key: None,
-                at: Utc::now(),
-            }),
-            vec![notify(3)],
-        )
-        .unwrap();
+        w.apply_changes(&RunSummary::start(&new_run(run)), vec![notify(3)])
+            .unwrap();
         assert_eq!(shown(&store).await, [1, 2, 3]);
     }
 

@@ -66,6 +66,12 @@ async fn append_each(wal: &Wal, payloads: &[Vec<u8>]) -> Vec<Appended> {
     out
 }
 
+/// The first LSN a segment file's name gives.
+fn first_lsn(segment: &Path) -> u64 {
+    let name = segment.file_name().unwrap().to_str().unwrap();
+    name.trim_end_matches(".wal").parse().unwrap()
+}
+
 fn segment_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
@@ -339,28 +345,13 @@ async fn segments_are_written_ahead_in_zeros_and_trimmed_when_left() {
     let appended = append_each(&wal, &many).await;
     let files = segment_files(dir.path());
     assert!(files.len() >= 2, "{} segments", files.len());
-    let second_first: u64 = files[1]
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_end_matches(".wal")
-        .parse()
-        .unwrap();
     assert_eq!(
         std::fs::metadata(&files[0]).unwrap().len(),
-        SEGMENT_HEADER_LEN + second_first
+        SEGMENT_HEADER_LEN + first_lsn(&files[1])
     );
     drop(wal);
     let last = files.last().unwrap();
-    let last_first: u64 = last
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_end_matches(".wal")
-        .parse()
-        .unwrap();
+    let last_first = first_lsn(last);
     let end = appended.last().unwrap().end.0;
     assert_eq!(
         std::fs::metadata(last).unwrap().len(),
