@@ -70,6 +70,9 @@ pub const SEGMENT_MAGIC: [u8; 8] = *b"HPWAL\0\0\x01";
 pub const SEGMENT_HEADER_LEN: u64 = 16;
 /// Checksum, length and LSN.
 pub const RECORD_HEADER_LEN: u64 = 16;
+/// The size of a group (in records) after which the writer waits
+/// [`WalOptions::group_window`] for the next one to gather.
+pub const GROUP_WINDOW_FROM: u64 = 4;
 /// The largest payload a record may have.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 
@@ -91,6 +94,10 @@ pub struct WalOptions {
     /// changes no file size, so its `fdatasync` writes the data and not the inode too
     /// (one device write per group commit instead of two).
     pub preallocate_bytes: u64,
+    /// Under load, how long the writer lets a group gather before writing it (default
+    /// 100 µs; zero: never): only after a group of [`GROUP_WINDOW_FROM`] records or
+    /// more, so a lone commit (a sequential decision) never waits for it.
+    pub group_window: std::time::Duration,
     /// Tests (feature `failpoints`): the log's `n`-th sync (counting from 1) fails as an
     /// `fdatasync` error would, after its write.
     #[cfg(feature = "failpoints")]
@@ -102,6 +109,7 @@ impl Default for WalOptions {
         WalOptions {
             segment_bytes: 64 << 20,
             preallocate_bytes: 1 << 20,
+            group_window: std::time::Duration::from_micros(100),
             #[cfg(feature = "failpoints")]
             fail_sync: None,
         }
@@ -139,12 +147,16 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     syncs: AtomicU64,
+    /// Times the writer let a group gather ([`WalOptions::group_window`]).
+    windows: AtomicU64,
 }
 
 struct State {
     /// Framed records not yet taken by the writer, starting at `pending_from`.
     pending: Vec<u8>,
     pending_from: Lsn,
+    /// Records in `pending`.
+    pending_records: u64,
     /// Everything before this is synced.
     durable: Lsn,
     waiters: Vec<(Lsn, oneshot::Sender<std::result::Result<(), String>>)>,
@@ -481,6 +493,7 @@ impl Wal {
             state: Mutex::new(State {
                 pending: Vec::new(),
                 pending_from: end,
+                pending_records: 0,
                 durable: end,
                 waiters: Vec::new(),
                 segments,
@@ -489,6 +502,7 @@ impl Wal {
             }),
             wake: Condvar::new(),
             syncs: AtomicU64::new(0),
+            windows: AtomicU64::new(0),
         });
         let allocated = file.metadata()?.len();
         let writer = Writer {
@@ -528,6 +542,7 @@ impl Wal {
         let lsn = state.end();
         let first = state.pending.is_empty();
         frame(&mut state.pending, lsn, payload);
+        state.pending_records += 1;
         let end = state.end();
         drop(state);
         // The writer sleeps only when nothing is pending, and looks under the lock, so
@@ -578,6 +593,11 @@ impl Wal {
     /// `fdatasync` calls made so far (one per group of appends).
     pub fn syncs(&self) -> u64 {
         self.shared.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Times the writer waited [`WalOptions::group_window`] for a group to gather.
+    pub fn windows(&self) -> u64 {
+        self.shared.windows.load(Ordering::Relaxed)
     }
 
     /// Deletes every segment that holds only records before `lsn` (never the one being
@@ -639,12 +659,25 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         let mut buf = Vec::new();
+        // Records in the last group written.
+        let mut last_group = 0;
+        let window = self.shared.options.group_window;
         loop {
             let from = {
                 let mut state = lock(&self.shared.state);
                 while state.pending.is_empty() && !state.shutdown {
                     state = self.shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
+                if last_group >= GROUP_WINDOW_FROM && !window.is_zero() && !state.shutdown {
+                    // Under load, commits that arrive within the window share this sync
+                    // instead of taking the next: fewer syncs per commit, each waited
+                    // for a little longer.
+                    drop(state);
+                    self.shared.windows.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(window);
+                    state = lock(&self.shared.state);
+                }
+                last_group = std::mem::take(&mut state.pending_records);
                 if state.pending.is_empty() {
                     // Shut down with nothing left to write: the zeros written ahead go,
                     // so a closed log's files hold its records and nothing else.

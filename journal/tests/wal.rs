@@ -135,6 +135,18 @@ async fn records_come_back_in_order_with_their_lsns_after_a_reopen() {
     assert_eq!(seen[149].1, more[49]);
 }
 
+/// A lone commit, appended and waited for before the next, never waits for a group to
+/// gather: each is written and synced at once.
+#[tokio::test]
+async fn a_lone_commit_never_waits_for_a_group_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _, _) = open(dir.path(), WalOptions::default(), Lsn(0)).unwrap();
+    let payloads: Vec<Vec<u8>> = (0..50).map(payload).collect();
+    append_each(&wal, &payloads).await;
+    assert_eq!(wal.syncs(), 50);
+    assert_eq!(wal.windows(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appenders_share_syncs_and_each_keeps_its_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -157,6 +169,9 @@ async fn concurrent_appenders_share_syncs_and_each_keeps_its_order() {
     }
     let syncs = wal.syncs();
     assert!(syncs >= 1);
+    // 32 appenders at once make groups of several records, after which the writer
+    // lets the next group gather.
+    assert!(wal.windows() >= 1, "{syncs} syncs, no group window");
     drop(wal);
     let (_wal, recovered, seen) = open(dir.path(), WalOptions::default(), Lsn(0)).unwrap();
     assert_eq!(recovered.records, 32 * 40);
