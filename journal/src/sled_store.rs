@@ -211,6 +211,11 @@ pub struct SledOptions {
     /// With `wal`: a checkpoint (sled flushed, the log's segments before it removed)
     /// follows once the log has grown this much since the last (default 64 MiB).
     pub checkpoint_bytes: u64,
+    /// Under load, how long a group commit (sled's flush, or with `wal` the log's write)
+    /// lets the next group gather before it starts (default 100 µs; zero: never): only
+    /// after a group of [`crate::wal::GROUP_WINDOW_FROM`] commits or more, so a lone
+    /// commit never waits for it. Fewer syncs per commit under load.
+    pub group_window: Duration,
 }
 
 /// zstd level used for a compressed directory opened with `compression: None`.
@@ -257,6 +262,7 @@ impl Default for SledOptions {
             pack_commits: true,
             wal: false,
             checkpoint_bytes: 64 << 20,
+            group_window: WalOptions::default().group_window,
         }
     }
 }
@@ -604,7 +610,11 @@ impl SledStore {
                     db.flush()?;
                 }
                 let from = Lsn(checkpoint.unwrap_or(0));
-                let (wal, _) = Wal::open(&dir.join("wal"), WalOptions::default(), from, |lsn, payload| {
+                let wal_options = WalOptions {
+                    group_window: options.group_window,
+                    ..WalOptions::default()
+                };
+                let (wal, _) = Wal::open(&dir.join("wal"), wal_options, from, |lsn, payload| {
                     logged.push(decode_logged(lsn, payload)?);
                     Ok(())
                 })?;
@@ -614,7 +624,7 @@ impl SledStore {
         let last_checkpoint = checkpoint.unwrap_or(0);
         // sled keeps its log in `<dir>/db`; we fsync it ourselves (see module docs).
         let data_file = File::open(dir.join("db"))?;
-        let flusher = GroupCommit::start(db.clone(), data_file);
+        let flusher = GroupCommit::start(db.clone(), data_file, options.group_window);
         let (changes, _) = watch::channel(0);
         let state = State {
             // Fencing tokens only grow, across restarts too.
@@ -706,6 +716,13 @@ impl SledStore {
     pub fn sync_count(&self) -> u64 {
         let log = self.inner.wal.as_ref().map_or(0, Wal::syncs);
         self.inner.flusher.shared.syncs.load(Ordering::Relaxed) + log
+    }
+
+    /// Times a group commit (sled's flush, and the log's write) waited for its group to
+    /// gather ([`SledOptions::group_window`]) since open.
+    pub fn group_windows(&self) -> u64 {
+        let log = self.inner.wal.as_ref().map_or(0, Wal::windows);
+        self.inner.flusher.shared.windows.load(Ordering::Relaxed) + log
     }
 
     /// sled's own estimate of its files' size, plus the write-ahead log's segments (with
@@ -3384,6 +3401,8 @@ struct FlushShared {
     queue: Mutex<FlushQueue>,
     wake: Condvar,
     syncs: AtomicU64,
+    /// Times a group gathered for the window before its flush.
+    windows: AtomicU64,
 }
 
 #[derive(Default)]
@@ -3393,16 +3412,21 @@ struct FlushQueue {
 }
 
 impl GroupCommit {
-    fn start(db: sled::Db, data_file: File) -> GroupCommit {
+    fn start(db: sled::Db, data_file: File, window: Duration) -> GroupCommit {
         let shared = Arc::new(FlushShared {
             queue: Mutex::new(FlushQueue::default()),
             wake: Condvar::new(),
             syncs: AtomicU64::new(0),
+            windows: AtomicU64::new(0),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("holdpoint-group-commit".into())
-            .spawn(move || loop {
+            .spawn(move || {
+                // Commits in the last group; past `GROUP_WINDOW_FROM` the next one gathers
+                // for `window` first (`SledOptions::group_window`).
+                let mut last_group = 0;
+                loop {
                 let batch = {
                     let mut q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
                     while q.waiters.is_empty() && !q.shutdown {
@@ -3411,6 +3435,13 @@ impl GroupCommit {
                     if q.waiters.is_empty() && q.shutdown {
                         return;
                     }
+                    if last_group >= crate::wal::GROUP_WINDOW_FROM && !window.is_zero() && !q.shutdown {
+                        drop(q);
+                        s.windows.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(window);
+                        q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
+                    }
+                    last_group = q.waiters.len() as u64;
                     std::mem::take(&mut q.waiters)
                 };
                 let result = db.flush().map_err(|e| format!("flush failed: {e}")).and_then(|_| {
@@ -3423,6 +3454,7 @@ impl GroupCommit {
                 }
                 for w in batch {
                     let _ = w.send(result.clone());
+                }
                 }
             })
             .ok();

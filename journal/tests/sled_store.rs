@@ -97,6 +97,9 @@ async fn concurrent_appends_share_group_commits() {
     for _ in 0..64 {
         runs.push(store.create_run(new_run("w")).await.unwrap().run());
     }
+    // Sequential creations, each acknowledged before the next: groups of one, which
+    // never wait for a group to gather.
+    assert_eq!(store.group_windows(), 0);
     let before = store.sync_count();
     let mut tasks = Vec::new();
     for run in runs {
@@ -118,6 +121,8 @@ async fn concurrent_appends_share_group_commits() {
     // 640 acknowledged appends; with group commit far fewer syncs than appends.
     assert!(syncs < 640, "{syncs} syncs for 640 appends");
     assert!(syncs > 0);
+    // 64 appenders at once make groups of several, after which the next one gathers.
+    assert!(store.group_windows() >= 1, "{syncs} syncs, no group window");
 }
 
 fn gate(p: u32) -> EventKind {
