@@ -51,7 +51,8 @@
 //! Then the caller joins the next group commit: one flusher thread runs `Db::flush`
 //! (which writes sled's buffers with `sync_file_range`) and then `fdatasync` on sled's
 //! data file through our own handle, and wakes every append that was waiting when the
-//! flush began. So an acknowledged append survives a process crash, a kernel crash and a power loss (given a disk that
+//! flush began (under load, after a group of several, the flusher first lets the
+//! next group gather for [`SledOptions::group_window`]). So an acknowledged append survives a process crash, a kernel crash and a power loss (given a disk that
 //! honours flushes), and concurrent appends share one sync.
 //!
 //! **Recovery.** sled recovers a prefix of its log, and a run's commits are written one

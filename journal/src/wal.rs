@@ -18,7 +18,10 @@
 //! **Group commit.** [`Wal::append`] frames a record into a shared buffer and returns
 //! its LSN and end at once; one writer thread takes the whole buffer, writes it to the
 //! current segment with one `pwrite`, `fdatasync`s, and wakes every waiter the write
-//! covered ([`Wal::wait`]). A record is never split across segments: a new segment
+//! covered ([`Wal::wait`]). Under load (after a group of [`GROUP_WINDOW_FROM`] records
+//! or more) the writer first lets the next group gather for
+//! [`WalOptions::group_window`], so more commits share each sync; a lone commit is
+//! written at once. A record is never split across segments: a new segment
 //! starts when a write would take the current one past [`WalOptions::segment_bytes`]
 //! (a single larger write makes a larger segment), and the directory is synced after a
 //! segment file is created, so the file itself survives a crash.
