@@ -561,9 +561,19 @@ async fn run_on<St: Measured>(
 }
 
 /// Fills `dir` with `runs` runs of the standard workflow, each left waiting at its gate,
-/// and closes the store. The setup for [`restart`].
-pub async fn fill_waiting(dir: &std::path::Path, runs: usize, concurrency: usize) -> Result<usize, String> {
-    let store = SledStore::open(dir).map_err(|e| e.to_string())?;
+/// and closes the store; with `wal`, a store with its write-ahead log. The setup for
+/// [`restart`].
+pub async fn fill_waiting(
+    dir: &std::path::Path,
+    runs: usize,
+    concurrency: usize,
+    wal: bool,
+) -> Result<usize, String> {
+    let options = SledOptions {
+        wal,
+        ..SledOptions::default()
+    };
+    let store = SledStore::open_with(dir, options).map_err(|e| e.to_string())?;
     let engine = Engine::builder(store, registry())
         .config(EngineConfig {
             concurrency,

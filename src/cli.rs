@@ -192,8 +192,9 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["fill_waiting", "restart"])]
         idempotent_steps: bool,
         /// Make commits durable in the store's write-ahead log instead of by flushing
-        /// sled (`SledOptions::wal`), for comparing the two
-        #[arg(long, conflicts_with_all = ["pg", "fill_waiting", "restart"])]
+        /// sled (`SledOptions::wal`), for comparing the two; with `--fill-waiting`, the
+        /// directory is made with its log (`--restart` opens it as it was made)
+        #[arg(long, conflicts_with_all = ["pg", "restart"])]
         sled_wal: bool,
         #[arg(long)]
         json: bool,
@@ -613,7 +614,7 @@ pub fn run(cli: Cli, registry: &dyn Fn(&Path) -> Registry) -> Result<()> {
         } => {
             if let Some(dir) = fill_waiting {
                 let waiting = runtime()?
-                    .block_on(crate::bench::fill_waiting(&dir, runs, concurrency))
+                    .block_on(crate::bench::fill_waiting(&dir, runs, concurrency, sled_wal))
                     .map_err(CliError)?;
                 say!("{waiting} runs waiting at their gates in {}", dir.display());
                 return Ok(());

@@ -100,10 +100,14 @@ async fn the_http_variant_decides_through_real_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_runs_survive_a_restart_and_page_from_the_index() {
     let dir = tempfile::tempdir().unwrap();
-    let filled = holdpoint::bench::fill_waiting(dir.path(), 120, 32).await.unwrap();
+    let filled = holdpoint::bench::fill_waiting(dir.path(), 120, 32, false)
+        .await
+        .unwrap();
     assert_eq!(filled, 120);
     // A second fill adds to the first.
-    let filled = holdpoint::bench::fill_waiting(dir.path(), 30, 32).await.unwrap();
+    let filled = holdpoint::bench::fill_waiting(dir.path(), 30, 32, false)
+        .await
+        .unwrap();
     assert_eq!(filled, 150);
     let r = holdpoint::bench::restart(dir.path(), std::time::Duration::ZERO)
         .await
@@ -115,4 +119,20 @@ async fn waiting_runs_survive_a_restart_and_page_from_the_index() {
         r.serving_rss_mib > 0.0 && r.serving_rss_mib <= r.peak_rss_mib,
         "{r:?}"
     );
+}
+
+/// `--fill-waiting --sled-wal`: the directory is made with its write-ahead log, and the
+/// restart opens it that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_runs_filled_with_the_log_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let filled = holdpoint::bench::fill_waiting(dir.path(), 60, 32, true)
+        .await
+        .unwrap();
+    assert_eq!(filled, 60);
+    assert!(dir.path().join("wal").is_dir(), "made with its log");
+    let r = holdpoint::bench::restart(dir.path(), std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(r.waiting_runs, 60);
 }
