@@ -14,7 +14,7 @@ use std::path::Path;
 
 mod common;
 
-use common::{gate_with, queued, the_creation};
+use common::{claim_only, gate_with, queued, the_creation};
 
 const CHILD: &str = "HOLDPOINT_WAL_CHILD";
 /// Set for a child whose store checkpoints after every commit.
@@ -101,17 +101,8 @@ async fn holds_the_first(dir: &Path, commits: usize) {
         assert_eq!(again, Created::Existing(run));
         if round == 0 {
             // The open made the run ready: a worker takes it.
-            let leases = store
-                .claim(
-                    WorkerId::new(),
-                    Utc::now(),
-                    std::time::Duration::from_secs(30),
-                    10,
-                )
-                .await
-                .unwrap();
-            assert_eq!(leases.iter().map(|l| l.run).collect::<Vec<_>>(), [run]);
-            store.release(&leases[0], None).await.unwrap();
+            let lease = claim_only(&store, run).await;
+            store.release(&lease, None).await.unwrap();
         }
         store.close().unwrap();
     }

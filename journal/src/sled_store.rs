@@ -937,11 +937,8 @@ impl SledStore {
     fn records_between(&self, run: RunId, from: Seq, to: Option<Seq>) -> Result<Vec<(Seq, sled::IVec)>> {
         // With the log, the latest records may still be held in memory.
         let held = self.held(run);
-        let stored_to = match (held.first(), to) {
-            (Some(&(seq, _)), Some(to)) => Some(seq.min(to)),
-            (Some(&(seq, _)), None) => Some(seq),
-            (None, to) => to,
-        };
+        // The lesser of the first held seq and `to`, where there are either.
+        let stored_to = held.first().map(|&(seq, _)| seq).into_iter().chain(to).min();
         let mut out = match stored_to {
             Some(stored_to) if stored_to <= from => Vec::new(),
             _ => self.stored_between(run, from, stored_to)?,
@@ -3436,11 +3433,8 @@ impl GroupCommit {
                     if q.waiters.is_empty() && q.shutdown {
                         return;
                     }
-                    if last_group >= crate::wal::GROUP_WINDOW_FROM && !window.is_zero() && !q.shutdown {
-                        drop(q);
-                        s.windows.fetch_add(1, Ordering::Relaxed);
-                        std::thread::sleep(window);
-                        q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
+                    if !q.shutdown {
+                        q = crate::wal::gather(&s.queue, q, last_group, window, &s.windows);
                     }
                     last_group = q.waiters.len() as u64;
                     std::mem::take(&mut q.waiters)

@@ -180,6 +180,29 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A group commit's window ([`WalOptions::group_window`], the sled store's
+/// `SledOptions::group_window`): after a group of [`GROUP_WINDOW_FROM`] or more, lets go
+/// of `guard`, sleeps for `window` and counts it in `windows`, then locks `mutex` again,
+/// so that the commits arriving meanwhile share the next sync instead of taking another
+/// (fewer syncs per commit, each waited for a little longer). After a smaller group, or
+/// with no window, hands `guard` back at once. Both the log's writer and the sled
+/// store's group commit call it.
+pub(crate) fn gather<'a, T>(
+    mutex: &'a Mutex<T>,
+    guard: MutexGuard<'a, T>,
+    last_group: u64,
+    window: std::time::Duration,
+    windows: &AtomicU64,
+) -> MutexGuard<'a, T> {
+    if last_group < GROUP_WINDOW_FROM || window.is_zero() {
+        return guard;
+    }
+    drop(guard);
+    windows.fetch_add(1, Ordering::Relaxed);
+    std::thread::sleep(window);
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn segment_name(first: Lsn) -> String {
     format!("{:020}.wal", first.0)
 }
@@ -671,14 +694,14 @@ impl Writer {
                 while state.pending.is_empty() && !state.shutdown {
                     state = self.shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
-                if last_group >= GROUP_WINDOW_FROM && !window.is_zero() && !state.shutdown {
-                    // Under load, commits that arrive within the window share this sync
-                    // instead of taking the next: fewer syncs per commit, each waited
-                    // for a little longer.
-                    drop(state);
-                    self.shared.windows.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(window);
-                    state = lock(&self.shared.state);
+                if !state.shutdown {
+                    state = gather(
+                        &self.shared.state,
+                        state,
+                        last_group,
+                        window,
+                        &self.shared.windows,
+                    );
                 }
                 last_group = std::mem::take(&mut state.pending_records);
                 if state.pending.is_empty() {

@@ -363,3 +363,19 @@ pub async fn queued(store: &SledStore) -> Vec<String> {
         .map(|o| format!("{}@{}", o.notification.kind.as_str(), o.notification.seq.0))
         .collect()
 }
+
+/// Claims with a new worker and checks that the one ready run is `run`; its lease.
+pub async fn claim_only(store: &SledStore, run: holdpoint::journal::RunId) -> holdpoint::journal::Lease {
+    use holdpoint::journal::Store;
+    let leases = store
+        .claim(
+            holdpoint::journal::WorkerId::new(),
+            chrono::Utc::now(),
+            std::time::Duration::from_secs(30),
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(leases.iter().map(|l| l.run).collect::<Vec<_>>(), [run]);
+    leases.into_iter().next().unwrap()
+}
