@@ -52,6 +52,30 @@ async fn the_standard_workload_runs_and_reports() {
     );
 }
 
+/// `--sled-wal`: commits are durable in the store's log. Phase 1 writes the pending
+/// entry only: the run's entry keeps its summary, status key and records past the
+/// release. Phase 2 writes the pending entry's removal, then at the end the journal as
+/// one value, the summary and the status key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_mode_writes_a_waiting_run_once_it_ends() {
+    let opts = holdpoint::bench::BenchOptions {
+        runs: 60,
+        concurrency: 16,
+        latency_samples: 5,
+        sled_wal: true,
+        ..Default::default()
+    };
+    let r = holdpoint::bench::run(&opts)
+        .await
+        .expect("every run waits at its gate, then completes");
+    assert_eq!(r.events, 60 * 8);
+    assert_eq!(
+        (r.phase1_sled_writes_per_run, r.phase2_sled_writes_per_run),
+        (Some(1.0), Some(4.0)),
+        "sled writes per run"
+    );
+}
+
 /// `--idempotent-steps` runs the same workflow with its steps' starts journaled with
 /// their results: the same events, and the report says which variant ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,10 +99,14 @@
 //! changes, as above), and only then is it acknowledged and readable. Its records are
 //! not written then but *held* with the entry (`Marked::held`), where readers take them
 //! (`read_to` and `records_between` read sled up to the first held seq, then the held
-//! records), and stored as one value, the records of the run's creation or decision and
-//! of its whole activation together, when the entry's summary is written (a release,
-//! the run's end, a checkpoint, `close`, `mark_stuck`, past `kept_summaries`) or once
-//! they pass [`HOLD_BYTES`]: a standard run stores its journal in two values. No dirty
+//! records), and stored as one value, the records of every commit since the entry's
+//! summary was last written together, when it is written (the run's end, a checkpoint,
+//! `close`, `mark_stuck`, past `kept_summaries`) or once they pass [`HOLD_BYTES`]. A
+//! release leaves the entry as it is while entries number at most `kept_summaries`
+//! (`SledStore::keeps_released`; past that it writes them as without the log), and a
+//! checkpoint drops the entries of released runs it wrote (`forget_written`): a
+//! standard run decided before either stores its journal in one value and its status
+//! key once, and its release writes nothing but the pending entry. No dirty
 //! mark is written: the log's records past the last checkpoint name every run the
 //! open must finish. A commit that conflicts with one logged but not yet written waits
 //! for it first, so the caller's re-read finds it. A **checkpoint** (once the log has
@@ -119,8 +123,8 @@
 //! again, and each run's summary and index changes are derived again from its journal
 //! from its first logged commit on, its status key written and the run made ready;
 //! every step is idempotent, so a crash during the open only repeats it. The mode
-//! exists for the store issue 6 needs; measured so far it is slower (ARCHITECTURE.md,
-//! "The write-ahead log, and the store it is for").
+//! exists for the store issue 6 needs (ARCHITECTURE.md, "The write-ahead log, and the
+//! store it is for").
 //!
 //! **Leases** live in memory (sled allows one process per directory, so a lease dies
 //! with its process anyway). A claimed run keeps its wake-up until its release, so a
@@ -194,7 +198,10 @@ pub struct SledOptions {
     /// How many marked runs (activations under way, runs started or decided and not
     /// yet claimed) may keep their latest summaries in memory, to be written when their
     /// marks go (default 16,384, a few hundred bytes each); past it, commits write their
-    /// summaries as they go. 0: every commit writes its summary.
+    /// summaries as they go. 0: every commit writes its summary. With the log
+    /// ([`SledOptions::wal`]), released runs' entries count too: up to this many keep
+    /// their summaries, status keys and records past a release (about 1.6 KB each for
+    /// the standard workflow's run), until the run ends or a checkpoint writes them.
     pub kept_summaries: usize,
     /// Store a commit of several events as one value ([`codec::RECORD_FORMAT_PACKED`],
     /// default `true`): one sled write per commit instead of one per event, and a
@@ -1477,6 +1484,40 @@ impl SledStore {
             .unwrap_or_default()
     }
 
+    /// With the log, whether a released run's entry stays, keeping its summary, status
+    /// and held records in memory past the release: until the run's end (when they are
+    /// written together, its records as one value), a checkpoint, or `close`. The log
+    /// holds every commit they cover, so nothing is lost to a crash. Only while the
+    /// entries number at most [`SledOptions::kept_summaries`]; past it, a release
+    /// writes them as without the log. Under the run's commit lock.
+    fn keeps_released(&self, run: RunId) -> bool {
+        if self.inner.wal.is_none() {
+            return false;
+        }
+        let marks = lock(&self.inner.dirty);
+        marks.len() <= self.inner.options.kept_summaries
+            && marks
+                .get(&run)
+                .is_some_and(|m| m.visible && m.summary.is_some() && !m.status.is_terminal())
+    }
+
+    /// With the log, removes `run`'s entry once sled holds all it kept: no commit waits
+    /// in it, and its summary, status key and records are written. Under the run's
+    /// commit lock (the next commit marks the run afresh from what sled holds).
+    fn forget_written(&self, run: RunId) {
+        let mut marks = lock(&self.inner.dirty);
+        let written = marks.get(&run).is_some_and(|m| {
+            m.visible
+                && m.pending.is_empty()
+                && m.summary.is_none()
+                && m.held.is_empty()
+                && m.stored == Some(m.status)
+        });
+        if written {
+            marks.remove(&run);
+        }
+    }
+
     /// Removes `run`'s mark, once its commits so far are whole, after writing the summary
     /// and the status key its commits left in memory. Under its commit lock.
     fn clear_dirty(&self, run: RunId) -> Result<()> {
@@ -1698,6 +1739,10 @@ impl SledStore {
             let _run = self.run_lock(run);
             self.apply_logged_locked(run)?;
             self.write_kept(run)?;
+            // A released run's entry (`keeps_released`) is done with.
+            if !self.state().leases.contains_key(&run) {
+                self.forget_written(run);
+            }
         }
         store_wakes(&self.inner)?;
         crate::failpoint::hit("checkpoint-before-flush");
@@ -3107,8 +3152,11 @@ impl Store for SledStore {
             };
             // Stored before the mark that covered the activation's wake-ups goes.
             set_wake(&mut self.state(), &self.inner.trees, run, at, Durability::Stored)?;
-            // The activation's commits are all whole.
-            self.clear_dirty(run)?;
+            // The activation's commits are all whole. With the log, the entry may stay
+            // with what it keeps in memory (see `keeps_released`).
+            if !self.keeps_released(run) {
+                self.clear_dirty(run)?;
+            }
         }
         self.bump();
         Ok(())

@@ -372,10 +372,29 @@ async fn with_the_log_an_activations_records_are_stored_as_one_value_when_it_end
     store.release(&lease, None).await.unwrap();
     assert_eq!(
         events_stored(&store),
-        1,
-        "the creation and the activation in one value"
+        0,
+        "a released run's entry keeps its records (the log holds them)"
     );
     assert_eq!(kinds(store.read(run, Seq::ZERO).await.unwrap()), expected);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    // A decision, held with the rest; readers see every record from every seq.
+    assert!(append_now(&store, run, approve(2)).await);
+    expected.push(approve(2));
+    assert_eq!(events_stored(&store), 0);
+    for from in 0..=5 {
+        assert_eq!(
+            kinds(store.read(run, Seq(from)).await.unwrap()),
+            expected[from as usize..],
+            "read from seq {from} after the decision"
+        );
+    }
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    store.checkpoint().unwrap();
+    assert_eq!(
+        events_stored(&store),
+        1,
+        "a checkpoint stores what the entry held: creation, activation and decision in one value"
+    );
     assert_eq!(
         store.raw_record(run, Seq(2)).unwrap().map(|r| r[0]),
         Some(codec::RECORD_FORMAT)
@@ -385,17 +404,133 @@ async fn with_the_log_an_activations_records_are_stored_as_one_value_when_it_end
         Some(codec::RECORD_FORMAT_COMMIT_END),
         "each commit still ends in its marked record"
     );
-    // A decision (held), read with the stored value before it.
-    assert!(append_now(&store, run, approve(2)).await);
-    expected.push(approve(2));
-    assert_eq!(events_stored(&store), 1);
     assert_eq!(kinds(store.read(run, Seq(3)).await.unwrap()), expected[3..]);
+    // The entry went with the checkpoint: the run's end stores its own value.
+    assert!(append_now(&store, run, EventKind::RunCompleted { output: json!(1) }).await);
+    expected.push(EventKind::RunCompleted { output: json!(1) });
+    assert_eq!(
+        events_stored(&store),
+        2,
+        "the run's end stores its records at once"
+    );
     assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
-    store.checkpoint().unwrap();
-    assert_eq!(events_stored(&store), 2, "a checkpoint stores what entries hold");
     store.close().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     assert_eq!(kinds(store.read(run, Seq::ZERO).await.unwrap()), expected);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+}
+
+/// With the log, a released run's entry keeps its summary, status key and records in
+/// memory until the run ends, when all are written together: a run that waits at a
+/// gate and is decided before it is written stores its journal in one value and its
+/// status key once. Past `kept_summaries` entries a release writes them at once.
+#[tokio::test]
+async fn with_the_log_a_released_run_is_written_at_its_end_or_past_the_kept_entries() {
+    for kept in [16_384, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open_with(
+            dir.path(),
+            SledOptions {
+                wal: true,
+                kept_summaries: kept,
+                ..SledOptions::default()
+            },
+        )
+        .unwrap();
+        let entries = |store: &SledStore, tree: &str| {
+            let trees = store.live_bytes().unwrap();
+            trees.iter().find(|t| t.tree == tree).unwrap().entries
+        };
+        let run = store.create_run(new_run("w")).await.unwrap().run();
+        let lease = store
+            .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 1)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        let mut a = append(run, 1, vec![step(0), gate(1)]);
+        a.lease = Some(lease.token);
+        store.append(a).await.unwrap().unwrap();
+        store.release(&lease, None).await.unwrap();
+        let written = kept == 0;
+        // Past the limit every commit writes through: the creation's value and the
+        // activation's.
+        assert_eq!(
+            (entries(&store, "events"), entries(&store, "by_status")),
+            if written { (2, 1) } else { (0, 0) },
+            "kept_summaries {kept}: what the release wrote"
+        );
+        // Readers see the run waiting either way.
+        assert_eq!(store.count_runs(RunStatus::Waiting).unwrap(), 1);
+        let waiting = store.list_runs(Some(RunStatus::Waiting), None, 10).await.unwrap();
+        assert_eq!(waiting.iter().map(|s| s.id).collect::<Vec<_>>(), vec![run]);
+        assert_eq!(
+            store.summary(run).await.unwrap().unwrap().status,
+            RunStatus::Waiting
+        );
+        assert_eq!(store.pending(None, 10).await.unwrap().len(), 1);
+        assert!(append_now(&store, run, approve(1)).await);
+        assert!(append_now(&store, run, EventKind::RunCompleted { output: json!(1) }).await);
+        assert_eq!(
+            entries(&store, "events"),
+            if written { 4 } else { 1 },
+            "kept_summaries {kept}: the journal's values at the end"
+        );
+        assert_eq!(store.count_runs(RunStatus::Waiting).unwrap(), 0);
+        assert_eq!(store.count_runs(RunStatus::Completed).unwrap(), 1);
+        assert_eq!(entries(&store, "by_status"), 1, "one status key: the run's last");
+        assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+        assert_eq!(store.read(run, Seq::ZERO).await.unwrap().len(), 5);
+        store.close().unwrap();
+    }
+}
+
+/// With the log, a checkpoint writes what released runs' entries kept and drops the
+/// entries, so they make room for the next: with room for one entry, a second run's
+/// release is kept only once a checkpoint has taken the first's.
+#[tokio::test]
+async fn with_the_log_a_checkpoint_drops_the_entries_of_released_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open_with(
+        dir.path(),
+        SledOptions {
+            wal: true,
+            kept_summaries: 1,
+            ..SledOptions::default()
+        },
+    )
+    .unwrap();
+    let stored = |store: &SledStore| {
+        let trees = store.live_bytes().unwrap();
+        trees.iter().find(|t| t.tree == "by_status").unwrap().entries
+    };
+    let mut runs = Vec::new();
+    for checkpoint in [true, false] {
+        let run = store.create_run(new_run("w")).await.unwrap().run();
+        let lease = store
+            .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 1)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        let mut a = append(run, 1, vec![step(0), gate(1)]);
+        a.lease = Some(lease.token);
+        store.append(a).await.unwrap().unwrap();
+        store.release(&lease, None).await.unwrap();
+        runs.push(run);
+        // Only a checkpoint wrote a status key so far.
+        assert_eq!(stored(&store), runs.len() as u64 - 1, "run {}: kept", runs.len());
+        if checkpoint {
+            store.checkpoint().unwrap();
+            assert_eq!(
+                stored(&store),
+                1,
+                "the checkpoint wrote the first run's status key"
+            );
+        }
+    }
+    assert_eq!(stored(&store), 1, "the second run's release was kept too");
+    assert_eq!(store.count_runs(RunStatus::Waiting).unwrap(), 2);
     assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
 }
 
