@@ -226,6 +226,15 @@ pub struct SledOptions {
     pub group_window: Duration,
 }
 
+/// With the log, a sled leaf of 4 keys or more also splits once its keys and values pass
+/// this many bytes (`sled::Config::leaf_split_bytes`, vendor/sled/HOLDPOINT.md 19). sled
+/// rewrites a leaf whole every 15 changes and at a split, so an insert costs in
+/// proportion to its leaf's bytes: with the log a run's journal is one value of about
+/// 1.4 KB, and 64 of them made leaves of up to 90 KB. Without the log values are small
+/// and leaves split by their count of keys only, as more leaves would cost a restarted
+/// server memory (ARCHITECTURE.md, "Where the time goes").
+pub const LOG_LEAF_BYTES: usize = 16 * 1024;
+
 /// zstd level used for a compressed directory opened with `compression: None`.
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = -3;
 
@@ -575,7 +584,11 @@ impl SledStore {
 
     pub fn open_with(dir: impl AsRef<Path>, options: SledOptions) -> Result<SledStore> {
         let dir = dir.as_ref().to_path_buf();
+        // With the log, a run's journal is one value of a kilobyte or more
+        // (`keeps_released`): leaves split by their bytes as well (LOG_LEAF_BYTES).
+        let logged = options.wal || dir.join("wal").is_dir();
         let db = sled_config(&dir, options.compression)
+            .leaf_split_bytes(if logged { LOG_LEAF_BYTES } else { usize::MAX })
             .cache_capacity(options.cache_bytes)
             .flush_every_ms(Some(options.flush_every_ms.max(1)))
             .open()
@@ -706,6 +719,12 @@ impl SledStore {
         fs2::FileExt::lock_exclusive(&file)?;
         fs2::FileExt::unlock(&file)?;
         Ok(())
+    }
+
+    /// The bytes past which sled splits a leaf whatever its count of keys: [`LOG_LEAF_BYTES`]
+    /// for a directory with the log, else `usize::MAX` (none).
+    pub fn leaf_split_bytes(&self) -> usize {
+        self.inner.db.leaf_split_bytes()
     }
 
     /// The data directory.

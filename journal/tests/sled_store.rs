@@ -485,6 +485,31 @@ async fn with_the_log_a_released_run_is_written_at_its_end_or_past_the_kept_entr
     }
 }
 
+/// With the log, sled's leaves split by their bytes as well as their keys (a run's
+/// journal is one value of a kilobyte or more); without it by their keys only, and a
+/// directory with a log keeps the limit when opened without asking for the log.
+#[test]
+fn leaves_split_by_bytes_in_directories_with_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = SledStore::open(dir.path()).unwrap();
+    assert_eq!(plain.leaf_split_bytes(), usize::MAX);
+    plain.close().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let logged = SledStore::open_with(
+        dir.path(),
+        SledOptions {
+            wal: true,
+            ..SledOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(logged.leaf_split_bytes(), sled_store::LOG_LEAF_BYTES);
+    logged.close().unwrap();
+    let reopened = SledStore::open(dir.path()).unwrap();
+    assert!(reopened.has_wal());
+    assert_eq!(reopened.leaf_split_bytes(), sled_store::LOG_LEAF_BYTES);
+}
+
 /// With the log, a checkpoint writes what released runs' entries kept and drops the
 /// entries, so they make room for the next: with room for one entry, a second run's
 /// release is kept only once a checkpoint has taken the first's.

@@ -207,6 +207,10 @@ pub struct Inner {
     pub compression_factor: i32,
     #[doc(hidden)]
     pub print_profile_on_drop: bool,
+    /// Holdpoint: a leaf of at least 4 keys also splits once its keys and values pass
+    /// this many bytes (`usize::MAX`, the default: by its count of keys only).
+    #[doc(hidden)]
+    pub leaf_split_bytes: usize,
     #[doc(hidden)]
     pub idgen_persist_interval: u64,
     #[doc(hidden)]
@@ -235,6 +239,7 @@ impl Default for Inner {
             // useful in testing
             segment_size: 512 * 1024, // 512kb in bytes
             print_profile_on_drop: false,
+            leaf_split_bytes: usize::MAX,
             flush_every_ms: Some(500),
             idgen_persist_interval: 1_000_000,
             global_error: Arc::new(Atomic::default()),
@@ -526,6 +531,11 @@ impl Config {
             print_profile_on_drop,
             bool,
             "print a performance profile when the Config is dropped"
+        ),
+        (
+            leaf_split_bytes,
+            usize,
+            "Holdpoint: a leaf of at least 4 keys also splits once its keys and values pass this many bytes, and merges only below a quarter of it (default: by its count of keys only)"
         )
     );
 

@@ -428,6 +428,12 @@ impl Db {
         self.context.key_writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Holdpoint: the bytes past which a leaf splits whatever its count of keys
+    /// (`Config::leaf_split_bytes`; `usize::MAX`: none).
+    pub fn leaf_split_bytes(&self) -> usize {
+        self.context.leaf_split_bytes
+    }
+
     /// Returns the on-disk size of the storage files
     /// for this database.
     pub fn size_on_disk(&self) -> Result<u64> {

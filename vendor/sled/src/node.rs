@@ -19,6 +19,35 @@ pub struct Node {
 // HOLDPOINT.md. Indexes keep sled's own thresholds.
 const LEAF_SPLIT_KEYS: usize = 64;
 const LEAF_MERGE_KEYS: usize = 16;
+// Holdpoint: with `Config::leaf_split_bytes`, a leaf of at least this many keys also
+// splits once its keys and values pass that many bytes, and a leaf merges only while they
+// are under a quarter of it (so neither half of a leaf split for its bytes is merged back
+// at once). Every change to a leaf rewrites it whole now and then (a consolidation after
+// PAGE_CONSOLIDATION_THRESHOLD fragments, a split), serialized and compressed, so the cost
+// of an insert follows the bytes of its leaf. See HOLDPOINT.md.
+const LEAF_SPLIT_BYTES_MIN_KEYS: usize = 4;
+
+impl Leaf {
+    /// Bytes of the leaf's keys and values.
+    pub(crate) fn bytes(&self) -> usize {
+        self.keys.iter().map(|k| k.len()).sum::<usize>()
+            + self.values.iter().map(|v| v.len()).sum::<usize>()
+    }
+
+    /// Holdpoint: whether the leaf splits for its bytes (whatever its number of keys),
+    /// with `Config::leaf_split_bytes` at `limit`.
+    pub(crate) fn too_large(&self, limit: usize) -> bool {
+        limit != usize::MAX
+            && self.keys.len() >= LEAF_SPLIT_BYTES_MIN_KEYS
+            && self.bytes() > limit
+    }
+
+    /// Holdpoint: whether the leaf's bytes let it merge (when its keys are few enough),
+    /// with `Config::leaf_split_bytes` at `limit`.
+    pub(crate) fn small_enough_to_merge(&self, limit: usize) -> bool {
+        limit == usize::MAX || self.bytes() < limit / 4
+    }
+}
 
 impl Node {
     pub(crate) fn new_hoisted_root(
@@ -661,7 +690,7 @@ impl Node {
         }
     }
 
-    pub(crate) fn should_split(&self) -> bool {
+    pub(crate) fn should_split(&self, leaf_split_bytes: usize) -> bool {
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             2
         } else if self.data.is_index() {
@@ -670,13 +699,19 @@ impl Node {
             LEAF_SPLIT_KEYS
         };
 
-        let size_checks = self.data.len() > threshold;
+        let size_checks = self.data.len() > threshold
+            || match &self.data {
+                Data::Leaf(leaf) if !cfg!(any(test, feature = "lock_free_delays")) => {
+                    leaf.too_large(leaf_split_bytes)
+                }
+                _ => false,
+            };
         let safety_checks = self.merging_child.is_none() && !self.merging;
 
         size_checks && safety_checks
     }
 
-    pub(crate) fn should_merge(&self) -> bool {
+    pub(crate) fn should_merge(&self, leaf_split_bytes: usize) -> bool {
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             1
         } else if self.data.is_index() {
@@ -685,7 +720,13 @@ impl Node {
             LEAF_MERGE_KEYS
         };
 
-        let size_checks = self.data.len() < threshold;
+        let size_checks = self.data.len() < threshold
+            && match &self.data {
+                Data::Leaf(leaf) if !cfg!(any(test, feature = "lock_free_delays")) => {
+                    leaf.small_enough_to_merge(leaf_split_bytes)
+                }
+                _ => true,
+            };
         let safety_checks = self.merging_child.is_none() && !self.merging;
 
         size_checks && safety_checks
@@ -884,4 +925,31 @@ fn applied_equals_clone_then_apply() {
             }
         }
     }
+}
+
+// Holdpoint: a leaf splits for its bytes once it has a few keys, and merges only while its
+// bytes are a quarter of that, so a leaf just split for its bytes is not merged again.
+#[test]
+fn leaves_split_and_merge_by_bytes_as_well_as_keys() {
+    const LIMIT: usize = 16 * 1024;
+    let leaf = |n: usize, value_len: usize| Leaf {
+        keys: (0..n).map(|i| IVec::from(&(i as u64).to_be_bytes()[..])).collect(),
+        values: (0..n).map(|_| IVec::from(vec![7u8; value_len])).collect(),
+    };
+    assert_eq!(leaf(3, 10).bytes(), 3 * (8 + 10));
+    // 64 small keys: not by bytes (the key count decides).
+    assert!(!leaf(64, 100).too_large(LIMIT));
+    // Four journals of 5 KB: by bytes; three: too few keys to split.
+    assert!(leaf(4, 5_000).too_large(LIMIT));
+    assert!(!leaf(3, 10_000).too_large(LIMIT));
+    // Just over and just under the limit.
+    assert!(leaf(16, LIMIT / 16).too_large(LIMIT));
+    assert!(!leaf(16, LIMIT / 16 - 8).too_large(LIMIT));
+    // Either half of a leaf split for its bytes is too large to merge.
+    assert!(leaf(8, LIMIT / 8).too_large(LIMIT));
+    assert!(!leaf(4, LIMIT / 8).small_enough_to_merge(LIMIT));
+    assert!(leaf(4, 100).small_enough_to_merge(LIMIT));
+    // Without a limit (sled's default): by keys only.
+    assert!(!leaf(4, 1 << 20).too_large(usize::MAX));
+    assert!(leaf(4, 1 << 20).small_enough_to_merge(usize::MAX));
 }

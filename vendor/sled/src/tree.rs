@@ -1704,7 +1704,7 @@ impl Tree {
                 retry!();
             }
 
-            if view.should_split() {
+            if view.should_split(self.context.leaf_split_bytes) {
                 self.split_node(&view, &parent_view, root_pid, guard)?;
                 retry!();
             }
@@ -1766,7 +1766,7 @@ impl Tree {
             // would be merged into a different index, which
             // would add considerable complexity to this already
             // fairly complex implementation.
-            if view.should_merge() && !took_leftmost_branch {
+            if view.should_merge(self.context.leaf_split_bytes) && !took_leftmost_branch {
                 if let Some(ref mut parent) = parent_view {
                     assert!(parent.merging_child.is_none());
                     if parent.can_merge_child() {
