@@ -2489,9 +2489,13 @@ impl<'a> Writer<'a> {
                 IndexChange::Decided { gate, kind, by, at } => {
                     // The gate's entry is still there (it is closed after this change).
                     if let Some(bytes) = t.pending.get(gate_key(run, gate))? {
-                        if let Some(rule) = serde_json::from_slice::<PendingGate>(&bytes)
-                            .ok()
-                            .and_then(|g| g.rule)
+                        // Only its rule: the rest (arguments, context) is skipped unbuilt.
+                        #[derive(serde::Deserialize)]
+                        struct RuleOf {
+                            #[serde(default)]
+                            rule: Option<String>,
+                        }
+                        if let Some(rule) = serde_json::from_slice::<RuleOf>(&bytes).ok().and_then(|g| g.rule)
                         {
                             let entry = RuleDecision {
                                 auto: false,
