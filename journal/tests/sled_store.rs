@@ -511,8 +511,9 @@ fn leaves_split_by_bytes_in_directories_with_the_log() {
 }
 
 /// With the log, a checkpoint writes what released runs' entries kept and drops the
-/// entries, so they make room for the next: with room for one entry, a second run's
-/// release is kept only once a checkpoint has taken the first's.
+/// entries, so they make room for the next: with room for one released entry (half of
+/// `kept_summaries`), a second run's release is kept only once a checkpoint has taken
+/// the first's.
 #[tokio::test]
 async fn with_the_log_a_checkpoint_drops_the_entries_of_released_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -520,7 +521,7 @@ async fn with_the_log_a_checkpoint_drops_the_entries_of_released_runs() {
         dir.path(),
         SledOptions {
             wal: true,
-            kept_summaries: 1,
+            kept_summaries: 2,
             ..SledOptions::default()
         },
     )
