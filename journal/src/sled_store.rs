@@ -104,10 +104,10 @@
 //! `close`, `mark_stuck`, past `kept_summaries`) or once they pass [`HOLD_BYTES`]. A
 //! release leaves the entry as it is while entries number at most half of
 //! `kept_summaries` (`SledStore::keeps_released`; past that it writes them as without
-//! the log), and a
-//! checkpoint drops the entries of released runs it wrote (`forget_written`): a
-//! standard run decided before either stores its journal in one value and its status
-//! key once, and its release writes nothing but the pending entry. No dirty
+//! the log), and a checkpoint drops the entries of released runs it wrote
+//! (`forget_written`): a standard run decided before either stores its journal in one
+//! value and its status key once, and its release writes nothing but the pending
+//! entry. No dirty
 //! mark is written: the log's records past the last checkpoint name every run the
 //! open must finish. A commit that conflicts with one logged but not yet written waits
 //! for it first, so the caller's re-read finds it. A **checkpoint** (once the log has
@@ -234,7 +234,8 @@ pub struct SledOptions {
 /// proportion to its leaf's bytes: with the log a run's journal is one value of about
 /// 1.4 KB, and 64 of them made leaves of up to 90 KB. Without the log values are small
 /// and leaves split by their count of keys only, as more leaves would cost a restarted
-/// server memory (ARCHITECTURE.md, "Where the time goes").
+/// server memory (ARCHITECTURE.md, "Twelfth session: a released run stays in memory,
+/// and leaves split by their bytes").
 pub const LOG_LEAF_BYTES: usize = 16 * 1024;
 
 /// zstd level used for a compressed directory opened with `compression: None`.
