@@ -152,6 +152,29 @@ fn approve(p: u32) -> EventKind {
 }
 
 /// Appends at whatever seq the run is at now (another writer may land first).
+/// A new run, claimed, its first step and a gate appended, released: waiting at gate 1.
+async fn waiting_at_a_gate(store: &SledStore) -> RunId {
+    let run = store.create_run(new_run("w")).await.unwrap().run();
+    let lease = store
+        .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 1)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(lease.run, run);
+    let mut a = append(run, 1, vec![step(0), gate(1)]);
+    a.lease = Some(lease.token);
+    store.append(a).await.unwrap().unwrap();
+    store.release(&lease, None).await.unwrap();
+    run
+}
+
+/// How many keys sled holds in `tree`.
+fn entries(store: &SledStore, tree: &str) -> u64 {
+    let trees = store.live_bytes().unwrap();
+    trees.iter().find(|t| t.tree == tree).unwrap().entries
+}
+
 async fn append_now(store: &SledStore, run: RunId, event: EventKind) -> bool {
     loop {
         let s = store.summary(run).await.unwrap().unwrap();
@@ -437,21 +460,7 @@ async fn with_the_log_a_released_run_is_written_at_its_end_or_past_the_kept_entr
             },
         )
         .unwrap();
-        let entries = |store: &SledStore, tree: &str| {
-            let trees = store.live_bytes().unwrap();
-            trees.iter().find(|t| t.tree == tree).unwrap().entries
-        };
-        let run = store.create_run(new_run("w")).await.unwrap().run();
-        let lease = store
-            .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 1)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
-        let mut a = append(run, 1, vec![step(0), gate(1)]);
-        a.lease = Some(lease.token);
-        store.append(a).await.unwrap().unwrap();
-        store.release(&lease, None).await.unwrap();
+        let run = waiting_at_a_gate(&store).await;
         let written = kept == 0;
         // Past the limit every commit writes through: the creation's value and the
         // activation's.
@@ -526,23 +535,10 @@ async fn with_the_log_a_checkpoint_drops_the_entries_of_released_runs() {
         },
     )
     .unwrap();
-    let stored = |store: &SledStore| {
-        let trees = store.live_bytes().unwrap();
-        trees.iter().find(|t| t.tree == "by_status").unwrap().entries
-    };
+    let stored = |store: &SledStore| entries(store, "by_status");
     let mut runs = Vec::new();
     for checkpoint in [true, false] {
-        let run = store.create_run(new_run("w")).await.unwrap().run();
-        let lease = store
-            .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 1)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
-        let mut a = append(run, 1, vec![step(0), gate(1)]);
-        a.lease = Some(lease.token);
-        store.append(a).await.unwrap().unwrap();
-        store.release(&lease, None).await.unwrap();
+        let run = waiting_at_a_gate(&store).await;
         runs.push(run);
         // Only a checkpoint wrote a status key so far.
         assert_eq!(stored(&store), runs.len() as u64 - 1, "run {}: kept", runs.len());
