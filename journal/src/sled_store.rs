@@ -105,7 +105,7 @@
 //! release leaves the entry as it is while entries number at most half of
 //! `kept_summaries` (`SledStore::keeps_released`; past that it writes them as without
 //! the log), and a checkpoint drops the entries of released runs it wrote
-//! (`forget_written`): a standard run decided before either stores its journal in one
+//! (`clear_dirty`, as a release does): a standard run decided before either stores its journal in one
 //! value and its status key once, and its release writes nothing but the pending
 //! entry. No dirty
 //! mark is written: the log's records past the last checkpoint name every run the
@@ -588,7 +588,10 @@ impl SledStore {
     pub fn open_with(dir: impl AsRef<Path>, options: SledOptions) -> Result<SledStore> {
         let dir = dir.as_ref().to_path_buf();
         // With the log, a run's journal is one value of a kilobyte or more
-        // (`keeps_released`): leaves split by their bytes as well (LOG_LEAF_BYTES).
+        // (`keeps_released`): leaves split by their bytes as well (LOG_LEAF_BYTES). sled's
+        // configuration is fixed before the `meta` tree says whether the directory has
+        // a log, so its `wal` directory tells; a directory cut off between the two only
+        // misses the limit (how leaves split changes nothing on disk).
         let logged = options.wal || dir.join("wal").is_dir();
         let db = sled_config(&dir, options.compression)
             .leaf_split_bytes(if logged { LOG_LEAF_BYTES } else { usize::MAX })
@@ -1526,23 +1529,6 @@ impl SledStore {
                 .is_some_and(|m| m.visible && m.summary.is_some() && !m.status.is_terminal())
     }
 
-    /// With the log, removes `run`'s entry once sled holds all it kept: no commit waits
-    /// in it, and its summary, status key and records are written. Under the run's
-    /// commit lock (the next commit marks the run afresh from what sled holds).
-    fn forget_written(&self, run: RunId) {
-        let mut marks = lock(&self.inner.dirty);
-        let written = marks.get(&run).is_some_and(|m| {
-            m.visible
-                && m.pending.is_empty()
-                && m.summary.is_none()
-                && m.held.is_empty()
-                && m.stored == Some(m.status)
-        });
-        if written {
-            marks.remove(&run);
-        }
-    }
-
     /// Removes `run`'s mark, once its commits so far are whole, after writing the summary
     /// and the status key its commits left in memory. Under its commit lock.
     fn clear_dirty(&self, run: RunId) -> Result<()> {
@@ -1763,10 +1749,12 @@ impl SledStore {
         for run in runs {
             let _run = self.run_lock(run);
             self.apply_logged_locked(run)?;
-            self.write_kept(run)?;
-            // A released run's entry (`keeps_released`) is done with.
-            if !self.state().leases.contains_key(&run) {
-                self.forget_written(run);
+            // A run not under way (released, `keeps_released`, or not yet claimed) is
+            // done with its entry, as a release without the log would be.
+            if self.state().leases.contains_key(&run) {
+                self.write_kept(run)?;
+            } else {
+                self.clear_dirty(run)?;
             }
         }
         store_wakes(&self.inner)?;

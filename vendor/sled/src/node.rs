@@ -28,7 +28,7 @@ const LEAF_MERGE_KEYS: usize = 16;
 const LEAF_SPLIT_BYTES_MIN_KEYS: usize = 4;
 
 impl Leaf {
-    /// Bytes of the leaf's keys and values.
+    /// Holdpoint: bytes of the leaf's keys and values (also `Data::rss` for a leaf).
     pub(crate) fn bytes(&self) -> usize {
         self.keys.iter().map(|k| k.len()).sum::<usize>()
             + self.values.iter().map(|v| v.len()).sum::<usize>()
@@ -784,12 +784,7 @@ impl Data {
             Data::Index(ref index) => {
                 index.keys.iter().map(|k| k.len() + 8).sum::<usize>() as u64
             }
-            Data::Leaf(ref leaf) => leaf
-                .keys
-                .iter()
-                .zip(leaf.values.iter())
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>() as u64,
+            Data::Leaf(ref leaf) => leaf.bytes() as u64,
         }
     }
 
