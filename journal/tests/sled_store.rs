@@ -152,6 +152,19 @@ fn approve(p: u32) -> EventKind {
 }
 
 /// Appends at whatever seq the run is at now (another writer may land first).
+/// A store in `dir` with its write-ahead log, keeping up to `kept_summaries` entries.
+fn open_with_the_log(dir: &std::path::Path, kept_summaries: usize) -> SledStore {
+    SledStore::open_with(
+        dir,
+        SledOptions {
+            wal: true,
+            kept_summaries,
+            ..SledOptions::default()
+        },
+    )
+    .unwrap()
+}
+
 /// A new run, claimed, its first step and a gate appended, released: waiting at gate 1.
 async fn waiting_at_a_gate(store: &SledStore) -> RunId {
     let run = store.create_run(new_run("w")).await.unwrap().run();
@@ -351,18 +364,7 @@ async fn live_bytes_counts_keys_and_values_per_tree() {
 #[tokio::test]
 async fn with_the_log_an_activations_records_are_stored_as_one_value_when_it_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open_with(
-        dir.path(),
-        SledOptions {
-            wal: true,
-            ..SledOptions::default()
-        },
-    )
-    .unwrap();
-    let events_stored = |store: &SledStore| {
-        let trees = store.live_bytes().unwrap();
-        trees.iter().find(|t| t.tree == "events").unwrap().entries
-    };
+    let store = open_with_the_log(dir.path(), SledOptions::default().kept_summaries);
     let kinds = |events: Vec<Event>| events.into_iter().map(|e| e.event).collect::<Vec<_>>();
     let run = store.create_run(new_run("w")).await.unwrap().run();
     let worker = WorkerId::new();
@@ -380,7 +382,7 @@ async fn with_the_log_an_activations_records_are_stored_as_one_value_when_it_end
         expected.extend(events);
     }
     assert_eq!(
-        events_stored(&store),
+        entries(&store, "events"),
         0,
         "the records are held while the activation goes on"
     );
@@ -394,7 +396,7 @@ async fn with_the_log_an_activations_records_are_stored_as_one_value_when_it_end
     }
     store.release(&lease, None).await.unwrap();
     assert_eq!(
-        events_stored(&store),
+        entries(&store, "events"),
         0,
         "a released run's entry keeps its records (the log holds them)"
     );
@@ -403,7 +405,7 @@ async fn with_the_log_an_activations_records_are_stored_as_one_value_when_it_end
     // A decision, held with the rest; readers see every record from every seq.
     assert!(append_now(&store, run, approve(2)).await);
     expected.push(approve(2));
-    assert_eq!(events_stored(&store), 0);
+    assert_eq!(entries(&store, "events"), 0);
     for from in 0..=5 {
         assert_eq!(
             kinds(store.read(run, Seq(from)).await.unwrap()),
@@ -414,7 +416,7 @@ async fn with_the_log_an_activations_records_are_stored_as_one_value_when_it_end
     assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
     store.checkpoint().unwrap();
     assert_eq!(
-        events_stored(&store),
+        entries(&store, "events"),
         1,
         "a checkpoint stores what the entry held: creation, activation and decision in one value"
     );
@@ -432,7 +434,7 @@ async fn with_the_log_an_activations_records_are_stored_as_one_value_when_it_end
     assert!(append_now(&store, run, EventKind::RunCompleted { output: json!(1) }).await);
     expected.push(EventKind::RunCompleted { output: json!(1) });
     assert_eq!(
-        events_stored(&store),
+        entries(&store, "events"),
         2,
         "the run's end stores its records at once"
     );
@@ -451,15 +453,7 @@ async fn with_the_log_an_activations_records_are_stored_as_one_value_when_it_end
 async fn with_the_log_a_released_run_is_written_at_its_end_or_past_the_kept_entries() {
     for kept in [16_384, 0] {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open_with(
-            dir.path(),
-            SledOptions {
-                wal: true,
-                kept_summaries: kept,
-                ..SledOptions::default()
-            },
-        )
-        .unwrap();
+        let store = open_with_the_log(dir.path(), kept);
         let run = waiting_at_a_gate(&store).await;
         let written = kept == 0;
         // Past the limit every commit writes through: the creation's value and the
@@ -504,14 +498,7 @@ fn leaves_split_by_bytes_in_directories_with_the_log() {
     assert_eq!(plain.leaf_split_bytes(), usize::MAX);
     plain.close().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let logged = SledStore::open_with(
-        dir.path(),
-        SledOptions {
-            wal: true,
-            ..SledOptions::default()
-        },
-    )
-    .unwrap();
+    let logged = open_with_the_log(dir.path(), SledOptions::default().kept_summaries);
     assert_eq!(logged.leaf_split_bytes(), sled_store::LOG_LEAF_BYTES);
     logged.close().unwrap();
     let reopened = SledStore::open(dir.path()).unwrap();
@@ -526,15 +513,7 @@ fn leaves_split_by_bytes_in_directories_with_the_log() {
 #[tokio::test]
 async fn with_the_log_a_checkpoint_drops_the_entries_of_released_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open_with(
-        dir.path(),
-        SledOptions {
-            wal: true,
-            kept_summaries: 2,
-            ..SledOptions::default()
-        },
-    )
-    .unwrap();
+    let store = open_with_the_log(dir.path(), 2);
     let stored = |store: &SledStore| entries(store, "by_status");
     let mut runs = Vec::new();
     for checkpoint in [true, false] {
