@@ -2457,6 +2457,8 @@ impl<'a> Writer<'a> {
     fn apply_changes(&self, summary: &RunSummary, changes: Vec<IndexChange>) -> Result<()> {
         let t = self.trees;
         let run = summary.id;
+        // The gate whose entry a decision took out already (it is closed after it).
+        let mut removed = None;
         for change in changes {
             match change {
                 IndexChange::Notify(n) => self.queue(run, n, &[], None, None)?,
@@ -2464,6 +2466,7 @@ impl<'a> Writer<'a> {
                     t.pending
                         .insert(gate_key(gate.run, gate.gate), serde_json::to_vec(&*gate)?)?;
                 }
+                IndexChange::GateClosed(gate) if removed == Some(gate) => {}
                 IndexChange::GateClosed(gate) => {
                     t.pending.remove(gate_key(run, gate))?;
                 }
@@ -2481,8 +2484,10 @@ impl<'a> Writer<'a> {
                     }
                 }
                 IndexChange::Decided { gate, kind, by, at } => {
-                    // The gate's entry is still there (it is closed after this change).
-                    if let Some(bytes) = t.pending.get(gate_key(run, gate))? {
+                    // The gate is closed after this change, in the same commit: its
+                    // entry is taken out here, where its rule is read from it.
+                    removed = Some(gate);
+                    if let Some(bytes) = t.pending.remove(gate_key(run, gate))? {
                         // Only its rule: the rest (arguments, context) is skipped unbuilt.
                         #[derive(serde::Deserialize)]
                         struct RuleOf {
