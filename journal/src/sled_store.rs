@@ -105,11 +105,10 @@
 //! release leaves the entry as it is while entries number at most half of
 //! `kept_summaries` (`SledStore::keeps_released`; past that it writes them as without
 //! the log), and a checkpoint drops the entries of released runs it wrote
-//! (`clear_dirty`, as a release does): a standard run decided before either stores its journal in one
-//! value and its status key once, and its release writes nothing but the pending
-//! entry. No dirty
-//! mark is written: the log's records past the last checkpoint name every run the
-//! open must finish. A commit that conflicts with one logged but not yet written waits
+//! (`clear_dirty`, as a release does): a standard run decided before either stores its
+//! journal in one value and its status key once, and its release writes nothing but
+//! the pending entry. No dirty mark is written: the log's records past the last
+//! checkpoint name every run the open must finish. A commit that conflicts with one logged but not yet written waits
 //! for it first, so the caller's re-read finds it. A **checkpoint** (once the log has
 //! grown [`SledOptions::checkpoint_bytes`], and at open and close) takes the first LSN
 //! not yet written to sled (the log's end if none), writes every entry's summary and

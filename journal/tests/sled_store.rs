@@ -151,7 +151,6 @@ fn approve(p: u32) -> EventKind {
     }
 }
 
-/// Appends at whatever seq the run is at now (another writer may land first).
 /// A store in `dir` with its write-ahead log, keeping up to `kept_summaries` entries.
 fn open_with_the_log(dir: &std::path::Path, kept_summaries: usize) -> SledStore {
     SledStore::open_with(
@@ -188,6 +187,7 @@ fn entries(store: &SledStore, tree: &str) -> u64 {
     trees.iter().find(|t| t.tree == tree).unwrap().entries
 }
 
+/// Appends at whatever seq the run is at now (another writer may land first).
 async fn append_now(store: &SledStore, run: RunId, event: EventKind) -> bool {
     loop {
         let s = store.summary(run).await.unwrap().unwrap();
@@ -541,10 +541,7 @@ async fn with_the_log_a_checkpoint_drops_the_entries_of_released_runs() {
 async fn dirty_marks_last_from_a_commit_to_the_end_of_the_activation() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
-    let marks = |store: &SledStore| {
-        let trees = store.live_bytes().unwrap();
-        trees.into_iter().find(|t| t.tree == "dirty").unwrap().entries
-    };
+    let marks = |store: &SledStore| entries(store, "dirty");
     let a = store.create_run(new_run("w")).await.unwrap().run();
     let b = store.create_run(new_run("w")).await.unwrap().run();
     assert_eq!(marks(&store), 2, "created runs are marked");
@@ -579,10 +576,7 @@ async fn dirty_marks_last_from_a_commit_to_the_end_of_the_activation() {
 #[tokio::test]
 async fn status_keys_wait_for_the_mark_and_readers_never_see_them_behind() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = |store: &SledStore| {
-        let trees = store.live_bytes().unwrap();
-        trees.into_iter().find(|t| t.tree == "by_status").unwrap().entries
-    };
+    let keys = |store: &SledStore| entries(store, "by_status");
     let listed = |store: SledStore, st: RunStatus, after: Option<RunId>, limit: usize| async move {
         let runs = store.list_runs(Some(st), after, limit).await.unwrap();
         let ids: Vec<RunId> = runs.iter().map(|s| s.id).collect();
@@ -719,10 +713,7 @@ async fn runs_created_since_their_marks_went_are_listed_in_order() {
         runs.push(store.create_run(new_run("w")).await.unwrap().run());
     }
     runs.sort();
-    let stored = |store: &SledStore| {
-        let trees = store.live_bytes().unwrap();
-        trees.into_iter().find(|t| t.tree == "runs").unwrap().entries
-    };
+    let stored = |store: &SledStore| entries(store, "runs");
     let listed = |store: SledStore, after: Option<RunId>, limit: usize| async move {
         let ids: Vec<RunId> = store
             .list_runs(None, after, limit)
@@ -856,10 +847,7 @@ async fn a_run_checked_after_a_lost_release_queues_no_notification_twice() {
 #[tokio::test]
 async fn wake_ups_kept_in_memory_survive_a_crash_and_a_close() {
     let dir = tempfile::tempdir().unwrap();
-    let stored = |store: &SledStore| {
-        let trees = store.live_bytes().unwrap();
-        trees.into_iter().find(|t| t.tree == "ready").unwrap().entries
-    };
+    let stored = |store: &SledStore| entries(store, "ready");
     let claim_all = |store: SledStore| async move {
         let mut runs: Vec<RunId> = store
             .claim(WorkerId::new(), Utc::now(), Duration::from_secs(30), 10)
