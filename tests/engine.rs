@@ -774,3 +774,47 @@ async fn the_store_comes_back_once_the_last_handle_is_dropped() {
     holder.await.unwrap();
     store.close().unwrap();
 }
+
+/// A gate opened in this activation, decided while a step beside it still runs: the
+/// step's append meets the decision, which must be taken in and answer the gate.
+#[tokio::test]
+async fn a_gate_decided_while_a_step_beside_it_runs_is_answered_in_the_same_activation() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (s, g) = (started.clone(), go.clone());
+    let registry = Registry::new().workflow("side", 1, move |ctx: Ctx, _: ()| {
+        let (started, go) = (s.clone(), g.clone());
+        async move {
+            let (gated, slow) = futures::join!(
+                ctx.gate("send", json!({"to": "x"}), json!(null)),
+                ctx.step("slow", move || {
+                    let (started, go) = (started.clone(), go.clone());
+                    async move {
+                        started.notify_one();
+                        go.notified().await;
+                        Ok(7u32)
+                    }
+                })
+            );
+            let approved = matches!(gated?, Gated::Approved { .. });
+            Ok(json!({"approved": approved, "slow": slow?}))
+        }
+    });
+    let e = Engine::new(SledStore::open(dir.path()).unwrap(), registry).unwrap();
+    let workers = e.spawn_workers();
+    let run = e.start("side", &(), None).await.unwrap();
+    // The step's start is durable before its body runs, and the gate's request with it.
+    started.notified().await;
+    e.decide(run, DecisionRequest::approve(GateId(0), bob()))
+        .await
+        .unwrap();
+    go.notify_one();
+    let s = e.settled(run).await.unwrap();
+    workers.shutdown().await;
+    assert_eq!(s.status, RunStatus::Completed, "{s:?}");
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.state.output, Some(json!({"approved": true, "slow": 7})));
+    // The decision answered the waiting gate at once: no second activation to replay.
+    assert_eq!(e.metrics().activations.load(Ordering::Relaxed), 1);
+}

@@ -380,6 +380,11 @@ struct State {
     in_flight: u32,
     /// Calls waiting for a person or a timer.
     blocked: u32,
+    /// Of `blocked`, the gates waiting for their decision, which a decision read from
+    /// the journal during the activation wakes ([`Ctx::flush`]). The other blocked
+    /// calls (timers, the question after an interrupted at-most-once step) are
+    /// answered by the next activation's replay.
+    resumable: u32,
     /// Earliest timer among the blocked calls.
     wake_at: Option<DateTime<Utc>>,
     abort: Option<Abort>,
@@ -411,6 +416,8 @@ pub(crate) struct Inner {
     append_lock: tokio::sync::Mutex<()>,
     /// Wakes the driver when the run blocks, aborts, or a step finishes.
     pub(crate) signal: Notify,
+    /// Wakes the gates waiting for a decision, to look in the history again.
+    resumed: Notify,
 }
 
 /// The author's handle on a run. Cheap to clone; clones share the run.
@@ -814,11 +821,13 @@ impl Ctx {
                     buffer: Vec::new(),
                     in_flight: 0,
                     blocked: 0,
+                    resumable: 0,
                     wake_at: None,
                     abort: None,
                 }),
                 append_lock: tokio::sync::Mutex::new(()),
                 signal: Notify::new(),
+                resumed: Notify::new(),
             }),
         }
     }
@@ -1296,7 +1305,7 @@ impl Ctx {
                 }
                 match decision {
                     Some(info) => Ok((recorded_args, info)),
-                    None => self.block(None).await,
+                    None => self.decision_at(position).await,
                 }
             }
             _ => {
@@ -1311,21 +1320,89 @@ impl Ctx {
                         now.checked_add_signed(chrono::Duration::seconds(secs.min(i64::MAX as u64) as i64))
                             .unwrap_or(now)
                     });
-                self.push(EventKind::ApprovalRequested {
-                    gate: position.into(),
-                    kind,
-                    action: action.to_string(),
-                    args,
-                    context,
-                    reason,
-                    allowed,
-                    deadline,
-                    rule,
-                    spec,
-                });
-                self.block(None).await
+                // The gate goes into the history as a replay would find it, so that a
+                // decision read from the journal later in this activation (when a step
+                // beside the gate appends) has a gate to answer.
+                {
+                    let mut s = self.state();
+                    let seq = s.journal_len.plus(s.buffer.len() as u64);
+                    s.history.by_position.insert(
+                        position,
+                        Recorded::Gate {
+                            seq,
+                            kind,
+                            action: action.to_string(),
+                            args: args.clone(),
+                            decision: None,
+                        },
+                    );
+                    s.buffer.push(EventKind::ApprovalRequested {
+                        gate: position.into(),
+                        kind,
+                        action: action.to_string(),
+                        args,
+                        context,
+                        reason,
+                        allowed,
+                        deadline,
+                        rule,
+                        spec,
+                    });
+                }
+                self.decision_at(position).await
             }
         }
+    }
+
+    /// Waits for the decision on the gate at `position`: blocked (the activation may end
+    /// here, and the workflow future be dropped) until a decision read from the journal
+    /// reaches the history, then the gate's args and the decision, taken out of it.
+    async fn decision_at(&self, position: Position) -> Result<(Value, DecisionInfo), Failure> {
+        loop {
+            let resumed = self.inner.resumed.notified();
+            tokio::pin!(resumed);
+            // Registered before the look, so a resume after it is not missed.
+            resumed.as_mut().enable();
+            let aborted = {
+                let mut s = self.state();
+                if s.abort.is_some() {
+                    true
+                } else {
+                    if let Some(Recorded::Gate {
+                        decision: Some(_), ..
+                    }) = s.history.by_position.get(&position)
+                    {
+                        if let Some(Recorded::Gate {
+                            args,
+                            decision: Some(info),
+                            ..
+                        }) = s.history.by_position.remove(&position)
+                        {
+                            return Ok((args, info));
+                        }
+                    }
+                    s.blocked += 1;
+                    s.resumable += 1;
+                    false
+                }
+            };
+            if aborted {
+                return self.park().await;
+            }
+            self.inner.signal.notify_one();
+            resumed.await;
+        }
+    }
+
+    /// Wakes the gates waiting for decisions, each to look again (and block again if
+    /// its decision is not there).
+    fn wake_gates(&self) {
+        {
+            let mut s = self.state();
+            s.blocked -= s.resumable;
+            s.resumable = 0;
+        }
+        self.inner.resumed.notify_waiters();
     }
 
     // ---- replay machinery -------------------------------------------------------
@@ -1520,6 +1597,8 @@ impl Ctx {
                     }
                     expected = expected.plus(read);
                     s.journal_len = expected;
+                    drop(s);
+                    self.wake_gates();
                 }
                 Err(journal::Error::LeaseLost(_)) => {
                     self.fail(Abort::LeaseLost);

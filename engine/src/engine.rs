@@ -1188,8 +1188,16 @@ async fn drive(ctx: &Ctx, workflow: BoxFuture<'static, std::result::Result<Value
                 if let Some(abort) = ctx.take_abort() {
                     return Outcome::Aborted(abort);
                 }
-                if let Some(wake) = ctx.suspension() {
-                    return Outcome::Suspended(wake);
+                if ctx.suspension().is_some() {
+                    // Before pausing, append what is buffered: a decision that landed
+                    // meanwhile is taken in there and wakes its gate, and the run goes
+                    // on in this activation.
+                    if ctx.flush().await.is_err() {
+                        return Outcome::Aborted(ctx.take_abort().unwrap_or(Abort::LeaseLost));
+                    }
+                    if let Some(wake) = ctx.suspension() {
+                        return Outcome::Suspended(wake);
+                    }
                 }
             }
         }
