@@ -818,3 +818,100 @@ async fn a_gate_decided_while_a_step_beside_it_runs_is_answered_in_the_same_acti
     // The decision answered the waiting gate at once: no second activation to replay.
     assert_eq!(e.metrics().activations.load(Ordering::Relaxed), 1);
 }
+
+/// A vote at a gate that needs two approvals, recorded while a step beside the gate
+/// runs: the step's append meets the vote and must take it in, not give the run up.
+/// Given up, the step's completion was never written and the step ran again.
+#[tokio::test]
+async fn a_vote_recorded_while_a_step_beside_its_gate_runs_loses_nothing() {
+    use holdpoint::journal::{GateSpec, Verdict};
+    use holdpoint::{Policy, Rule};
+    let dir = tempfile::tempdir().unwrap();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let go = Arc::new(tokio::sync::Notify::new());
+    let slow_runs = Arc::new(AtomicU32::new(0));
+    let paid = Arc::new(AtomicU32::new(0));
+    let (s, g, n, p) = (started.clone(), go.clone(), slow_runs.clone(), paid.clone());
+    let registry = Registry::new().workflow("vote", 1, move |ctx: Ctx, _: ()| {
+        let (started, go, slow_runs, paid) = (s.clone(), g.clone(), n.clone(), p.clone());
+        async move {
+            // The step first: it takes its position before the action's three (policy,
+            // gate, step), in the first activation and in the replay after the decision.
+            let (slow, acted) = futures::join!(
+                ctx.step("slow", move || {
+                    let (started, go, slow_runs) = (started.clone(), go.clone(), slow_runs.clone());
+                    async move {
+                        // Held only the first time: a second run of the body is the bug.
+                        if slow_runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                            started.notify_one();
+                            go.notified().await;
+                        }
+                        Ok(7u32)
+                    }
+                }),
+                ctx.act("send_money", json!({"to": "x"})).run(|_args| {
+                    let paid = paid.clone();
+                    async move {
+                        paid.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    }
+                })
+            );
+            acted?;
+            slow
+        }
+    });
+    let policy = Policy::new(Verdict::RequireApproval).rule(
+        Rule::new("two", "send_money", Verdict::RequireApproval).gate(GateSpec {
+            quorum: 2,
+            ..GateSpec::default()
+        }),
+    );
+    let e = Engine::builder(SledStore::open(dir.path()).unwrap(), registry)
+        .policy(policy)
+        .build()
+        .unwrap();
+    let workers = e.spawn_workers();
+    let mut changes = e.store().changes();
+    let run = e.start("vote", &(), None).await.unwrap();
+    started.notified().await;
+    // The gate's request reaches the inbox while the step beside it still runs.
+    let appears = async {
+        loop {
+            changes.borrow_and_update();
+            if let Some(open) = e.pending(None, 10).await.unwrap().first() {
+                return open.gate;
+            }
+            changes.changed().await.unwrap();
+        }
+    };
+    // A bound, not a wait: the request is appended before the step's body is let go.
+    let gate = tokio::time::timeout(Duration::from_secs(60), appears)
+        .await
+        .expect("the gate's request reached the inbox while the step beside it ran");
+    let voted = e
+        .decide(run, DecisionRequest::approve(gate, bob()))
+        .await
+        .unwrap();
+    assert!(matches!(voted, Decided::Voted { .. }), "{voted:?}");
+    go.notify_one();
+    // The run pauses at the gate again, with the step's result written.
+    let s = e.settled(run).await.unwrap();
+    assert_eq!(s.status, RunStatus::Waiting, "{s:?}");
+    let completed = e
+        .events(run)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|ev| matches!(ev.event, EventKind::StepCompleted { .. }))
+        .count();
+    assert_eq!(completed, 1, "the step's completion is in the journal");
+    e.decide(run, DecisionRequest::approve(gate, Principal::new("carol")))
+        .await
+        .unwrap();
+    let s = e.settled(run).await.unwrap();
+    workers.shutdown().await;
+    assert_eq!(s.status, RunStatus::Completed, "{s:?}");
+    assert_eq!(slow_runs.load(Ordering::SeqCst), 1, "the step ran once");
+    assert_eq!(paid.load(Ordering::SeqCst), 1);
+}

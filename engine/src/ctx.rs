@@ -1358,6 +1358,17 @@ impl Ctx {
     /// here, and the workflow future be dropped) until a decision read from the journal
     /// reaches the history, then the gate's args and the decision, taken out of it.
     async fn decision_at(&self, position: Position) -> Result<(Value, DecisionInfo), Failure> {
+        // Beside a running step the activation does not pause here, so the request is
+        // appended now: it reaches the journal, and the reviewers' inbox, before that
+        // step ends. (Otherwise the driver appends it as the activation pauses, with
+        // whatever else is buffered.)
+        let beside_a_step = {
+            let s = self.state();
+            s.in_flight > 0 && !s.buffer.is_empty()
+        };
+        if beside_a_step && self.flush().await.is_err() {
+            return self.park().await;
+        }
         loop {
             let resumed = self.inner.resumed.notified();
             tokio::pin!(resumed);
@@ -1583,7 +1594,14 @@ impl Ctx {
                     let mut s = self.state();
                     for e in new {
                         let outcome = match e.event {
-                            EventKind::DecisionRecorded { .. } => {
+                            // What people add to a run while it is driven: a decision
+                            // answers its gate; a vote or an escalation changes who may
+                            // decide, nothing the code sees (the history takes them as
+                            // no-ops). Only the workflow's own events, which no one
+                            // else may append, mean the run was lost.
+                            EventKind::DecisionRecorded { .. }
+                            | EventKind::VoteRecorded { .. }
+                            | EventKind::GateEscalated { .. } => {
                                 s.history.add(e).map_err(Abort::Inconsistent)
                             }
                             EventKind::RunCancelled { .. } => Err(Abort::Ended),
