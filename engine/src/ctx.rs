@@ -1558,8 +1558,9 @@ impl Ctx {
     }
 
     /// Appends everything produced so far (durably). On a seq conflict, events that came
-    /// from outside (decisions, cancellation) are taken in and the append retried; any
-    /// other writer means this activation lost the run.
+    /// from outside (decisions, votes, escalations, cancellation) are taken in and the
+    /// append retried, and a decision wakes the gate waiting for it; any other writer
+    /// means this activation lost the run.
     pub(crate) async fn flush(&self) -> Result<(), Parked> {
         let _order = self.inner.append_lock.lock().await;
         let (events, mut expected) = {
