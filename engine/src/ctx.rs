@@ -201,6 +201,32 @@ impl History {
         Ok(h)
     }
 
+    /// The args and decision of the gate at `position`, taken out of the history, once
+    /// it is decided.
+    fn take_decided(&mut self, position: Position) -> Option<(Value, DecisionInfo)> {
+        match self.by_position.entry(position) {
+            Entry::Occupied(o)
+                if matches!(
+                    o.get(),
+                    Recorded::Gate {
+                        decision: Some(_),
+                        ..
+                    }
+                ) =>
+            {
+                match o.remove() {
+                    Recorded::Gate {
+                        args,
+                        decision: Some(info),
+                        ..
+                    } => Some((args, info)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
     /// Records what the journal holds at a position that must not be taken yet.
     fn take(&mut self, position: Position, recorded: Recorded, tag: &str) -> Result<(), String> {
         if self.by_position.contains_key(&position) {
@@ -1378,20 +1404,9 @@ impl Ctx {
                 let mut s = self.state();
                 if s.abort.is_some() {
                     true
+                } else if let Some(decided) = s.history.take_decided(position) {
+                    return Ok(decided);
                 } else {
-                    if let Some(Recorded::Gate {
-                        decision: Some(_), ..
-                    }) = s.history.by_position.get(&position)
-                    {
-                        if let Some(Recorded::Gate {
-                            args,
-                            decision: Some(info),
-                            ..
-                        }) = s.history.by_position.remove(&position)
-                        {
-                            return Ok((args, info));
-                        }
-                    }
                     s.blocked += 1;
                     s.resumable += 1;
                     false
