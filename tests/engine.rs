@@ -915,3 +915,324 @@ async fn a_vote_recorded_while_a_step_beside_its_gate_runs_loses_nothing() {
     assert_eq!(slow_runs.load(Ordering::SeqCst), 1, "the step ran once");
     assert_eq!(paid.load(Ordering::SeqCst), 1);
 }
+
+type Bodies = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A gate that must be approved for the code to go on.
+async fn go(ctx: &Ctx) -> Result<(), Failure> {
+    match ctx.gate("go", json!({}), json!(null)).await? {
+        Gated::Approved { .. } => Ok(()),
+        other => Err(Failure::terminal(format!("not approved: {other:?}"))),
+    }
+}
+
+/// A step that notes each run of its body.
+async fn fetch(ctx: &Ctx, bodies: &Bodies, url: &str) -> Result<String, Failure> {
+    let (bodies, url) = (bodies.clone(), url.to_string());
+    ctx.step("fetch", move || {
+        let (bodies, url) = (bodies.clone(), url.clone());
+        async move {
+            bodies.lock().unwrap().push(url.clone());
+            Ok(url)
+        }
+    })
+    .await
+}
+
+/// A call made after a gate within one branch of `join!`, where the other branch took
+/// the next position while the gate waited. Replay must hand the gate's decision out
+/// only once that position is taken again, or the branch after the gate takes it: with
+/// a step of the same name there, it would read the other branch's output and the
+/// other branch's step would run a second time.
+#[tokio::test]
+async fn a_call_after_a_gate_in_a_joined_branch_replays_at_its_own_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let bodies: Bodies = Arc::default();
+    let b = bodies.clone();
+    let registry = Registry::new().workflow("branches", 1, move |ctx: Ctx, _: ()| {
+        let bodies = b.clone();
+        async move {
+            let (after_gate, beside) = futures::join!(
+                async {
+                    go(&ctx).await?;
+                    fetch(&ctx, &bodies, "one").await
+                },
+                fetch(&ctx, &bodies, "two")
+            );
+            Ok(json!({"after_gate": after_gate?, "beside": beside?}))
+        }
+    });
+    let e = Engine::new(SledStore::open(dir.path()).unwrap(), registry.clone()).unwrap();
+    let run = e.start("branches", &(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let gate = only_gate(&e, run).await;
+    e.decide(run, DecisionRequest::approve(gate, bob()))
+        .await
+        .unwrap();
+    e.drain().await.unwrap();
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.summary.status, RunStatus::Completed, "{:?}", view.summary);
+    assert_eq!(
+        view.state.output,
+        Some(json!({"after_gate": "one", "beside": "two"}))
+    );
+    assert_eq!(
+        *bodies.lock().unwrap(),
+        vec!["two".to_string(), "one".to_string()],
+        "each body ran once"
+    );
+    assert_eq!(
+        replay(&registry, &e.events(run).await.unwrap()).await,
+        Replay::Consistent { would_append: vec![] }
+    );
+}
+
+/// The example the known limit gave: an action (policy, gate, step) joined with a step,
+/// the gate decided between activations. Replayed with every result handed out at
+/// once, the action's step took the other step's position and the run was parked as
+/// nondeterministic.
+#[tokio::test]
+async fn an_action_joined_with_a_step_resumes_after_its_decision() {
+    use holdpoint::journal::Verdict;
+    use holdpoint::Policy;
+    let dir = tempfile::tempdir().unwrap();
+    let bodies: Bodies = Arc::default();
+    let b = bodies.clone();
+    let registry = Registry::new().workflow("act_and_step", 1, move |ctx: Ctx, _: ()| {
+        let bodies = b.clone();
+        async move {
+            let paid = bodies.clone();
+            let (acted, beside) = futures::join!(
+                ctx.act("send_money", json!({"to": "x"})).run(move |_args| {
+                    let paid = paid.clone();
+                    async move {
+                        paid.lock().unwrap().push("send_money".into());
+                        Ok(1u32)
+                    }
+                }),
+                fetch(&ctx, &bodies, "beside")
+            );
+            let sent = match acted? {
+                holdpoint::Acted::Done { output, .. } => output,
+                other => return Err(Failure::terminal(format!("{other:?}"))),
+            };
+            Ok(json!({"sent": sent, "beside": beside?}))
+        }
+    });
+    let e = Engine::builder(SledStore::open(dir.path()).unwrap(), registry.clone())
+        .policy(Policy::new(Verdict::RequireApproval))
+        .build()
+        .unwrap();
+    let run = e.start("act_and_step", &(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let gate = only_gate(&e, run).await;
+    e.decide(run, DecisionRequest::approve(gate, bob()))
+        .await
+        .unwrap();
+    e.drain().await.unwrap();
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.summary.status, RunStatus::Completed, "{:?}", view.summary);
+    assert_eq!(view.state.output, Some(json!({"sent": 1, "beside": "beside"})));
+    assert_eq!(
+        *bodies.lock().unwrap(),
+        vec!["beside".to_string(), "send_money".to_string()]
+    );
+    assert_eq!(
+        replay(&registry, &e.events(run).await.unwrap()).await,
+        Replay::Consistent { would_append: vec![] }
+    );
+}
+
+/// A timer that fires at the start of an activation, in a branch joined with a step
+/// that ran while it slept: the call after the timer waits until the replay has taken
+/// the step's position again, as it went on only after it live.
+#[tokio::test]
+async fn a_call_after_a_timer_in_a_joined_branch_replays_at_its_own_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(chrono::Utc::now());
+    let bodies: Bodies = Arc::default();
+    let b = bodies.clone();
+    let registry = Registry::new().workflow("sleeps", 1, move |ctx: Ctx, _: ()| {
+        let bodies = b.clone();
+        async move {
+            let (after_sleep, beside) = futures::join!(
+                async {
+                    ctx.sleep(Duration::from_secs(60)).await;
+                    fetch(&ctx, &bodies, "one").await
+                },
+                fetch(&ctx, &bodies, "two")
+            );
+            Ok(json!({"after_sleep": after_sleep?, "beside": beside?}))
+        }
+    });
+    let e = Engine::builder(SledStore::open(dir.path()).unwrap(), registry.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let run = e.start("sleeps", &(), None).await.unwrap();
+    e.drain().await.unwrap();
+    assert_eq!(
+        e.store().summary(run).await.unwrap().unwrap().status,
+        RunStatus::Waiting
+    );
+    clock.advance(Duration::from_secs(61));
+    e.drain().await.unwrap();
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.summary.status, RunStatus::Completed, "{:?}", view.summary);
+    assert_eq!(
+        view.state.output,
+        Some(json!({"after_sleep": "one", "beside": "two"}))
+    );
+    assert_eq!(
+        *bodies.lock().unwrap(),
+        vec!["two".to_string(), "one".to_string()],
+        "each body ran once"
+    );
+    assert_eq!(
+        replay(&registry, &e.events(run).await.unwrap()).await,
+        Replay::Consistent { would_append: vec![] }
+    );
+}
+
+/// A decision that lands while the run is driven, taken in by the append of a branch
+/// that has just gone on from its own step: the gate's branch goes on after that
+/// branch's next position, not at the decision's seq. Replay must see where
+/// (`gate-resumed`): handed out at the decision's seq, the gate's branch would be
+/// ready together with that branch, go first, and take its position.
+#[tokio::test]
+async fn a_decision_taken_in_while_the_run_is_driven_is_replayed_where_it_was_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let (started_x, go_x) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let (started_y, go_y) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let held = |started: &Arc<tokio::sync::Notify>, go: &Arc<tokio::sync::Notify>| {
+        let (started, go) = (started.clone(), go.clone());
+        move || {
+            let (started, go) = (started.clone(), go.clone());
+            async move {
+                started.notify_one();
+                go.notified().await;
+                Ok(0u32)
+            }
+        }
+    };
+    let (x, y) = (held(&started_x, &go_x), held(&started_y, &go_y));
+    let registry = Registry::new().workflow("three", 1, move |ctx: Ctx, _: ()| {
+        let (x, y) = (x.clone(), y.clone());
+        async move {
+            let (a, b, c) = futures::join!(
+                async {
+                    go(&ctx).await?;
+                    ctx.step("after_gate", || async { Ok(1u32) }).await
+                },
+                async {
+                    ctx.step("x1", x).await?;
+                    ctx.step("x2", || async { Ok(2u32) }).await
+                },
+                ctx.step("y1", y)
+            );
+            Ok(json!([a?, b?, c?]))
+        }
+    });
+    let e = Engine::new(SledStore::open(dir.path()).unwrap(), registry.clone()).unwrap();
+    let workers = e.spawn_workers();
+    let run = e.start("three", &(), None).await.unwrap();
+    started_x.notified().await;
+    started_y.notified().await;
+    e.decide(run, DecisionRequest::approve(GateId(0), bob()))
+        .await
+        .unwrap();
+    // x1 ends, x2 starts (its append takes the decision in), the gate's branch goes on.
+    go_x.notify_one();
+    let mut changes = e.store().changes();
+    // The step after the gate starts (its start is durable before its body runs) while
+    // y1 still runs.
+    let after_gate_started = async {
+        loop {
+            changes.borrow_and_update();
+            let events = e.events(run).await.unwrap();
+            let started = events.iter().any(
+                |ev| matches!(&ev.event, EventKind::StepStarted { position, .. } if *position == Position(4)),
+            );
+            if started {
+                return events;
+            }
+            changes.changed().await.unwrap();
+        }
+    };
+    // A bound, not a wait: the gate's branch goes on as soon as the decision is in.
+    let events = tokio::time::timeout(Duration::from_secs(60), after_gate_started)
+        .await
+        .expect("the gate's branch went on in the same activation");
+    go_y.notify_one();
+    let s = e.settled(run).await.unwrap();
+    workers.shutdown().await;
+    assert_eq!(s.status, RunStatus::Completed, "{s:?}");
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.state.output, Some(json!([1, 2, 0])));
+    let names: Vec<_> = view
+        .state
+        .steps
+        .iter()
+        .map(|(p, s)| (p.0, s.name.as_str()))
+        .collect();
+    assert_eq!(names, vec![(1, "x1"), (2, "y1"), (3, "x2"), (4, "after_gate")]);
+    assert!(
+        events
+            .iter()
+            .any(|ev| matches!(ev.event, EventKind::GateResumed { .. })),
+        "the point the decision was taken is journaled"
+    );
+    assert_eq!(e.metrics().activations.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        replay(&registry, &e.events(run).await.unwrap()).await,
+        Replay::Consistent { would_append: vec![] }
+    );
+}
+
+/// Code that no longer makes a call the journal records, while another call waits for
+/// it to be taken: the run is nondeterministic, not left waiting for ever.
+#[tokio::test]
+async fn a_call_waiting_for_a_position_no_branch_takes_is_nondeterminism() {
+    let dir = tempfile::tempdir().unwrap();
+    let bodies: Bodies = Arc::default();
+    let b = bodies.clone();
+    let registry = Registry::new().workflow("branches", 1, move |ctx: Ctx, _: ()| {
+        let bodies = b.clone();
+        async move {
+            let (after_gate, beside) = futures::join!(
+                async {
+                    go(&ctx).await?;
+                    fetch(&ctx, &bodies, "one").await
+                },
+                fetch(&ctx, &bodies, "two")
+            );
+            Ok(json!({"after_gate": after_gate?, "beside": beside?}))
+        }
+    });
+    let e = Engine::new(SledStore::open(dir.path()).unwrap(), registry).unwrap();
+    let run = e.start("branches", &(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let gate = only_gate(&e, run).await;
+    e.decide(run, DecisionRequest::approve(gate, bob()))
+        .await
+        .unwrap();
+    // The same workflow without the branch beside the gate.
+    let changed = Registry::new().workflow("branches", 1, move |ctx: Ctx, _: ()| async move {
+        go(&ctx).await?;
+        let one = ctx.step("fetch", || async { Ok("one".to_string()) }).await?;
+        Ok(json!({"after_gate": one}))
+    });
+    match replay(&changed, &e.events(run).await.unwrap()).await {
+        Replay::Nondeterministic(nd) => {
+            assert_eq!(nd.position, Position(1), "{nd:?}");
+            assert!(nd.expected.contains("fetch"), "{nd:?}");
+        }
+        other => panic!("expected nondeterminism, got {other:?}"),
+    }
+}

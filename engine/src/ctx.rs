@@ -86,6 +86,8 @@ pub(crate) enum Recorded {
         attempts: u32,
         failures: u32,
         outcome: Option<StepOutcome>,
+        /// With an outcome: the positions taken when it was handed out (see [`History`]).
+        ready: u32,
         /// An at-most-once step whose outcome is unknown: the attempt the question put to
         /// a person was about, and the answer once there is one.
         unknown: Option<(u32, Option<DecisionInfo>)>,
@@ -96,16 +98,22 @@ pub(crate) enum Recorded {
         action: String,
         args: Value,
         decision: Option<DecisionInfo>,
+        /// With a decision: the positions taken when it was handed out, or `None` for a
+        /// decision that came in while this activation drove the run (handed out at
+        /// once, and the point journaled as `gate-resumed`).
+        ready: Option<u32>,
     },
     Value {
         seq: Seq,
         source: ValueSource,
         value: Value,
+        ready: u32,
     },
     Timer {
         seq: Seq,
         fire_at: DateTime<Utc>,
-        fired: bool,
+        /// Once fired: the positions taken when it fired.
+        fired: Option<u32>,
     },
     Policy {
         seq: Seq,
@@ -114,6 +122,7 @@ pub(crate) enum Recorded {
         rule: Option<String>,
         reason: String,
         spec: Option<GateSpec>,
+        ready: u32,
     },
 }
 
@@ -181,12 +190,32 @@ impl Call<'_> {
 }
 
 /// A run's journal, indexed by position for replay.
+///
+/// **Order of hand-outs.** Positions are taken in the order the code makes its calls, and
+/// with concurrent branches (`futures::join!`) that order depends on when each branch got
+/// the result it waited for. Replay could hand every recorded result out at once, but then
+/// a branch goes on earlier than it did live and takes a position another branch took:
+/// `join!(async { gate.await; step("fetch") }, step("fetch"))` would replay the first
+/// branch's fetch at the second's position, read its output, and run the second's body
+/// again. So each recorded result carries `ready`, the number of positions the journal
+/// had opened before the event that handed it out (a step's completion, a decision, a
+/// timer's firing, `gate-resumed`), and replay hands it out only once that many
+/// positions are taken again. The events a run writes are in the order it produced them,
+/// and the code goes on from a result without waiting for anything else, so this is the
+/// point where live code went on. A decision that lands while no one drives the run is
+/// handed out after everything before it; one that comes in while an activation runs is
+/// handed out at once and the point journaled (`gate-resumed`). Something produced live
+/// at a recorded position (a timer that fires now, a step interrupted by a crash and run
+/// again) waits until every recorded position is taken, since its event lands after them.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct History {
     pub by_position: BTreeMap<Position, Recorded>,
     pub next_seq: Seq,
     /// The terminal event, if the run has ended.
     pub ended: Option<EventKind>,
+    /// Positions the journal has opened so far: one past the highest position of its
+    /// events (after the whole journal: every position a replay must take again).
+    pub opened: u32,
 }
 
 impl History {
@@ -201,9 +230,9 @@ impl History {
         Ok(h)
     }
 
-    /// The args and decision of the gate at `position`, taken out of the history, once
-    /// it is decided.
-    fn take_decided(&mut self, position: Position) -> Option<(Value, DecisionInfo)> {
+    /// The args, decision and `ready` of the gate at `position`, taken out of the
+    /// history, once it is decided.
+    fn take_decided(&mut self, position: Position) -> Option<(Value, DecisionInfo, Option<u32>)> {
         match self.by_position.entry(position) {
             Entry::Occupied(o)
                 if matches!(
@@ -218,8 +247,9 @@ impl History {
                     Recorded::Gate {
                         args,
                         decision: Some(info),
+                        ready,
                         ..
-                    } => Some((args, info)),
+                    } => Some((args, info, ready)),
                     _ => None,
                 }
             }
@@ -236,9 +266,31 @@ impl History {
         Ok(())
     }
 
+    /// Takes in an event read while an activation drives the run (a decision, vote or
+    /// escalation another writer appended): a decision is handed out at once, not at
+    /// its `ready`.
+    fn absorb(&mut self, e: Event) -> Result<(), String> {
+        let undecided = match &e.event {
+            EventKind::DecisionRecorded { gate, .. } => match self.by_position.get(&gate.position()) {
+                Some(Recorded::Gate { decision: None, .. }) => Some(gate.position()),
+                _ => None,
+            },
+            _ => None,
+        };
+        self.add(e)?;
+        if let Some(Recorded::Gate { ready, .. }) = undecided.and_then(|p| self.by_position.get_mut(&p)) {
+            *ready = None;
+        }
+        Ok(())
+    }
+
     fn add(&mut self, e: Event) -> Result<(), String> {
         let (seq, tag) = (e.seq, e.event.tag());
         let inconsistent = |p: Position| inconsistent(seq, tag, p);
+        if let Some(p) = e.event.position() {
+            self.opened = self.opened.max(p.0.saturating_add(1));
+        }
+        let opened = self.opened;
         match e.event {
             EventKind::StepStarted {
                 position,
@@ -253,6 +305,7 @@ impl History {
                         attempts: attempt,
                         failures: 0,
                         outcome: None,
+                        ready: opened,
                         unknown: None,
                     });
                 }
@@ -264,7 +317,10 @@ impl History {
                 },
             },
             EventKind::StepCompleted { position, output } => match self.by_position.get_mut(&position) {
-                Some(Recorded::Step { outcome, .. }) => *outcome = Some(StepOutcome::Completed(output)),
+                Some(Recorded::Step { outcome, ready, .. }) => {
+                    *outcome = Some(StepOutcome::Completed(output));
+                    *ready = opened;
+                }
                 _ => return Err(inconsistent(position)),
             },
             EventKind::StepFailed {
@@ -274,11 +330,15 @@ impl History {
                 ..
             } => match self.by_position.get_mut(&position) {
                 Some(Recorded::Step {
-                    failures, outcome, ..
+                    failures,
+                    outcome,
+                    ready,
+                    ..
                 }) => {
                     *failures += 1;
                     if !will_retry {
                         *outcome = Some(StepOutcome::Failed(error));
+                        *ready = opened;
                     }
                 }
                 _ => return Err(inconsistent(position)),
@@ -305,6 +365,7 @@ impl History {
                         action,
                         args,
                         decision: None,
+                        ready: None,
                     },
                     tag,
                 )?;
@@ -317,13 +378,12 @@ impl History {
                 ..
             } => match self.by_position.get_mut(&gate.position()) {
                 // The first decision wins; the store's callers never record a second.
-                Some(
-                    Recorded::Step {
-                        unknown: Some((_, answer)),
-                        ..
-                    }
-                    | Recorded::Gate { decision: answer, .. },
-                ) => {
+                // The answer to an at-most-once step's question is acted on live (the
+                // step's outcome is journaled then), so it needs no `ready`.
+                Some(Recorded::Step {
+                    unknown: Some((_, answer)),
+                    ..
+                }) => {
                     if answer.is_none() {
                         *answer = Some(DecisionInfo {
                             decision,
@@ -332,14 +392,45 @@ impl History {
                         });
                     }
                 }
+                Some(Recorded::Gate {
+                    decision: answer,
+                    ready,
+                    ..
+                }) => {
+                    if answer.is_none() {
+                        *answer = Some(DecisionInfo {
+                            decision,
+                            by,
+                            comment,
+                        });
+                        *ready = Some(opened);
+                    }
+                }
                 _ => return Err(format!("seq {seq} decides gate {gate}, which was never opened")),
+            },
+            EventKind::GateResumed { gate } => match self.by_position.get_mut(&gate.position()) {
+                Some(Recorded::Gate {
+                    decision: Some(_),
+                    ready,
+                    ..
+                }) => *ready = Some(opened),
+                _ => return Err(format!("seq {seq} resumes gate {gate}, which has no decision")),
             },
             EventKind::ValueRecorded {
                 position,
                 source,
                 value,
             } => {
-                self.take(position, Recorded::Value { seq, source, value }, tag)?;
+                self.take(
+                    position,
+                    Recorded::Value {
+                        seq,
+                        source,
+                        value,
+                        ready: opened,
+                    },
+                    tag,
+                )?;
             }
             EventKind::TimerStarted { position, fire_at } => {
                 self.take(
@@ -347,13 +438,13 @@ impl History {
                     Recorded::Timer {
                         seq,
                         fire_at,
-                        fired: false,
+                        fired: None,
                     },
                     tag,
                 )?;
             }
             EventKind::TimerFired { position } => match self.by_position.get_mut(&position) {
-                Some(Recorded::Timer { fired, .. }) => *fired = true,
+                Some(Recorded::Timer { fired, .. }) => *fired = Some(opened),
                 _ => return Err(inconsistent(position)),
             },
             EventKind::PolicyEvaluated {
@@ -374,6 +465,7 @@ impl History {
                         rule,
                         reason,
                         spec,
+                        ready: opened,
                     },
                     tag,
                 )?;
@@ -413,7 +505,22 @@ struct State {
     resumable: u32,
     /// Earliest timer among the blocked calls.
     wake_at: Option<DateTime<Utc>>,
+    /// The `ready` of each call waiting to hand out its recorded result until that many
+    /// positions are taken ([`Ctx::in_order`]).
+    waiting: Vec<u32>,
     abort: Option<Abort>,
+}
+
+impl State {
+    /// Some call waits for a position no branch is going to take: every branch waits
+    /// (for its turn, a person or a timer) and no step runs. A replay of the code that
+    /// wrote the journal never gets here, as each recorded position was taken by a
+    /// call that nothing recorded later held back.
+    fn stalled(&self) -> bool {
+        self.in_flight == 0
+            && !self.waiting.is_empty()
+            && self.waiting.iter().all(|&ready| ready > self.next_position)
+    }
 }
 
 /// What a `Ctx` borrows from its engine.
@@ -444,6 +551,8 @@ pub(crate) struct Inner {
     pub(crate) signal: Notify,
     /// Wakes the gates waiting for a decision, to look in the history again.
     resumed: Notify,
+    /// Wakes the calls waiting for their turn ([`Ctx::in_order`]) when a position is taken.
+    taken: Notify,
 }
 
 /// The author's handle on a run. Cheap to clone; clones share the run.
@@ -728,8 +837,14 @@ where
                 rule,
                 reason,
                 spec,
+                ready,
                 ..
-            }) => (verdict, rule, reason, spec),
+            }) => {
+                if ctx.in_order(ready).await.is_err() {
+                    return ctx.park().await;
+                }
+                (verdict, rule, reason, spec)
+            }
             _ => {
                 let mut e = ctx.inner.policy.evaluate(&action, &proposed, self.confidence);
                 if let (Some(n), Some(rule)) = (e.trust_after, e.rule.clone()) {
@@ -849,11 +964,13 @@ impl Ctx {
                     blocked: 0,
                     resumable: 0,
                     wake_at: None,
+                    waiting: Vec::new(),
                     abort: None,
                 }),
                 append_lock: tokio::sync::Mutex::new(()),
                 signal: Notify::new(),
                 resumed: Notify::new(),
+                taken: Notify::new(),
             }),
         }
     }
@@ -1003,7 +1120,14 @@ impl Ctx {
             Err(Parked) => return self.park().await,
         };
         let fire_at = match recorded {
-            Some(Recorded::Timer { fired: true, .. }) => return,
+            Some(Recorded::Timer {
+                fired: Some(ready), ..
+            }) => {
+                if self.in_order(ready).await.is_err() {
+                    self.park::<()>().await;
+                }
+                return;
+            }
             Some(Recorded::Timer { fire_at, .. }) => fire_at,
             _ => {
                 let d = chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX);
@@ -1014,6 +1138,11 @@ impl Ctx {
             }
         };
         if self.inner.clock.now() >= fire_at {
+            // Fired now: its event lands after every recorded one.
+            let end = self.journal_end();
+            if self.in_order(end).await.is_err() {
+                self.park::<()>().await;
+            }
             self.push(EventKind::TimerFired { position });
             return;
         }
@@ -1030,7 +1159,12 @@ impl Ctx {
             Err(Parked) => return self.park().await,
         };
         let value = match recorded {
-            Some(Recorded::Value { value, .. }) => value,
+            Some(Recorded::Value { value, ready, .. }) => {
+                if self.in_order(ready).await.is_err() {
+                    return self.park().await;
+                }
+                value
+            }
             _ => {
                 let value = live(self.inner.run, position);
                 self.push(EventKind::ValueRecorded {
@@ -1069,6 +1203,21 @@ impl Ctx {
             Ok(x) => x,
             Err(Parked) => return self.park().await,
         };
+        // A recorded outcome is handed out at its turn; a step that goes on live from a
+        // recorded start (run again after a crash, or asking about it) journals after
+        // every recorded position, so it waits for them all.
+        let ready = match &recorded {
+            Some(Recorded::Step {
+                outcome: Some(_),
+                ready,
+                ..
+            }) => *ready,
+            Some(_) => self.journal_end(),
+            None => 0,
+        };
+        if self.in_order(ready).await.is_err() {
+            return self.park().await;
+        }
         let in_flight = InFlight::enter(&self);
         let mut attempt = 0;
         if let Some(Recorded::Step {
@@ -1317,6 +1466,7 @@ impl Ctx {
                 seq,
                 args: recorded_args,
                 decision,
+                ready,
                 ..
             }) => {
                 // A decision is bound to the exact arguments the reviewer saw.
@@ -1330,7 +1480,7 @@ impl Ctx {
                     return self.park().await;
                 }
                 match decision {
-                    Some(info) => Ok((recorded_args, info)),
+                    Some(info) => self.hand_out(position, recorded_args, info, ready).await,
                     None => self.decision_at(position).await,
                 }
             }
@@ -1360,6 +1510,7 @@ impl Ctx {
                             action: action.to_string(),
                             args: args.clone(),
                             decision: None,
+                            ready: None,
                         },
                     );
                     s.buffer.push(EventKind::ApprovalRequested {
@@ -1400,24 +1551,51 @@ impl Ctx {
             tokio::pin!(resumed);
             // Registered before the look, so a resume after it is not missed.
             resumed.as_mut().enable();
-            let aborted = {
+            let decided = {
                 let mut s = self.state();
                 if s.abort.is_some() {
-                    true
-                } else if let Some(decided) = s.history.take_decided(position) {
-                    return Ok(decided);
+                    None
                 } else {
-                    s.blocked += 1;
-                    s.resumable += 1;
-                    false
+                    let decided = s.history.take_decided(position);
+                    if decided.is_none() {
+                        s.blocked += 1;
+                        s.resumable += 1;
+                    }
+                    Some(decided)
                 }
             };
-            if aborted {
-                return self.park().await;
+            match decided {
+                None => return self.park().await,
+                Some(Some((args, info, ready))) => return self.hand_out(position, args, info, ready).await,
+                Some(None) => {}
             }
             self.inner.signal.notify_one();
             resumed.await;
         }
+    }
+
+    /// Hands a gate's decision to the code: at its turn, or (one that came in during
+    /// this activation) now, journaling the point.
+    async fn hand_out(
+        &self,
+        position: Position,
+        args: Value,
+        info: DecisionInfo,
+        ready: Option<u32>,
+    ) -> Result<(Value, DecisionInfo), Failure> {
+        match ready {
+            Some(ready) => {
+                if self.in_order(ready).await.is_err() {
+                    return self.park().await;
+                }
+            }
+            // Decisions come in only through appends, and a run appends only once its
+            // replay has taken every recorded position: here is live.
+            None => self.push(EventKind::GateResumed {
+                gate: position.into(),
+            }),
+        }
+        Ok((args, info))
     }
 
     /// Wakes the gates waiting for decisions, each to look again (and block again if
@@ -1429,6 +1607,43 @@ impl Ctx {
             s.resumable = 0;
         }
         self.inner.resumed.notify_waiters();
+    }
+
+    /// Waits until `ready` positions are taken, then lets the caller hand out its
+    /// result (see [`History`]: a recorded result goes to the code only where the code
+    /// got it live). Returns at once in sequential code and for live results.
+    async fn in_order(&self, ready: u32) -> Result<(), Parked> {
+        if self.state().next_position >= ready {
+            return Ok(());
+        }
+        loop {
+            let taken = self.inner.taken.notified();
+            tokio::pin!(taken);
+            // Registered before the look, so a position taken after it is not missed.
+            taken.as_mut().enable();
+            {
+                let mut s = self.state();
+                if s.abort.is_some() {
+                    return Err(Parked);
+                }
+                if s.next_position >= ready {
+                    return Ok(());
+                }
+                s.waiting.push(ready);
+            }
+            let turn = Turn(self, ready);
+            // The driver looks whether any branch can still take those positions.
+            self.inner.signal.notify_one();
+            taken.await;
+            drop(turn);
+        }
+    }
+
+    /// The number of positions the journal holds: a result produced live at a recorded
+    /// position (its event lands after all of them) is handed out once they are all
+    /// taken again.
+    fn journal_end(&self) -> u32 {
+        self.state().history.opened
     }
 
     // ---- replay machinery -------------------------------------------------------
@@ -1445,6 +1660,9 @@ impl Ctx {
         }
         let position = Position(s.next_position);
         s.next_position += 1;
+        if !s.waiting.is_empty() {
+            self.inner.taken.notify_waiters();
+        }
         match s.history.by_position.get(&position) {
             // A completed step is read once and nothing reads its position again (only
             // gates take events that arrive later, and `unreached` looks past the
@@ -1540,7 +1758,29 @@ impl Ctx {
     /// running: the activation can end. `wake` is the earliest timer, if any.
     pub(crate) fn suspension(&self) -> Option<Option<DateTime<Utc>>> {
         let s = self.state();
-        (s.blocked > 0 && s.in_flight == 0).then_some(s.wake_at)
+        (s.blocked > 0 && s.in_flight == 0 && s.waiting.is_empty()).then_some(s.wake_at)
+    }
+
+    /// Why the code can go no further, when a call waits for its turn and no branch is
+    /// going to take the positions before it: the code is not the code that wrote the
+    /// journal.
+    pub(crate) fn stalled(&self) -> Option<Nondeterminism> {
+        let s = self.state();
+        if !s.stalled() {
+            return None;
+        }
+        let next = Position(s.next_position);
+        let (position, seq, expected) = match s.history.by_position.range(next..).next() {
+            Some((p, rec)) => (*p, rec.seq(), rec.describe()),
+            None => (next, Seq::ZERO, "a call at this position".to_string()),
+        };
+        Some(Nondeterminism {
+            run: self.inner.run,
+            seq,
+            position,
+            expected,
+            found: "every branch waits and none makes the call the journal records here".to_string(),
+        })
     }
 
     /// Positions the journal records that the code never reached.
@@ -1618,7 +1858,7 @@ impl Ctx {
                             EventKind::DecisionRecorded { .. }
                             | EventKind::VoteRecorded { .. }
                             | EventKind::GateEscalated { .. } => {
-                                s.history.add(e).map_err(Abort::Inconsistent)
+                                s.history.absorb(e).map_err(Abort::Inconsistent)
                             }
                             EventKind::RunCancelled { .. } => Err(Abort::Ended),
                             _ => Err(Abort::LeaseLost),
@@ -1651,6 +1891,23 @@ impl Ctx {
     }
 }
 
+/// A call waiting for its turn, counted in `State::waiting` until it looks again (or is
+/// dropped with the workflow).
+struct Turn<'a>(&'a Ctx, u32);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.state();
+        if let Some(i) = s.waiting.iter().position(|&r| r == self.1) {
+            s.waiting.swap_remove(i);
+        }
+        drop(s);
+        // While it waited the activation could not pause; once its branch has gone on,
+        // the driver looks again (the branch may end without any other call telling it).
+        self.0.inner.signal.notify_one();
+    }
+}
+
 /// Counts a step as running from before its start is appended until it returns (or is
 /// dropped), so the driver never ends an activation under a running step.
 struct InFlight<'a>(&'a Ctx);
@@ -1666,7 +1923,7 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let mut s = self.0.state();
         s.in_flight = s.in_flight.saturating_sub(1);
-        let wake = s.in_flight == 0 && s.blocked > 0;
+        let wake = s.in_flight == 0 && (s.blocked > 0 || !s.waiting.is_empty());
         drop(s);
         if wake {
             self.0.inner.signal.notify_one();

@@ -1188,11 +1188,33 @@ async fn drive(ctx: &Ctx, workflow: BoxFuture<'static, std::result::Result<Value
                 if let Some(abort) = ctx.take_abort() {
                     return Outcome::Aborted(abort);
                 }
+                if let Some(nd) = ctx.stalled() {
+                    return Outcome::Aborted(Abort::Nondeterminism(nd));
+                }
                 if ctx.suspension().is_some() {
                     // Before pausing, append what is buffered: a decision that landed
                     // meanwhile is taken in there and wakes its gate, and the run goes
-                    // on in this activation.
-                    if ctx.flush().await.is_err() {
+                    // on in this activation. The workflow is polled meanwhile: a gate
+                    // opened beside a step may be appending its request, holding the
+                    // append lock until it is polled again.
+                    let mut returned = None;
+                    let flushed = {
+                        let flush = ctx.flush();
+                        tokio::pin!(flush);
+                        loop {
+                            tokio::select! {
+                                biased;
+                                r = &mut flush => break r,
+                                r = &mut workflow, if returned.is_none() => returned = Some(r),
+                            }
+                        }
+                    };
+                    match returned {
+                        Some(Ok(result)) => return Outcome::Returned(result),
+                        Some(Err(panic)) => return Outcome::Panicked(crate::ctx::panic_message(&panic)),
+                        None => {}
+                    }
+                    if flushed.is_err() {
                         return Outcome::Aborted(ctx.take_abort().unwrap_or(Abort::LeaseLost));
                     }
                     if let Some(wake) = ctx.suspension() {

@@ -335,7 +335,7 @@ fn apply(st: &mut RunState, e: Event) {
                 }
             }
         }
-        EventKind::ValueRecorded { .. } => {}
+        EventKind::ValueRecorded { .. } | EventKind::GateResumed { .. } => {}
         EventKind::TimerStarted { position, .. } => {
             st.open_timers.insert(position);
         }

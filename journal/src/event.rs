@@ -20,7 +20,9 @@ use std::fmt;
 ///   [`GateSpec`] or a policy rule; decisions bound to a request hash; steps that record
 ///   the hash of the args they executed. A v1 reader must refuse these rather than
 ///   ignore a quorum or a binding it does not know.
-pub const FORMAT_VERSION: u16 = 2;
+/// - v3: `gate-resumed`. A v2 reader would replay such a journal with the decision
+///   handed out too early, so it must refuse it.
+pub const FORMAT_VERSION: u16 = 3;
 
 /// One entry of a run's journal: the envelope plus what happened.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -196,6 +198,14 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         deadline: Option<DateTime<Utc>>,
     },
+    /// The code waiting at a gate went on with its decision here (v3). Written when the
+    /// decision reached the run while it was being driven (a step beside the gate still
+    /// running), so that replay hands the decision out at this point of the journal, after
+    /// the positions other branches took in the meantime, and not at the decision's own
+    /// seq. A decision that lands while no one drives the run needs none.
+    GateResumed {
+        gate: GateId,
+    },
     /// What the policy said about an action, journaled so replay never asks a policy
     /// that may have changed since (v2).
     PolicyEvaluated {
@@ -259,12 +269,14 @@ impl EventKind {
             EventKind::VoteRecorded { .. } => "vote-recorded",
             EventKind::GateEscalated { .. } => "gate-escalated",
             EventKind::PolicyEvaluated { .. } => "policy-evaluated",
+            EventKind::GateResumed { .. } => "gate-resumed",
         }
     }
 
     /// The lowest format version that can express this event.
     pub fn format(&self) -> u16 {
         match self {
+            EventKind::GateResumed { .. } => 3,
             EventKind::VoteRecorded { .. }
             | EventKind::GateEscalated { .. }
             | EventKind::PolicyEvaluated { .. } => 2,
@@ -294,7 +306,9 @@ impl EventKind {
             | EventKind::TimerStarted { position, .. }
             | EventKind::TimerFired { position }
             | EventKind::PolicyEvaluated { position, .. } => Some(*position),
-            EventKind::ApprovalRequested { gate, .. } => Some(gate.position()),
+            EventKind::ApprovalRequested { gate, .. } | EventKind::GateResumed { gate } => {
+                Some(gate.position())
+            }
             _ => None,
         }
     }
@@ -715,6 +729,7 @@ mod tests {
                 EventKind::TimerFired {
                     position: Position(6),
                 },
+                EventKind::GateResumed { gate: GateId(3) },
                 EventKind::RunCompleted { output: json!(null) },
                 EventKind::RunFailed { error: "x".into() },
                 EventKind::RunCancelled {

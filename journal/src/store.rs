@@ -648,7 +648,8 @@ impl RunSummary {
             | EventKind::StepCompleted { .. }
             | EventKind::StepFailed { .. }
             | EventKind::ValueRecorded { .. }
-            | EventKind::PolicyEvaluated { .. } => {}
+            | EventKind::PolicyEvaluated { .. }
+            | EventKind::GateResumed { .. } => {}
         }
         self.status = match &event.event {
             EventKind::RunCompleted { .. } => RunStatus::Completed,
