@@ -939,17 +939,10 @@ async fn fetch(ctx: &Ctx, bodies: &Bodies, url: &str) -> Result<String, Failure>
     .await
 }
 
-/// A call made after a gate within one branch of `join!`, where the other branch took
-/// the next position while the gate waited. Replay must hand the gate's decision out
-/// only once that position is taken again, or the branch after the gate takes it: with
-/// a step of the same name there, it would read the other branch's output and the
-/// other branch's step would run a second time.
-#[tokio::test]
-async fn a_call_after_a_gate_in_a_joined_branch_replays_at_its_own_position() {
-    let dir = tempfile::tempdir().unwrap();
-    let bodies: Bodies = Arc::default();
+/// `join!(async { gate; fetch("one") }, fetch("two"))`.
+fn gate_beside_a_step(bodies: &Bodies) -> Registry {
     let b = bodies.clone();
-    let registry = Registry::new().workflow("branches", 1, move |ctx: Ctx, _: ()| {
+    Registry::new().workflow("branches", 1, move |ctx: Ctx, _: ()| {
         let bodies = b.clone();
         async move {
             let (after_gate, beside) = futures::join!(
@@ -961,7 +954,39 @@ async fn a_call_after_a_gate_in_a_joined_branch_replays_at_its_own_position() {
             );
             Ok(json!({"after_gate": after_gate?, "beside": beside?}))
         }
-    });
+    })
+}
+
+/// The run completed with `output`, each step body ran once (in `order`), and the code
+/// replays over its journal without appending.
+async fn completed_once(
+    e: &Engine<SledStore>,
+    run: RunId,
+    registry: &Registry,
+    bodies: &Bodies,
+    output: serde_json::Value,
+    order: &[&str],
+) {
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.summary.status, RunStatus::Completed, "{:?}", view.summary);
+    assert_eq!(view.state.output, Some(output));
+    assert_eq!(*bodies.lock().unwrap(), order, "each body ran once");
+    assert_eq!(
+        replay(registry, &e.events(run).await.unwrap()).await,
+        Replay::Consistent { would_append: vec![] }
+    );
+}
+
+/// A call made after a gate within one branch of `join!`, where the other branch took
+/// the next position while the gate waited. Replay must hand the gate's decision out
+/// only once that position is taken again, or the branch after the gate takes it: with
+/// a step of the same name there, it would read the other branch's output and the
+/// other branch's step would run a second time.
+#[tokio::test]
+async fn a_call_after_a_gate_in_a_joined_branch_replays_at_its_own_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let bodies: Bodies = Arc::default();
+    let registry = gate_beside_a_step(&bodies);
     let e = Engine::new(SledStore::open(dir.path()).unwrap(), registry.clone()).unwrap();
     let run = e.start("branches", &(), None).await.unwrap();
     e.drain().await.unwrap();
@@ -970,21 +995,15 @@ async fn a_call_after_a_gate_in_a_joined_branch_replays_at_its_own_position() {
         .await
         .unwrap();
     e.drain().await.unwrap();
-    let view = e.get(run).await.unwrap();
-    assert_eq!(view.summary.status, RunStatus::Completed, "{:?}", view.summary);
-    assert_eq!(
-        view.state.output,
-        Some(json!({"after_gate": "one", "beside": "two"}))
-    );
-    assert_eq!(
-        *bodies.lock().unwrap(),
-        vec!["two".to_string(), "one".to_string()],
-        "each body ran once"
-    );
-    assert_eq!(
-        replay(&registry, &e.events(run).await.unwrap()).await,
-        Replay::Consistent { would_append: vec![] }
-    );
+    completed_once(
+        &e,
+        run,
+        &registry,
+        &bodies,
+        json!({"after_gate": "one", "beside": "two"}),
+        &["two", "one"],
+    )
+    .await;
 }
 
 /// The example the known limit gave: an action (policy, gate, step) joined with a step,
@@ -1030,17 +1049,15 @@ async fn an_action_joined_with_a_step_resumes_after_its_decision() {
         .await
         .unwrap();
     e.drain().await.unwrap();
-    let view = e.get(run).await.unwrap();
-    assert_eq!(view.summary.status, RunStatus::Completed, "{:?}", view.summary);
-    assert_eq!(view.state.output, Some(json!({"sent": 1, "beside": "beside"})));
-    assert_eq!(
-        *bodies.lock().unwrap(),
-        vec!["beside".to_string(), "send_money".to_string()]
-    );
-    assert_eq!(
-        replay(&registry, &e.events(run).await.unwrap()).await,
-        Replay::Consistent { would_append: vec![] }
-    );
+    completed_once(
+        &e,
+        run,
+        &registry,
+        &bodies,
+        json!({"sent": 1, "beside": "beside"}),
+        &["beside", "send_money"],
+    )
+    .await;
 }
 
 /// A timer that fires at the start of an activation, in a branch joined with a step
@@ -1077,21 +1094,15 @@ async fn a_call_after_a_timer_in_a_joined_branch_replays_at_its_own_position() {
     );
     clock.advance(Duration::from_secs(61));
     e.drain().await.unwrap();
-    let view = e.get(run).await.unwrap();
-    assert_eq!(view.summary.status, RunStatus::Completed, "{:?}", view.summary);
-    assert_eq!(
-        view.state.output,
-        Some(json!({"after_sleep": "one", "beside": "two"}))
-    );
-    assert_eq!(
-        *bodies.lock().unwrap(),
-        vec!["two".to_string(), "one".to_string()],
-        "each body ran once"
-    );
-    assert_eq!(
-        replay(&registry, &e.events(run).await.unwrap()).await,
-        Replay::Consistent { would_append: vec![] }
-    );
+    completed_once(
+        &e,
+        run,
+        &registry,
+        &bodies,
+        json!({"after_sleep": "one", "beside": "two"}),
+        &["two", "one"],
+    )
+    .await;
 }
 
 /// A decision that lands while the run is driven, taken in by the append of a branch
@@ -1201,20 +1212,7 @@ async fn a_decision_taken_in_while_the_run_is_driven_is_replayed_where_it_was_ta
 async fn a_call_waiting_for_a_position_no_branch_takes_is_nondeterminism() {
     let dir = tempfile::tempdir().unwrap();
     let bodies: Bodies = Arc::default();
-    let b = bodies.clone();
-    let registry = Registry::new().workflow("branches", 1, move |ctx: Ctx, _: ()| {
-        let bodies = b.clone();
-        async move {
-            let (after_gate, beside) = futures::join!(
-                async {
-                    go(&ctx).await?;
-                    fetch(&ctx, &bodies, "one").await
-                },
-                fetch(&ctx, &bodies, "two")
-            );
-            Ok(json!({"after_gate": after_gate?, "beside": beside?}))
-        }
-    });
+    let registry = gate_beside_a_step(&bodies);
     let e = Engine::new(SledStore::open(dir.path()).unwrap(), registry).unwrap();
     let run = e.start("branches", &(), None).await.unwrap();
     e.drain().await.unwrap();
