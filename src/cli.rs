@@ -955,6 +955,9 @@ pub fn describe_event(event: &EventKind) -> String {
         EventKind::TimerStarted { position, fire_at } => format!("timer {position} until {fire_at}"),
         EventKind::TimerFired { position } => format!("timer {position} fired"),
         EventKind::GateResumed { gate } => format!("gate {gate} resumed with its decision"),
+        EventKind::DecisionTakenIn { gate } => {
+            format!("gate {gate}: decision taken in while the run was driven")
+        }
         EventKind::RunCompleted { output } => format!("completed: {}", json_line(output)),
         EventKind::RunFailed { error } => format!("failed: {}", sanitize(error)),
         EventKind::RunCancelled { by, reason } => format!(

@@ -1193,16 +1193,25 @@ async fn a_decision_taken_in_while_the_run_is_driven_is_replayed_where_it_was_ta
         .map(|(p, s)| (p.0, s.name.as_str()))
         .collect();
     assert_eq!(names, vec![(1, "x1"), (2, "y1"), (3, "x2"), (4, "after_gate")]);
-    assert!(
-        events
-            .iter()
-            .any(|ev| matches!(ev.event, EventKind::GateResumed { .. })),
-        "the point the decision was taken is journaled"
-    );
+    let at = |pred: fn(&EventKind) -> bool| events.iter().position(|ev| pred(&ev.event));
+    let taken_in = at(|e| matches!(e, EventKind::DecisionTakenIn { .. })).expect("taking it in is journaled");
+    let resumed =
+        at(|e| matches!(e, EventKind::GateResumed { .. })).expect("the point it was taken is journaled");
+    assert!(taken_in < resumed);
     assert_eq!(e.metrics().activations.load(Ordering::Relaxed), 1);
+    let events = e.events(run).await.unwrap();
     assert_eq!(
-        replay(&registry, &e.events(run).await.unwrap()).await,
+        replay(&registry, &events).await,
         Replay::Consistent { would_append: vec![] }
+    );
+    // A crash before `gate-resumed` was written leaves the decision, then events written
+    // before the code took it: replay must not hand it out at the decision's own seq.
+    // (The check stops at the first append it refuses, so what it would write is not all
+    // of what the next activation writes.)
+    let cut = replay(&registry, &events[..resumed]).await;
+    assert!(
+        matches!(cut, Replay::Consistent { .. }),
+        "the journal cut before gate-resumed does not replay: {cut:?}"
     );
 }
 

@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use holdpoint_journal::{
     self as journal, request_hash, AppendConflict, Appended, Decision, DecisionKind, Event, EventKind,
-    GateKind, GateSpec, Position, Principal, RunId, Seq, ValueSource, Verdict,
+    GateId, GateKind, GateSpec, Position, Principal, RunId, Seq, ValueSource, Verdict,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -99,8 +99,9 @@ pub(crate) enum Recorded {
         args: Value,
         decision: Option<DecisionInfo>,
         /// With a decision: the positions taken when it was handed out, or `None` for a
-        /// decision that came in while this activation drove the run (handed out at
-        /// once, and the point journaled as `gate-resumed`).
+        /// decision the run took in while it was driven and the code has not gone on
+        /// from yet: handed out after every recorded position, and the point journaled
+        /// as `gate-resumed`.
         ready: Option<u32>,
     },
     Value {
@@ -267,21 +268,24 @@ impl History {
     }
 
     /// Takes in an event read while an activation drives the run (a decision, vote or
-    /// escalation another writer appended): a decision is handed out at once, not at
-    /// its `ready`.
-    fn absorb(&mut self, e: Event) -> Result<(), String> {
+    /// escalation another writer appended). Returns the gate a decision answered: the
+    /// run journals that it took it in (`decision-taken-in`), and the decision is handed
+    /// out at once, not at its `ready`.
+    fn absorb(&mut self, e: Event) -> Result<Option<GateId>, String> {
         let undecided = match &e.event {
             EventKind::DecisionRecorded { gate, .. } => match self.by_position.get(&gate.position()) {
-                Some(Recorded::Gate { decision: None, .. }) => Some(gate.position()),
+                Some(Recorded::Gate { decision: None, .. }) => Some(*gate),
                 _ => None,
             },
             _ => None,
         };
         self.add(e)?;
-        if let Some(Recorded::Gate { ready, .. }) = undecided.and_then(|p| self.by_position.get_mut(&p)) {
+        if let Some(Recorded::Gate { ready, .. }) =
+            undecided.and_then(|g| self.by_position.get_mut(&g.position()))
+        {
             *ready = None;
         }
-        Ok(())
+        Ok(undecided)
     }
 
     fn add(&mut self, e: Event) -> Result<(), String> {
@@ -415,6 +419,18 @@ impl History {
                     ..
                 }) => *ready = Some(opened),
                 _ => return Err(format!("seq {seq} resumes gate {gate}, which has no decision")),
+            },
+            EventKind::DecisionTakenIn { gate } => match self.by_position.get_mut(&gate.position()) {
+                Some(Recorded::Gate {
+                    decision: Some(_),
+                    ready,
+                    ..
+                }) => *ready = None,
+                _ => {
+                    return Err(format!(
+                        "seq {seq} takes in a decision for gate {gate}, which has none"
+                    ))
+                }
             },
             EventKind::ValueRecorded {
                 position,
@@ -1589,11 +1605,18 @@ impl Ctx {
                     return self.park().await;
                 }
             }
-            // Decisions come in only through appends, and a run appends only once its
-            // replay has taken every recorded position: here is live.
-            None => self.push(EventKind::GateResumed {
-                gate: position.into(),
-            }),
+            // Taken in while the run was driven (now, or before a crash cut the journal
+            // short of its `gate-resumed`): the events after the decision were written
+            // before the code took it, so it goes on after every recorded position.
+            None => {
+                let end = self.journal_end();
+                if self.in_order(end).await.is_err() {
+                    return self.park().await;
+                }
+                self.push(EventKind::GateResumed {
+                    gate: position.into(),
+                });
+            }
         }
         Ok((args, info))
     }
@@ -1818,7 +1841,7 @@ impl Ctx {
     /// means this activation lost the run.
     pub(crate) async fn flush(&self) -> Result<(), Parked> {
         let _order = self.inner.append_lock.lock().await;
-        let (events, mut expected) = {
+        let (mut events, mut expected) = {
             let mut s = self.state();
             if s.abort.is_some() {
                 return Err(Parked);
@@ -1857,9 +1880,16 @@ impl Ctx {
                             // else may append, mean the run was lost.
                             EventKind::DecisionRecorded { .. }
                             | EventKind::VoteRecorded { .. }
-                            | EventKind::GateEscalated { .. } => {
-                                s.history.absorb(e).map_err(Abort::Inconsistent)
-                            }
+                            | EventKind::GateEscalated { .. } => match s.history.absorb(e) {
+                                // Journaled with the events that follow the decision,
+                                // which were written before the code took it.
+                                Ok(Some(gate)) => {
+                                    events.insert(0, EventKind::DecisionTakenIn { gate });
+                                    Ok(())
+                                }
+                                Ok(None) => Ok(()),
+                                Err(e) => Err(Abort::Inconsistent(e)),
+                            },
                             EventKind::RunCancelled { .. } => Err(Abort::Ended),
                             _ => Err(Abort::LeaseLost),
                         };

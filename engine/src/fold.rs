@@ -335,7 +335,9 @@ fn apply(st: &mut RunState, e: Event) {
                 }
             }
         }
-        EventKind::ValueRecorded { .. } | EventKind::GateResumed { .. } => {}
+        EventKind::ValueRecorded { .. }
+        | EventKind::GateResumed { .. }
+        | EventKind::DecisionTakenIn { .. } => {}
         EventKind::TimerStarted { position, .. } => {
             st.open_timers.insert(position);
         }

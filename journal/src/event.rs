@@ -20,8 +20,8 @@ use std::fmt;
 ///   [`GateSpec`] or a policy rule; decisions bound to a request hash; steps that record
 ///   the hash of the args they executed. A v1 reader must refuse these rather than
 ///   ignore a quorum or a binding it does not know.
-/// - v3: `gate-resumed`. A v2 reader would replay such a journal with the decision
-///   handed out too early, so it must refuse it.
+/// - v3: `decision-taken-in`, `gate-resumed`. A v2 reader would replay such a journal
+///   with the decision handed out too early, so it must refuse it.
 pub const FORMAT_VERSION: u16 = 3;
 
 /// One entry of a run's journal: the envelope plus what happened.
@@ -206,6 +206,14 @@ pub enum EventKind {
     GateResumed {
         gate: GateId,
     },
+    /// The run read this gate's decision while it was being driven (v3), appended with the
+    /// run's next events. Until the `gate-resumed` that follows it, the code has not gone
+    /// on from the decision: a replay of a journal cut between the two (a crash) hands the
+    /// decision out after every recorded position, not at the decision's own seq, since
+    /// the events after the decision were written before the code took it.
+    DecisionTakenIn {
+        gate: GateId,
+    },
     /// What the policy said about an action, journaled so replay never asks a policy
     /// that may have changed since (v2).
     PolicyEvaluated {
@@ -270,13 +278,14 @@ impl EventKind {
             EventKind::GateEscalated { .. } => "gate-escalated",
             EventKind::PolicyEvaluated { .. } => "policy-evaluated",
             EventKind::GateResumed { .. } => "gate-resumed",
+            EventKind::DecisionTakenIn { .. } => "decision-taken-in",
         }
     }
 
     /// The lowest format version that can express this event.
     pub fn format(&self) -> u16 {
         match self {
-            EventKind::GateResumed { .. } => 3,
+            EventKind::GateResumed { .. } | EventKind::DecisionTakenIn { .. } => 3,
             EventKind::VoteRecorded { .. }
             | EventKind::GateEscalated { .. }
             | EventKind::PolicyEvaluated { .. } => 2,
@@ -306,9 +315,9 @@ impl EventKind {
             | EventKind::TimerStarted { position, .. }
             | EventKind::TimerFired { position }
             | EventKind::PolicyEvaluated { position, .. } => Some(*position),
-            EventKind::ApprovalRequested { gate, .. } | EventKind::GateResumed { gate } => {
-                Some(gate.position())
-            }
+            EventKind::ApprovalRequested { gate, .. }
+            | EventKind::GateResumed { gate }
+            | EventKind::DecisionTakenIn { gate } => Some(gate.position()),
             _ => None,
         }
     }
@@ -730,6 +739,7 @@ mod tests {
                     position: Position(6),
                 },
                 EventKind::GateResumed { gate: GateId(3) },
+                EventKind::DecisionTakenIn { gate: GateId(3) },
                 EventKind::RunCompleted { output: json!(null) },
                 EventKind::RunFailed { error: "x".into() },
                 EventKind::RunCancelled {

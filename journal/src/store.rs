@@ -649,7 +649,8 @@ impl RunSummary {
             | EventKind::StepFailed { .. }
             | EventKind::ValueRecorded { .. }
             | EventKind::PolicyEvaluated { .. }
-            | EventKind::GateResumed { .. } => {}
+            | EventKind::GateResumed { .. }
+            | EventKind::DecisionTakenIn { .. } => {}
         }
         self.status = match &event.event {
             EventKind::RunCompleted { .. } => RunStatus::Completed,
