@@ -105,9 +105,13 @@
 //! release leaves the entry as it is while entries number at most half of
 //! `kept_summaries` (`SledStore::keeps_released`; past that it writes them as without
 //! the log), and a checkpoint drops the entries of released runs it wrote
-//! (`clear_dirty`, as a release does): a standard run decided before either stores its
-//! journal in one value and its status key once, and its release writes nothing but
-//! the pending entry. No dirty mark is written: the log's records past the last
+//! (`clear_dirty`, as a release does). The pending entries of the gates its commits
+//! open are kept with the entry too (`Marked::gates`) and written with its summary:
+//! `pending` and `count_pending` read them before sled (an entry written meanwhile is
+//! then found in both, and listed once), and a decision or a vote finds its gate's
+//! entry there first. So a standard run decided before either stores its journal in
+//! one value and its status key once, and its release writes nothing at all, nor its
+//! decision a removal from `pending`. No dirty mark is written: the log's records past the last
 //! checkpoint name every run the open must finish. A commit that conflicts with one logged but not yet written waits
 //! for it first, so the caller's re-read finds it. A **checkpoint** (once the log has
 //! grown [`SledOptions::checkpoint_bytes`], and at open and close) takes the first LSN
@@ -144,8 +148,8 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventKind};
 use crate::ids::{GateId, LeaseToken, RunId, Seq, WorkerId};
 use crate::store::{
-    check_append_limits, Append, AppendConflict, Appended, Created, DueDeadline, IndexChange, Lease, NewRun,
-    Notification, Outgoing, PendingGate, RuleDecision, RunStatus, RunSummary, Store,
+    check_append_limits, Append, AppendConflict, Appended, Created, DueDeadline, GateChange, IndexChange,
+    Lease, NewRun, Notification, Outgoing, PendingGate, RuleDecision, RunStatus, RunSummary, Store,
 };
 use crate::stored_summary::decode as decode_summary;
 use crate::wal::{Lsn, Wal, WalOptions};
@@ -375,6 +379,12 @@ struct Marked {
     /// entry's summary is, or once they pass [`HOLD_BYTES`]. In seq order, following on
     /// from what `events` holds; readers take them from here.
     held: Vec<(Seq, sled::IVec)>,
+    /// With the log: the entries of the run's open gates that `pending` does not hold,
+    /// opened by commits written to sled since the entry's summary last was: kept here
+    /// until it is ([`SledStore::write_kept`]), so that a gate opened and decided
+    /// between two checkpoints never reaches sled. In gate order; readers of `pending`
+    /// read through them ([`SledStore::kept_gates`]).
+    gates: Vec<Box<PendingGate>>,
 }
 
 impl Marked {
@@ -711,6 +721,7 @@ impl SledStore {
             let w = Writer::of(&inner);
             for (run, marked) in lock(&inner.dirty).iter().filter(|(_, m)| m.visible) {
                 write_marked(&w, *run, marked.prior(), marked.status, marked.summary.as_deref())?;
+                write_gates(&inner.trees, &marked.gates)?;
             }
         }
         // Every commit is whole (no other handle is alive): no run needs checking.
@@ -831,14 +842,46 @@ impl SledStore {
         Ok((n + added).saturating_sub(removed))
     }
 
-    /// How many gates are open (a scan of the pending index).
+    /// How many gates are open (a scan of the pending index, and the entries kept in
+    /// memory with the log).
     pub fn count_pending(&self) -> Result<usize> {
-        let mut n = 0;
-        for item in self.inner.trees.pending.iter().keys() {
-            item?;
-            n += 1;
+        // Memory first: an entry written to sled meanwhile is then counted once.
+        let kept: BTreeSet<[u8; 20]> = self
+            .kept_gates(None, usize::MAX, |_| ())
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = kept.len();
+        for key in self.inner.trees.pending.iter().keys() {
+            if !kept.contains(key?.as_ref()) {
+                n += 1;
+            }
         }
         Ok(n)
+    }
+
+    /// With the log: the first `limit` pending entries past the key `past` that the
+    /// runs' entries keep in memory ([`Marked::gates`]), by their key in `pending`, in
+    /// key order, each as `take` makes it.
+    fn kept_gates<T>(
+        &self,
+        past: Option<[u8; 20]>,
+        limit: usize,
+        take: impl Fn(&PendingGate) -> T,
+    ) -> Vec<([u8; 20], T)> {
+        if self.inner.wal.is_none() {
+            return Vec::new();
+        }
+        let marks = lock(&self.inner.dirty);
+        let mut found: Vec<([u8; 20], &PendingGate)> = marks
+            .iter()
+            .filter(|(_, m)| m.visible)
+            .flat_map(|(run, m)| m.gates.iter().map(|g| (gate_key(*run, g.gate), &**g)))
+            .filter(|(key, _)| past.is_none_or(|past| *key > past))
+            .collect();
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        found.truncate(limit);
+        found.into_iter().map(|(key, gate)| (key, take(gate))).collect()
     }
 
     /// All run ids, in creation order (for `verify` and exports).
@@ -1440,6 +1483,7 @@ impl SledStore {
             // With the log, a creation is seen once it is written to sled.
             visible: stored.is_some() || self.inner.wal.is_none(),
             held: Vec::new(),
+            gates: Vec::new(),
         };
         lock(&self.inner.dirty).insert(run, marked);
         Ok(())
@@ -1557,12 +1601,20 @@ impl SledStore {
         };
         self.store_held(run)?;
         write_marked(&Writer::new(self), run, prior, status, summary.as_deref())?;
+        // The gates' entries go with the summary that names them open; written before
+        // they leave memory, so a reader of `pending` finds each in one place or both.
+        let gates = lock(&self.inner.dirty)
+            .get(&run)
+            .map(|m| m.gates.clone())
+            .unwrap_or_default();
+        write_gates(&self.inner.trees, &gates)?;
         let mut marks = lock(&self.inner.dirty);
         let Some(m) = marks.get_mut(&run) else {
             return Ok(Some(false));
         };
         m.stored = Some(status);
         m.summary = None;
+        m.gates.clear();
         Ok(Some(!m.pending.is_empty()))
     }
 
@@ -2154,14 +2206,27 @@ impl SledStore {
                     problems.push(format!("run {run}: status key {st:?} present={present}"));
                 }
             }
+            let kept: &[Box<PendingGate>] = marked.get(&run).map_or(&[], |m| &m.gates);
             for gate in &derived.open_gates {
                 gates += 1;
-                if !trees.pending.contains_key(gate_key(run, *gate))? {
-                    problems.push(format!("run {run}: open gate {gate} is not pending"));
+                let stored = trees.pending.contains_key(gate_key(run, *gate))?;
+                let in_memory = kept.iter().any(|g| g.gate == *gate);
+                if stored == in_memory {
+                    problems.push(format!(
+                        "run {run}: open gate {gate} is pending in sled: {stored}, in memory: {in_memory}"
+                    ));
+                }
+            }
+            for entry in kept {
+                if !derived.open_gates.contains(&entry.gate) {
+                    problems.push(format!(
+                        "run {run}: gate {} is kept pending but not open",
+                        entry.gate
+                    ));
                 }
             }
         }
-        let pending = trees.pending.len();
+        let pending = trees.pending.len() + marked.values().map(|m| m.gates.len()).sum::<usize>();
         if pending != gates {
             problems.push(format!("{pending} pending entries for {gates} open gates"));
         }
@@ -2272,6 +2337,9 @@ struct Writer<'a> {
     outbox_ids: &'a Mutex<OutboxIds>,
     /// How the wake-ups it sets survive a crash.
     wakes: Durability,
+    /// With the log, for a commit: the runs' entries, which keep the pending entries of
+    /// the gates their commits open ([`Marked::gates`]); `None` writes them to sled.
+    kept: Option<&'a Mutex<HashMap<RunId, Marked>>>,
 }
 
 impl<'a> Writer<'a> {
@@ -2288,6 +2356,7 @@ impl<'a> Writer<'a> {
             endpoints: &inner.options.outbox_endpoints,
             outbox_ids: &inner.outbox_ids,
             wakes: Durability::Stored,
+            kept: None,
         }
     }
 
@@ -2296,8 +2365,54 @@ impl<'a> Writer<'a> {
     fn commit(store: &'a SledStore) -> Writer<'a> {
         Writer {
             wakes: Durability::Covered,
+            kept: store.inner.wal.as_ref().map(|_| &store.inner.dirty),
             ..Writer::new(store)
         }
+    }
+
+    /// With the log, keeps `gate`'s pending entry with its run's entry instead of in
+    /// `pending` (`None`); hands it back to be written otherwise.
+    fn keep_gate(&self, run: RunId, gate: Box<PendingGate>) -> Option<Box<PendingGate>> {
+        let Some(kept) = self.kept else {
+            return Some(gate);
+        };
+        let mut marks = lock(kept);
+        let Some(marked) = marks.get_mut(&run).filter(|m| m.visible) else {
+            return Some(gate);
+        };
+        let at = marked.gates.partition_point(|g| g.gate < gate.gate);
+        marked.gates.insert(at, gate);
+        None
+    }
+
+    /// The pending entry of `run`'s `gate`, taken out of its run's entry if kept there.
+    fn take_kept_gate(&self, run: RunId, gate: GateId) -> Option<Box<PendingGate>> {
+        let mut marks = lock(self.kept?);
+        let gates = &mut marks.get_mut(&run)?.gates;
+        let at = gates.iter().position(|g| g.gate == gate)?;
+        Some(gates.remove(at))
+    }
+
+    /// Applies `change` to the pending entry of `run`'s `gate` if its run's entry keeps
+    /// it; whether it did.
+    fn change_kept_gate(&self, run: RunId, gate: GateId, change: &GateChange) -> bool {
+        let Some(kept) = self.kept else { return false };
+        let mut marks = lock(kept);
+        let Some(entry) = marks
+            .get_mut(&run)
+            .and_then(|m| m.gates.iter_mut().find(|g| g.gate == gate))
+        else {
+            return false;
+        };
+        entry.change(change);
+        true
+    }
+
+    /// The action of `run`'s `gate` if its run's entry keeps the gate's pending entry.
+    fn kept_action(&self, run: RunId, gate: GateId) -> Option<String> {
+        let marks = lock(self.kept?);
+        let entry = marks.get(&run)?.gates.iter().find(|g| g.gate == gate)?;
+        Some(entry.action.clone())
     }
 
     /// Keeps `by_status` in step with the summary.
@@ -2416,6 +2531,9 @@ impl<'a> Writer<'a> {
                 _ => None,
             });
             if n.action.is_none() {
+                n.action = self.kept_action(run, n.gate);
+            }
+            if n.action.is_none() {
                 if let Some(bytes) = self.trees.pending.get(gate_key(run, n.gate))? {
                     n.action = serde_json::from_slice::<PendingGate>(&bytes)
                         .ok()
@@ -2462,12 +2580,16 @@ impl<'a> Writer<'a> {
             match change {
                 IndexChange::Notify(n) => self.queue(run, n, &[], None, None)?,
                 IndexChange::GateOpened(gate) => {
-                    t.pending
-                        .insert(gate_key(gate.run, gate.gate), serde_json::to_vec(&*gate)?)?;
+                    if let Some(gate) = self.keep_gate(run, gate) {
+                        t.pending
+                            .insert(gate_key(gate.run, gate.gate), serde_json::to_vec(&*gate)?)?;
+                    }
                 }
                 IndexChange::GateClosed(gate) if removed == Some(gate) => {}
                 IndexChange::GateClosed(gate) => {
-                    t.pending.remove(gate_key(run, gate))?;
+                    if self.take_kept_gate(run, gate).is_none() {
+                        t.pending.remove(gate_key(run, gate))?;
+                    }
                 }
                 // A parked run waits for an operator, whatever arrives (a decision, say):
                 // it never goes back on the ready queue (PostgreSQL's claim filters it).
@@ -2486,26 +2608,33 @@ impl<'a> Writer<'a> {
                     // The gate is closed after this change, in the same commit: its
                     // entry is taken out here, where its rule is read from it.
                     removed = Some(gate);
-                    if let Some(bytes) = t.pending.remove(gate_key(run, gate))? {
-                        // Only its rule: the rest (arguments, context) is skipped unbuilt.
-                        #[derive(serde::Deserialize)]
-                        struct RuleOf {
-                            #[serde(default)]
-                            rule: Option<String>,
-                        }
-                        if let Some(rule) = serde_json::from_slice::<RuleOf>(&bytes).ok().and_then(|g| g.rule)
-                        {
-                            let entry = RuleDecision {
-                                auto: false,
-                                kind,
-                                by,
-                                at,
-                                run,
-                                gate,
-                            };
-                            t.rule_decisions
-                                .insert(rule_key(rule, at, run, gate), serde_json::to_vec(&entry)?)?;
-                        }
+                    let rule = match self.take_kept_gate(run, gate) {
+                        Some(entry) => entry.rule,
+                        None => match t.pending.remove(gate_key(run, gate))? {
+                            Some(bytes) => {
+                                // Only its rule: the rest (arguments, context) is skipped
+                                // unbuilt.
+                                #[derive(serde::Deserialize)]
+                                struct RuleOf {
+                                    #[serde(default)]
+                                    rule: Option<String>,
+                                }
+                                serde_json::from_slice::<RuleOf>(&bytes).ok().and_then(|g| g.rule)
+                            }
+                            None => None,
+                        },
+                    };
+                    if let Some(rule) = rule {
+                        let entry = RuleDecision {
+                            auto: false,
+                            kind,
+                            by,
+                            at,
+                            run,
+                            gate,
+                        };
+                        t.rule_decisions
+                            .insert(rule_key(rule, at, run, gate), serde_json::to_vec(&entry)?)?;
                     }
                 }
                 IndexChange::TrustedAllow { rule, position, at } => {
@@ -2526,6 +2655,9 @@ impl<'a> Writer<'a> {
                 }
                 IndexChange::GateChanged(gate, change) => {
                     let key = gate_key(run, gate);
+                    if self.change_kept_gate(run, gate, &change) {
+                        continue;
+                    }
                     if let Some(bytes) = t.pending.get(key)? {
                         let mut entry: PendingGate = serde_json::from_slice(&bytes).map_err(|e| {
                             Error::Storage(format!("pending entry of run {run} does not decode: {e}"))
@@ -2554,6 +2686,16 @@ fn write_marked(
         w.put_summary_only(&kept.0, kept.1)?;
     }
     w.put_status(run, status, prior)
+}
+
+/// Writes the pending entries a run's entry kept ([`Marked::gates`]) to `pending`.
+fn write_gates(trees: &Trees, gates: &[Box<PendingGate>]) -> Result<()> {
+    for gate in gates {
+        trees
+            .pending
+            .insert(gate_key(gate.run, gate.gate), serde_json::to_vec(&**gate)?)?;
+    }
+    Ok(())
 }
 
 /// The events of `records` (the run's from `from` on), decoded and chained from the
@@ -3067,6 +3209,10 @@ impl Store for SledStore {
     }
 
     async fn pending(&self, after: Option<(RunId, GateId)>, limit: usize) -> Result<Vec<PendingGate>> {
+        // With the log, the entries kept in memory, read first: one written to sled
+        // meanwhile is then found in both (and listed once), never in neither.
+        let past = after.map(|(run, gate)| gate_key(run, gate));
+        let kept = self.kept_gates(past, limit, PendingGate::clone);
         let iter = match after {
             Some((run, gate)) => {
                 let mut k = gate_key(run, gate).to_vec();
@@ -3076,8 +3222,14 @@ impl Store for SledStore {
             None => self.inner.trees.pending.iter(),
         };
         let mut out = Vec::new();
+        let mut kept = kept.into_iter().peekable();
         for item in iter.take(limit) {
             let (k, v) = item?;
+            while let Some((_, gate)) = kept.next_if(|(key, _)| key.as_slice() < k.as_ref()) {
+                out.push(gate);
+            }
+            // Written to sled since it was read from memory: the stored one, newer.
+            kept.next_if(|(key, _)| key.as_slice() == k.as_ref());
             let run = run_from_key(&k).unwrap_or_default();
             out.push(serde_json::from_slice(&v).map_err(|e| Error::Corrupt {
                 run,
@@ -3085,6 +3237,8 @@ impl Store for SledStore {
                 reason: format!("pending gate entry does not decode: {e}"),
             })?);
         }
+        out.extend(kept.map(|(_, gate)| gate));
+        out.truncate(limit);
         Ok(out)
     }
 

@@ -445,10 +445,11 @@ async fn with_the_log_an_activations_records_are_stored_as_one_value_when_it_end
     assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
 }
 
-/// With the log, a released run's entry keeps its summary, status key and records in
-/// memory until the run ends, when all are written together: a run that waits at a
-/// gate and is decided before it is written stores its journal in one value and its
-/// status key once. Past `kept_summaries` entries a release writes them at once.
+/// With the log, a released run's entry keeps its summary, status key, records and open
+/// gates' pending entries in memory until the run ends, when all are written together:
+/// a run that waits at a gate and is decided before it is written stores its journal
+/// in one value and its status key once, and its gate's entry never. Past
+/// `kept_summaries` entries a release writes them at once.
 #[tokio::test]
 async fn with_the_log_a_released_run_is_written_at_its_end_or_past_the_kept_entries() {
     for kept in [16_384, 0] {
@@ -459,8 +460,12 @@ async fn with_the_log_a_released_run_is_written_at_its_end_or_past_the_kept_entr
         // Past the limit every commit writes through: the creation's value and the
         // activation's.
         assert_eq!(
-            (entries(&store, "events"), entries(&store, "by_status")),
-            if written { (2, 1) } else { (0, 0) },
+            (
+                entries(&store, "events"),
+                entries(&store, "by_status"),
+                entries(&store, "pending")
+            ),
+            if written { (2, 1, 1) } else { (0, 0, 0) },
             "kept_summaries {kept}: what the release wrote"
         );
         // Readers see the run waiting either way.
@@ -471,8 +476,16 @@ async fn with_the_log_a_released_run_is_written_at_its_end_or_past_the_kept_entr
             store.summary(run).await.unwrap().unwrap().status,
             RunStatus::Waiting
         );
-        assert_eq!(store.pending(None, 10).await.unwrap().len(), 1);
+        let pending = store.pending(None, 10).await.unwrap();
+        assert_eq!(
+            pending.iter().map(|p| (p.run, p.gate)).collect::<Vec<_>>(),
+            vec![(run, GateId(1))]
+        );
+        assert_eq!(store.count_pending().unwrap(), 1);
+        assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
         assert!(append_now(&store, run, approve(1)).await);
+        assert_eq!(entries(&store, "pending"), 0, "kept_summaries {kept}: decided");
+        assert_eq!(store.count_pending().unwrap(), 0);
         assert!(append_now(&store, run, EventKind::RunCompleted { output: json!(1) }).await);
         assert_eq!(
             entries(&store, "events"),
@@ -504,6 +517,59 @@ fn leaves_split_by_bytes_in_directories_with_the_log() {
     let reopened = SledStore::open(dir.path()).unwrap();
     assert!(reopened.has_wal());
     assert_eq!(reopened.leaf_split_bytes(), sled_store::LOG_LEAF_BYTES);
+}
+
+/// With the log, readers of the gates index read through the entries kept in memory:
+/// with some runs' gates written to sled by a checkpoint and the rest kept, `pending`
+/// pages through all of them in key order, each once; a decision takes a gate out
+/// from where it is; after a close and an open every open gate is in sled.
+#[tokio::test]
+async fn with_the_log_pending_reads_gates_kept_in_memory_with_the_stored_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_the_log(dir.path(), SledOptions::default().kept_summaries);
+    let mut runs = Vec::new();
+    for i in 0..7 {
+        runs.push(waiting_at_a_gate(&store).await);
+        if i == 3 {
+            store.checkpoint().unwrap();
+        }
+    }
+    assert_eq!(
+        entries(&store, "pending"),
+        4,
+        "the checkpoint wrote the first four"
+    );
+    let pages = |store: SledStore| async move {
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.pending(after, 2).await.unwrap();
+            assert!(page.len() <= 2);
+            let Some(last) = page.last() else { break };
+            after = Some((last.run, last.gate));
+            seen.extend(page.iter().map(|p| p.run));
+        }
+        seen
+    };
+    let mut sorted = runs.clone();
+    sorted.sort();
+    assert_eq!(pages(store.clone()).await, sorted);
+    assert_eq!(store.count_pending().unwrap(), 7);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    // One decided from sled, one from memory.
+    for run in [runs[0], runs[6]] {
+        assert!(append_now(&store, run, approve(1)).await);
+    }
+    assert_eq!(entries(&store, "pending"), 3);
+    sorted.retain(|r| *r != runs[0] && *r != runs[6]);
+    assert_eq!(pages(store.clone()).await, sorted);
+    assert_eq!(store.count_pending().unwrap(), 5);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+    store.close().unwrap();
+    let store = open_with_the_log(dir.path(), SledOptions::default().kept_summaries);
+    assert_eq!(entries(&store, "pending"), 5, "the close wrote the kept ones");
+    assert_eq!(pages(store.clone()).await, sorted);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
 }
 
 /// With the log, a checkpoint writes what released runs' entries kept and drops the
