@@ -384,7 +384,7 @@ struct Marked {
     /// until it is ([`SledStore::write_kept`]), so that a gate opened and decided
     /// between two checkpoints never reaches sled. In gate order; readers of `pending`
     /// read through them ([`SledStore::kept_gates`]).
-    gates: Vec<Box<PendingGate>>,
+    gates: Vec<PendingGate>,
 }
 
 impl Marked {
@@ -876,10 +876,10 @@ impl SledStore {
         let mut found: Vec<([u8; 20], &PendingGate)> = marks
             .iter()
             .filter(|(_, m)| m.visible)
-            .flat_map(|(run, m)| m.gates.iter().map(|g| (gate_key(*run, g.gate), &**g)))
+            .flat_map(|(run, m)| m.gates.iter().map(|g| (gate_key(*run, g.gate), g)))
             .filter(|(key, _)| past.is_none_or(|past| *key > past))
             .collect();
-        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        found.sort_unstable_by_key(|a| a.0);
         found.truncate(limit);
         found.into_iter().map(|(key, gate)| (key, take(gate))).collect()
     }
@@ -2206,7 +2206,7 @@ impl SledStore {
                     problems.push(format!("run {run}: status key {st:?} present={present}"));
                 }
             }
-            let kept: &[Box<PendingGate>] = marked.get(&run).map_or(&[], |m| &m.gates);
+            let kept: &[PendingGate] = marked.get(&run).map_or(&[], |m| &m.gates);
             for gate in &derived.open_gates {
                 gates += 1;
                 let stored = trees.pending.contains_key(gate_key(run, *gate))?;
@@ -2381,12 +2381,12 @@ impl<'a> Writer<'a> {
             return Some(gate);
         };
         let at = marked.gates.partition_point(|g| g.gate < gate.gate);
-        marked.gates.insert(at, gate);
+        marked.gates.insert(at, *gate);
         None
     }
 
     /// The pending entry of `run`'s `gate`, taken out of its run's entry if kept there.
-    fn take_kept_gate(&self, run: RunId, gate: GateId) -> Option<Box<PendingGate>> {
+    fn take_kept_gate(&self, run: RunId, gate: GateId) -> Option<PendingGate> {
         let mut marks = lock(self.kept?);
         let gates = &mut marks.get_mut(&run)?.gates;
         let at = gates.iter().position(|g| g.gate == gate)?;
@@ -2689,11 +2689,11 @@ fn write_marked(
 }
 
 /// Writes the pending entries a run's entry kept ([`Marked::gates`]) to `pending`.
-fn write_gates(trees: &Trees, gates: &[Box<PendingGate>]) -> Result<()> {
+fn write_gates(trees: &Trees, gates: &[PendingGate]) -> Result<()> {
     for gate in gates {
         trees
             .pending
-            .insert(gate_key(gate.run, gate.gate), serde_json::to_vec(&**gate)?)?;
+            .insert(gate_key(gate.run, gate.gate), serde_json::to_vec(gate)?)?;
     }
     Ok(())
 }
