@@ -1243,3 +1243,76 @@ async fn a_call_waiting_for_a_position_no_branch_takes_is_nondeterminism() {
         other => panic!("expected nondeterminism, got {other:?}"),
     }
 }
+
+/// A number a step returned is replayed as the same f64 the live run saw, and an action
+/// whose args carry it is approved and run after the activation that replays it: the
+/// replayed call asks with the args the reviewer approved (their hash is the same), so
+/// it runs, once, with those args. serde_json's default float parser reads this number
+/// one unit in the last place off.
+#[tokio::test]
+async fn a_float_a_step_returned_replays_exactly_and_its_action_runs_once_approved() {
+    use holdpoint::journal::Verdict;
+    use holdpoint::Policy;
+    const MEASURED: f64 = 130.65331632653061;
+    let dir = tempfile::tempdir().unwrap();
+    let bodies: Bodies = Arc::default();
+    let b = bodies.clone();
+    let registry = Registry::new().workflow("measure_and_pay", 1, move |ctx: Ctx, _: ()| {
+        let bodies = b.clone();
+        async move {
+            let measured: f64 = ctx.step("measure", || async { Ok(MEASURED) }).await?;
+            let paid = bodies.clone();
+            let acted = ctx
+                .act("send_money", json!({ "amount": measured }))
+                .run(move |args| {
+                    let paid = paid.clone();
+                    async move {
+                        paid.lock()
+                            .unwrap()
+                            .push(format!("send_money {}", args["amount"]));
+                        Ok(args["amount"].clone())
+                    }
+                })
+                .await?;
+            match acted {
+                holdpoint::Acted::Done { output, .. } => Ok(json!({ "measured": measured, "sent": output })),
+                other => Err(Failure::terminal(format!("{other:?}"))),
+            }
+        }
+    });
+    let e = Engine::builder(SledStore::open(dir.path()).unwrap(), registry.clone())
+        .policy(Policy::new(Verdict::RequireApproval))
+        .build()
+        .unwrap();
+    let run = e.start("measure_and_pay", &(), None).await.unwrap();
+    e.drain().await.unwrap();
+    let pending = e.pending(None, 10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        pending[0].args["amount"].as_f64().map(f64::to_bits),
+        Some(MEASURED.to_bits())
+    );
+    e.decide(
+        run,
+        DecisionRequest::approve(pending[0].gate, bob()).request_hash(pending[0].request_hash.clone()),
+    )
+    .await
+    .unwrap();
+    e.drain().await.unwrap();
+    let view = e.get(run).await.unwrap();
+    assert_eq!(view.summary.status, RunStatus::Completed, "{:?}", view.summary);
+    let out = view.state.output.clone().unwrap();
+    for key in ["measured", "sent"] {
+        assert_eq!(
+            out[key].as_f64().map(f64::to_bits),
+            Some(MEASURED.to_bits()),
+            "{key}: {out}"
+        );
+    }
+    assert_eq!(*bodies.lock().unwrap(), vec![format!("send_money {MEASURED}")]);
+    let events = e.events(run).await.unwrap();
+    assert_eq!(
+        replay(&registry, &events).await,
+        Replay::Consistent { would_append: vec![] }
+    );
+}

@@ -700,6 +700,41 @@ mod tests {
         assert!(matches!(err, Error::Corrupt { seq: Seq(1), .. }), "{err}");
     }
 
+    /// A number in a step's output or an action's args is read back as the same f64 it
+    /// was written as: replay hands out what the live run saw, and a request's hash
+    /// (over its args as JSON) is the same after a read. serde_json's default float
+    /// parser reads the numbers below one unit in the last place off.
+    #[test]
+    fn floats_read_back_exactly_as_written() {
+        let run = RunId::new();
+        let floats = [
+            130.65331632653061,
+            97.45365320034685,
+            0.1 + 0.2,
+            1e-300,
+            f64::MAX,
+            5e-324,
+        ];
+        for (i, x) in floats.into_iter().enumerate() {
+            let mut e = event(run, 0);
+            e.event = EventKind::StepCompleted {
+                position: Position(0),
+                output: serde_json::json!({ "amount": x, "list": [x, -x] }),
+            };
+            let (record, _) = encode(&e, &ChainHash::GENESIS, 65_536).unwrap();
+            let (decoded, _) = decode(run, Seq(0), &record, &ChainHash::GENESIS).unwrap();
+            assert_eq!(decoded, e, "float {i}: {x:?}");
+            let EventKind::StepCompleted { output, .. } = &decoded.event else {
+                unreachable!()
+            };
+            assert_eq!(
+                output["amount"].as_f64().map(f64::to_bits),
+                Some(x.to_bits()),
+                "{x:?}"
+            );
+        }
+    }
+
     fn event_with_at(actual: &Event, mut expected: Event) -> Event {
         expected.at = actual.at;
         expected
