@@ -572,6 +572,53 @@ async fn with_the_log_pending_reads_gates_kept_in_memory_with_the_stored_ones() 
     assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
 }
 
+/// With the log, readers racing checkpoints that move kept gates to sled never miss a
+/// gate nor list one twice: a writer makes runs wait (their gates kept) and checkpoints
+/// after each, while a reader counts and pages the gates, which must number at least
+/// the runs counted waiting before it began and at most one more than those counted
+/// after it ended (the writer counts a run once its append has returned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_log_readers_racing_checkpoints_see_every_gate_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_the_log(dir.path(), SledOptions::default().kept_summaries);
+    let waiting = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = {
+        let (store, waiting) = (store.clone(), waiting.clone());
+        tokio::spawn(async move {
+            for _ in 0..400 {
+                waiting_at_a_gate(&store).await;
+                waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.checkpoint().unwrap())
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut reads = 0;
+    while !writer.is_finished() || reads == 0 {
+        let before = waiting.load(std::sync::atomic::Ordering::SeqCst);
+        let counted = store.count_pending().unwrap();
+        let page = store.pending(None, 1_000).await.unwrap();
+        let after = waiting.load(std::sync::atomic::Ordering::SeqCst);
+        let mut keys: Vec<_> = page.iter().map(|p| (p.run, p.gate)).collect();
+        let listed = keys.len();
+        keys.dedup();
+        assert_eq!(keys.len(), listed, "read {reads}: a gate listed twice");
+        for n in [counted, listed] {
+            assert!(
+                (before..=after + 1).contains(&n),
+                "read {reads}: {n} gates, {before} to {after} runs waiting"
+            );
+        }
+        reads += 1;
+        tokio::task::yield_now().await;
+    }
+    writer.await.unwrap();
+    assert_eq!(store.count_pending().unwrap(), 400);
+    assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
+}
+
 /// With the log, a checkpoint writes what released runs' entries kept and drops the
 /// entries, so they make room for the next: with room for one released entry (half of
 /// `kept_summaries`), a second run's release is kept only once a checkpoint has taken
