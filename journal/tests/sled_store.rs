@@ -572,6 +572,42 @@ async fn with_the_log_pending_reads_gates_kept_in_memory_with_the_stored_ones() 
     assert_eq!(store.check_indexes().unwrap(), Vec::<String>::new());
 }
 
+/// With the log, a read of records held in memory returns exactly what the same read
+/// returns once a checkpoint has stored them as one value in sled, from any seq, floats
+/// included.
+#[tokio::test]
+async fn with_the_log_held_records_read_as_they_do_once_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_the_log(dir.path(), SledOptions::default().kept_summaries);
+    let run = store.create_run(new_run("w")).await.unwrap().run();
+    let events = vec![
+        EventKind::StepCompleted {
+            position: Position(0),
+            output: json!({"amount": 130.65331632653061, "tiny": 5e-324, "list": [0.1, "x", null]}),
+        },
+        gate(1),
+    ];
+    store.append(append(run, 1, events)).await.unwrap().unwrap();
+    assert!(append_now(&store, run, approve(1)).await);
+    assert_eq!(entries(&store, "events"), 0, "every record is held in memory");
+    let mut held = Vec::new();
+    for from in 0..=5 {
+        held.push(store.read(run, Seq(from)).await.unwrap());
+    }
+    assert_eq!(held[0].len(), 4);
+    store.checkpoint().unwrap();
+    assert_eq!(
+        entries(&store, "events"),
+        1,
+        "the checkpoint stored them as one value"
+    );
+    for from in 0..=5u64 {
+        let stored = store.read(run, Seq(from)).await.unwrap();
+        assert_eq!(held[from as usize], stored, "from {from}");
+    }
+    store.close().unwrap();
+}
+
 /// With the log, readers racing checkpoints that move kept gates to sled never miss a
 /// gate nor list one twice: a writer makes runs wait (their gates kept) and checkpoints
 /// after each, while a reader counts and pages the gates, which must number at least
