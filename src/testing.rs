@@ -261,6 +261,9 @@ pub struct TestEnv {
     engine: Option<Engine<FaultyStore>>,
     executions: Arc<Mutex<Vec<StepInfo>>>,
     run_ids: Option<crate::RunIds>,
+    /// Whether the store shares fsyncs through its group-commit thread (not in
+    /// [`TestEnv::seeded`]).
+    group_commit: bool,
 }
 
 impl TestEnv {
@@ -280,6 +283,7 @@ impl TestEnv {
             engine: None,
             executions: Arc::default(),
             run_ids: None,
+            group_commit: true,
         };
         env.open(None);
         env
@@ -287,6 +291,10 @@ impl TestEnv {
 
     /// A test env whose run ids come from `seed` (valid UUID v7s, in creation order), so
     /// the same scenario gives the same journals, ids included: a reproducible simulation.
+    /// Its store syncs each append in the caller (`SledOptions::group_commit` off), so
+    /// that when an append returns does not depend on another thread: on a
+    /// current-thread runtime, concurrent branches of a workflow then interleave the
+    /// same way every time.
     pub fn seeded(registry: Registry, policy: Policy, seed: u64) -> TestEnv {
         let counter = Arc::new(AtomicU64::new(0));
         let ids: crate::RunIds = Arc::new(move || {
@@ -300,12 +308,17 @@ impl TestEnv {
         });
         let mut env = Self::with_policy(registry, policy);
         env.run_ids = Some(ids);
+        env.group_commit = false;
         env.restart(None);
         env
     }
 
     fn open(&mut self, budget: Option<u64>) {
-        let store = SledStore::open(self.dir.path()).expect("the test store opens");
+        let options = crate::journal::SledOptions {
+            group_commit: self.group_commit,
+            ..crate::journal::SledOptions::default()
+        };
+        let store = SledStore::open_with(self.dir.path(), options).expect("the test store opens");
         let executions = self.executions.clone();
         let mut builder = Engine::builder(FaultyStore::new(store, budget), self.registry.clone())
             .clock(self.clock.clone())

@@ -229,6 +229,11 @@ pub struct SledOptions {
     /// after a group of [`crate::wal::GROUP_WINDOW_FROM`] commits or more, so a lone
     /// commit never waits for it. Fewer syncs per commit under load.
     pub group_window: Duration,
+    /// Whether appends share fsyncs through the group-commit thread (the default). Off,
+    /// each append flushes sled and syncs its file itself, in the caller, before it
+    /// returns: slower under concurrency, but an acknowledgement's timing then depends
+    /// on the caller alone, which a deterministic simulation needs (`TestEnv::seeded`).
+    pub group_commit: bool,
 }
 
 /// With the log, a sled leaf of 4 keys or more also splits once its keys and values pass
@@ -286,6 +291,7 @@ impl Default for SledOptions {
             wal: false,
             checkpoint_bytes: 64 << 20,
             group_window: WalOptions::default().group_window,
+            group_commit: true,
         }
     }
 }
@@ -660,7 +666,10 @@ impl SledStore {
         let last_checkpoint = checkpoint.unwrap_or(0);
         // sled keeps its log in `<dir>/db`; we fsync it ourselves (see module docs).
         let data_file = File::open(dir.join("db"))?;
-        let flusher = GroupCommit::start(db.clone(), data_file, options.group_window);
+        let flusher = match options.group_commit {
+            true => GroupCommit::start(db.clone(), data_file, options.group_window),
+            false => GroupCommit::inline(db.clone(), data_file),
+        };
         let (changes, _) = watch::channel(0);
         let state = State {
             // Fencing tokens only grow, across restarts too.
@@ -3616,6 +3625,9 @@ fn decode_logged(lsn: Lsn, payload: &[u8]) -> Result<LoggedRecord> {
 struct GroupCommit {
     shared: Arc<FlushShared>,
     thread: Option<JoinHandle<()>>,
+    /// Without a thread ([`SledOptions::group_commit`] off): what each waiter flushes
+    /// and syncs itself.
+    inline: Option<(sled::Db, File)>,
 }
 
 struct FlushShared {
@@ -3676,10 +3688,35 @@ impl GroupCommit {
                 }
             })
             .ok();
-        GroupCommit { shared, thread }
+        GroupCommit {
+            shared,
+            thread,
+            inline: None,
+        }
+    }
+
+    /// No thread: every [`GroupCommit::wait`] flushes and syncs in its caller.
+    fn inline(db: sled::Db, data_file: File) -> GroupCommit {
+        GroupCommit {
+            shared: Arc::new(FlushShared {
+                queue: Mutex::new(FlushQueue::default()),
+                wake: Condvar::new(),
+                syncs: AtomicU64::new(0),
+                windows: AtomicU64::new(0),
+            }),
+            thread: None,
+            inline: Some((db, data_file)),
+        }
     }
 
     async fn wait(&self) -> Result<()> {
+        if let Some((db, data_file)) = &self.inline {
+            db.flush()?;
+            crate::failpoint::hit("group-commit-before-fsync");
+            data_file.sync_data()?;
+            self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let (tx, rx) = oneshot::channel();
         let first = {
             let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
