@@ -100,12 +100,23 @@ async fn concurrent_appends_share_group_commits() {
     // Sequential creations, each acknowledged before the next: groups of one, which
     // never wait for a group to gather.
     assert_eq!(store.group_windows(), 0);
+    let syncs = append_from_each(&store, &runs, 10).await;
+    // 640 acknowledged appends; with group commit far fewer syncs than appends.
+    assert!(syncs < 640, "{syncs} syncs for 640 appends");
+    assert!(syncs > 0);
+    // 64 appenders at once make groups of several, after which the next one gathers.
+    assert!(store.group_windows() >= 1, "{syncs} syncs, no group window");
+}
+
+/// Appends `steps` steps to each of `runs` (created, at seq 1), a task per run, all at
+/// once; returns how many syncs the store made meanwhile.
+async fn append_from_each(store: &SledStore, runs: &[RunId], steps: u32) -> u64 {
     let before = store.sync_count();
     let mut tasks = Vec::new();
-    for run in runs {
+    for &run in runs {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
-            for i in 0..10u32 {
+            for i in 0..steps {
                 store
                     .append(append(run, 1 + i as u64, vec![step(i)]))
                     .await
@@ -117,12 +128,7 @@ async fn concurrent_appends_share_group_commits() {
     for t in tasks {
         t.await.unwrap();
     }
-    let syncs = store.sync_count() - before;
-    // 640 acknowledged appends; with group commit far fewer syncs than appends.
-    assert!(syncs < 640, "{syncs} syncs for 640 appends");
-    assert!(syncs > 0);
-    // 64 appenders at once make groups of several, after which the next one gathers.
-    assert!(store.group_windows() >= 1, "{syncs} syncs, no group window");
+    store.sync_count() - before
 }
 
 /// With `group_commit` off each append syncs in its caller: one sync per append, even
@@ -140,24 +146,8 @@ async fn without_group_commit_each_append_syncs_itself() {
     for _ in 0..16 {
         runs.push(store.create_run(new_run("w")).await.unwrap().run());
     }
-    let before = store.sync_count();
-    let mut tasks = Vec::new();
-    for run in runs.clone() {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in 0..5u32 {
-                store
-                    .append(append(run, 1 + i as u64, vec![step(i)]))
-                    .await
-                    .unwrap()
-                    .unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(store.sync_count() - before, 16 * 5, "one sync per append");
+    let syncs = append_from_each(&store, &runs, 5).await;
+    assert_eq!(syncs, 16 * 5, "one sync per append");
     assert_eq!(store.group_windows(), 0);
     store.close().unwrap();
     let store = SledStore::open_with(dir.path(), options()).unwrap();
