@@ -394,6 +394,11 @@ struct Marked {
 }
 
 impl Marked {
+    /// Where `gates` keeps the entry of `gate`, if it does (they are in gate order).
+    fn gate_index(&self, gate: GateId) -> Option<usize> {
+        self.gates.binary_search_by_key(&gate, |g| g.gate).ok()
+    }
+
     /// What `by_status` holds for the run, as [`Writer::put_status`] takes it.
     fn prior(&self) -> Prior {
         self.stored.map_or(Prior::Nothing, Prior::Was)
@@ -2397,9 +2402,9 @@ impl<'a> Writer<'a> {
     /// The pending entry of `run`'s `gate`, taken out of its run's entry if kept there.
     fn take_kept_gate(&self, run: RunId, gate: GateId) -> Option<PendingGate> {
         let mut marks = lock(self.kept?);
-        let gates = &mut marks.get_mut(&run)?.gates;
-        let at = gates.iter().position(|g| g.gate == gate)?;
-        Some(gates.remove(at))
+        let marked = marks.get_mut(&run)?;
+        let at = marked.gate_index(gate)?;
+        Some(marked.gates.remove(at))
     }
 
     /// Applies `change` to the pending entry of `run`'s `gate` if its run's entry keeps
@@ -2407,21 +2412,21 @@ impl<'a> Writer<'a> {
     fn change_kept_gate(&self, run: RunId, gate: GateId, change: &GateChange) -> bool {
         let Some(kept) = self.kept else { return false };
         let mut marks = lock(kept);
-        let Some(entry) = marks
-            .get_mut(&run)
-            .and_then(|m| m.gates.iter_mut().find(|g| g.gate == gate))
-        else {
+        let Some(marked) = marks.get_mut(&run) else {
             return false;
         };
-        entry.change(change);
+        let Some(at) = marked.gate_index(gate) else {
+            return false;
+        };
+        marked.gates[at].change(change);
         true
     }
 
     /// The action of `run`'s `gate` if its run's entry keeps the gate's pending entry.
     fn kept_action(&self, run: RunId, gate: GateId) -> Option<String> {
         let marks = lock(self.kept?);
-        let entry = marks.get(&run)?.gates.iter().find(|g| g.gate == gate)?;
-        Some(entry.action.clone())
+        let marked = marks.get(&run)?;
+        Some(marked.gates[marked.gate_index(gate)?].action.clone())
     }
 
     /// Keeps `by_status` in step with the summary.
@@ -2619,19 +2624,10 @@ impl<'a> Writer<'a> {
                     removed = Some(gate);
                     let rule = match self.take_kept_gate(run, gate) {
                         Some(entry) => entry.rule,
-                        None => match t.pending.remove(gate_key(run, gate))? {
-                            Some(bytes) => {
-                                // Only its rule: the rest (arguments, context) is skipped
-                                // unbuilt.
-                                #[derive(serde::Deserialize)]
-                                struct RuleOf {
-                                    #[serde(default)]
-                                    rule: Option<String>,
-                                }
-                                serde_json::from_slice::<RuleOf>(&bytes).ok().and_then(|g| g.rule)
-                            }
-                            None => None,
-                        },
+                        None => t
+                            .pending
+                            .remove(gate_key(run, gate))?
+                            .and_then(|bytes| rule_of(&bytes)),
                     };
                     if let Some(rule) = rule {
                         let entry = RuleDecision {
@@ -2695,6 +2691,17 @@ fn write_marked(
         w.put_summary_only(&kept.0, kept.1)?;
     }
     w.put_status(run, status, prior)
+}
+
+/// The rule a stored pending entry names, read without building the rest of it
+/// (arguments, context).
+fn rule_of(entry: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct RuleOf {
+        #[serde(default)]
+        rule: Option<String>,
+    }
+    serde_json::from_slice::<RuleOf>(entry).ok().and_then(|g| g.rule)
 }
 
 /// Writes the pending entries a run's entry kept ([`Marked::gates`]) to `pending`.
@@ -3674,11 +3681,7 @@ impl GroupCommit {
                     last_group = q.waiters.len() as u64;
                     std::mem::take(&mut q.waiters)
                 };
-                let result = db.flush().map_err(|e| format!("flush failed: {e}")).and_then(|_| {
-                    crate::failpoint::hit("group-commit-before-fsync");
-                    data_file.sync_data().map_err(|e| format!("fsync failed: {e}"))
-                });
-                s.syncs.fetch_add(1, Ordering::Relaxed);
+                let result = flush_and_sync(&db, &data_file, &s.syncs);
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "group commit failed; appends in this batch are not acknowledged");
                 }
@@ -3711,11 +3714,7 @@ impl GroupCommit {
 
     async fn wait(&self) -> Result<()> {
         if let Some((db, data_file)) = &self.inline {
-            db.flush()?;
-            crate::failpoint::hit("group-commit-before-fsync");
-            data_file.sync_data()?;
-            self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return flush_and_sync(db, data_file, &self.shared.syncs).map_err(Error::Storage);
         }
         let (tx, rx) = oneshot::channel();
         let first = {
@@ -3739,6 +3738,20 @@ impl GroupCommit {
             Err(_) => Err(Error::Storage("group commit thread stopped".into())),
         }
     }
+}
+
+/// One group commit's I/O: sled's flush, then `fdatasync` on its file; counted in
+/// `syncs` whether it failed or not.
+fn flush_and_sync(db: &sled::Db, data_file: &File, syncs: &AtomicU64) -> std::result::Result<(), String> {
+    let result = db
+        .flush()
+        .map_err(|e| format!("flush failed: {e}"))
+        .and_then(|_| {
+            crate::failpoint::hit("group-commit-before-fsync");
+            data_file.sync_data().map_err(|e| format!("fsync failed: {e}"))
+        });
+    syncs.fetch_add(1, Ordering::Relaxed);
+    result
 }
 
 impl Drop for GroupCommit {
